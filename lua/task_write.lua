@@ -1,0 +1,68 @@
+-- Set, delete or just tidy one key of a task scope, keeping the scope's expiry
+-- bookkeeping consistent in the same atomic step. Safe to run twice.
+--
+-- KEYS[1] scope hash       field = state key, value = "<updated_ms>:<expires_ms>:<json>"
+-- KEYS[2] expiry zset      member = state key, score = expires_ms (expiring keys only)
+-- KEYS[3] registry hash    "m<map_index>" per map index holding state, plus the readable
+--                          dag_id / run_id / task_id (for listing and clear-all)
+-- ARGV: op ("set" | "del" | "purge"), key, encoded value, expires_ms or "",
+--       now_ms, map_index, dag_id, run_id, task_id
+--
+-- Redis 7.0 has no per-field TTL (HEXPIRE is 7.4+), so expired fields are reclaimed
+-- here, bounded per call, and the whole hash gets a key-level expiry once every field
+-- in it expires, so a scope nobody touches again still frees itself.
+local scope, expiry, registry = KEYS[1], KEYS[2], KEYS[3]
+local op, key, now = ARGV[1], ARGV[2], ARGV[5]
+local index_field = 'm' .. ARGV[6]
+local fresh_registry = false
+
+if op == 'set' then
+  fresh_registry = redis.call('EXISTS', registry) == 0
+  redis.call('HSET', scope, key, ARGV[3])
+  if ARGV[4] == '' then
+    redis.call('ZREM', expiry, key)
+  else
+    redis.call('ZADD', expiry, ARGV[4], key)
+  end
+  if redis.call('HSETNX', registry, index_field, '1') == 1 and fresh_registry then
+    redis.call('HSET', registry, 'dag_id', ARGV[7], 'run_id', ARGV[8], 'task_id', ARGV[9])
+  end
+elseif op == 'del' then
+  redis.call('HDEL', scope, key)
+  redis.call('ZREM', expiry, key)
+end
+
+local dead = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 256)
+if #dead > 0 then
+  redis.call('HDEL', scope, unpack(dead))
+  redis.call('ZREM', expiry, unpack(dead))
+end
+
+local fields = redis.call('HLEN', scope)
+if fields == 0 then
+  redis.call('UNLINK', expiry)
+  redis.call('HDEL', registry, index_field)
+  -- Only the readable identity left: nothing to clear any more.
+  if redis.call('HLEN', registry) <= 3 then
+    redis.call('UNLINK', registry)
+  end
+  return 0
+end
+
+if redis.call('ZCARD', expiry) == fields then
+  local last = redis.call('ZRANGE', expiry, -1, -1, 'WITHSCORES')[2]
+  redis.call('PEXPIREAT', scope, last)
+  redis.call('PEXPIREAT', expiry, last)
+  -- The registry must outlive every scope it lists; a persistent registry stays so.
+  local registry_ttl = redis.call('PTTL', registry)
+  if registry_ttl == -1 and fresh_registry then
+    redis.call('PEXPIREAT', registry, last)
+  elseif registry_ttl >= 0 then
+    redis.call('PEXPIREAT', registry, last, 'GT')
+  end
+else
+  redis.call('PERSIST', scope)
+  redis.call('PERSIST', expiry)
+  redis.call('PERSIST', registry)
+end
+return fields

@@ -1,0 +1,277 @@
+//! Verification keys: one HMAC secret, or public keys looked up by `kid`.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, ThumbprintHash};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+use serde_json::{Map, Value};
+
+use super::{AuthError, AuthSettings};
+
+/// A configuration problem with the keys, naming the variable at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct KeyError {
+    pub variable: String,
+    pub message: String,
+}
+
+impl KeyError {
+    pub fn new(variable: &str, message: impl Into<String>) -> Self {
+        Self {
+            variable: variable.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+const JWKS_VAR: &str = "AIRFLOW__API_AUTH__TRUSTED_JWKS_URL";
+const PRIVATE_KEY_VAR: &str = "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH";
+const SECRET_VAR: &str = "AIRFLOW__API_AUTH__JWT_SECRET";
+const ALGORITHM_VAR: &str = "AIRFLOW__API_AUTH__JWT_ALGORITHM";
+
+type KidMap = HashMap<String, (DecodingKey, Algorithm)>;
+
+pub(super) enum KeyRing {
+    Secret {
+        key: DecodingKey,
+        algorithm: Algorithm,
+    },
+    /// Public keys by `kid`; a token without a `kid` is refused, as in Airflow.
+    ByKid {
+        keys: Arc<RwLock<KidMap>>,
+        /// Where to re-read a JWKS from; `None` for a private key's single public key.
+        jwks_source: Option<String>,
+        configured: Option<Algorithm>,
+        description: String,
+    },
+}
+
+/// The signing half, when the gateway holds it: key, algorithm and `kid`.
+pub(super) type SigningKey = (EncodingKey, Algorithm, String);
+
+impl KeyRing {
+    pub(super) fn load(settings: &AuthSettings) -> Result<(Self, Option<SigningKey>), KeyError> {
+        if let Some(source) = &settings.jwks_source {
+            let keys = fetch_jwks(source, settings.algorithm)?;
+            let description = format!("JWKS from {source} ({} keys)", keys.len());
+            return Ok((
+                KeyRing::ByKid {
+                    keys: Arc::new(RwLock::new(keys)),
+                    jwks_source: Some(source.clone()),
+                    configured: settings.algorithm,
+                    description,
+                },
+                None,
+            ));
+        }
+        if let Some(path) = &settings.private_key_path {
+            return load_private_key(path, settings);
+        }
+        if let Some(secret) = &settings.secret {
+            let algorithm = settings.algorithm.unwrap_or(Algorithm::HS512);
+            if !matches!(
+                algorithm,
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+            ) {
+                return Err(KeyError::new(
+                    ALGORITHM_VAR,
+                    format!("{algorithm:?} needs a public key; a JWT secret signs HS256/HS384/HS512 only"),
+                ));
+            }
+            let kid = settings
+                .kid
+                .clone()
+                .unwrap_or_else(|| "airstate".to_owned());
+            return Ok((
+                KeyRing::Secret {
+                    key: DecodingKey::from_secret(secret.as_bytes()),
+                    algorithm,
+                },
+                Some((EncodingKey::from_secret(secret.as_bytes()), algorithm, kid)),
+            ));
+        }
+        Err(KeyError::new(
+            SECRET_VAR,
+            format!("no JWT key configured: set {SECRET_VAR}, {JWKS_VAR} or {PRIVATE_KEY_VAR}"),
+        ))
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match self {
+            KeyRing::Secret { algorithm, .. } => format!("shared secret ({algorithm:?})"),
+            KeyRing::ByKid { description, .. } => description.clone(),
+        }
+    }
+
+    pub(super) fn decode(
+        &self,
+        token: &str,
+        validation: &Validation,
+    ) -> Result<Map<String, Value>, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
+        let decode = |key: &DecodingKey, algorithm: Algorithm| {
+            if header.alg != algorithm {
+                return Err(AuthError::Invalid);
+            }
+            let mut validation = validation.clone();
+            validation.algorithms = vec![algorithm];
+            jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation)
+                .map(|data| data.claims)
+                .map_err(|error| {
+                    tracing::debug!(%error, "token rejected");
+                    AuthError::Invalid
+                })
+        };
+        match self {
+            KeyRing::Secret { key, algorithm } => decode(key, *algorithm),
+            KeyRing::ByKid { keys, .. } => {
+                let kid = header.kid.as_deref().ok_or(AuthError::Invalid)?;
+                let keys = keys.read().unwrap();
+                let (key, algorithm) = keys.get(kid).ok_or(AuthError::Invalid)?;
+                decode(key, *algorithm)
+            }
+        }
+    }
+
+    pub(super) fn spawn_refresh(&self, every: Duration) {
+        let KeyRing::ByKid {
+            keys,
+            jwks_source: Some(source),
+            configured,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let (keys, source, configured) = (keys.clone(), source.clone(), *configured);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let source_for_fetch = source.clone();
+                let fetched =
+                    tokio::task::spawn_blocking(move || fetch_jwks(&source_for_fetch, configured))
+                        .await;
+                match fetched {
+                    Ok(Ok(fresh)) => *keys.write().unwrap() = fresh,
+                    // Keep serving with the keys we have: a JWKS outage must not lock out
+                    // every worker.
+                    Ok(Err(error)) => tracing::warn!(%error, "JWKS refresh failed"),
+                    Err(error) => tracing::warn!(%error, "JWKS refresh task failed"),
+                }
+            }
+        });
+    }
+}
+
+fn fetch_jwks(source: &str, configured: Option<Algorithm>) -> Result<KidMap, KeyError> {
+    let text = if source.starts_with("http://") || source.starts_with("https://") {
+        ureq::get(source)
+            .call()
+            .map_err(|e| KeyError::new(JWKS_VAR, format!("cannot fetch {source}: {e}")))?
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| KeyError::new(JWKS_VAR, format!("cannot read {source}: {e}")))?
+    } else {
+        let path = source.strip_prefix("file://").unwrap_or(source);
+        std::fs::read_to_string(path)
+            .map_err(|e| KeyError::new(JWKS_VAR, format!("cannot read {path}: {e}")))?
+    };
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|e| KeyError::new(JWKS_VAR, format!("not a JWKS document: {e}")))?;
+    let mut keys = KidMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        // Symmetric keys in a JWKS would let anyone holding the JWKS sign tokens.
+        if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+            continue;
+        }
+        let Some(algorithm) = configured.or_else(|| algorithm_of(jwk)) else {
+            tracing::warn!(kid, "skipping a JWK whose algorithm cannot be determined");
+            continue;
+        };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| KeyError::new(JWKS_VAR, format!("unusable key {kid}: {e}")))?;
+        keys.insert(kid, (key, algorithm));
+    }
+    if keys.is_empty() {
+        return Err(KeyError::new(
+            JWKS_VAR,
+            "the JWKS holds no usable public key with a kid",
+        ));
+    }
+    Ok(keys)
+}
+
+fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
+    if let Some(declared) = &jwk.common.key_algorithm {
+        return Algorithm::from_str(&declared.to_string()).ok();
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Some(Algorithm::ES256),
+            EllipticCurve::P384 => Some(Algorithm::ES384),
+            _ => None,
+        },
+        AlgorithmParameters::OctetKeyPair(_) => Some(Algorithm::EdDSA),
+        AlgorithmParameters::OctetKey(_) => None,
+    }
+}
+
+/// Airflow's private-key mode: its public key is trusted under the configured `kid`, or
+/// the key's RFC 7638 thumbprint.
+fn load_private_key(
+    path: &std::path::Path,
+    settings: &AuthSettings,
+) -> Result<(KeyRing, Option<SigningKey>), KeyError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        KeyError::new(
+            PRIVATE_KEY_VAR,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let (encoding, guessed) = if let Ok(key) = EncodingKey::from_rsa_pem(&pem) {
+        (key, Algorithm::RS256)
+    } else if let Ok(key) = EncodingKey::from_ed_pem(&pem) {
+        (key, Algorithm::EdDSA)
+    } else if let Ok(key) = EncodingKey::from_ec_pem(&pem) {
+        (key, Algorithm::ES256)
+    } else {
+        return Err(KeyError::new(
+            PRIVATE_KEY_VAR,
+            "not an RSA, Ed25519 or EC private key in PEM form",
+        ));
+    };
+    let algorithm = settings.algorithm.unwrap_or(guessed);
+    let public = Jwk::from_encoding_key(&encoding, algorithm).map_err(|e| {
+        KeyError::new(
+            PRIVATE_KEY_VAR,
+            format!("cannot derive the public key: {e}"),
+        )
+    })?;
+    let decoding = DecodingKey::from_jwk(&public)
+        .map_err(|e| KeyError::new(PRIVATE_KEY_VAR, format!("cannot use the public key: {e}")))?;
+    let kid = settings
+        .kid
+        .clone()
+        .unwrap_or_else(|| public.thumbprint(ThumbprintHash::SHA256));
+    let description = format!("private key {} ({algorithm:?}, kid {kid})", path.display());
+    let keys = HashMap::from([(kid.clone(), (decoding, algorithm))]);
+    Ok((
+        KeyRing::ByKid {
+            keys: Arc::new(RwLock::new(keys)),
+            jwks_source: None,
+            configured: Some(algorithm),
+            description,
+        },
+        Some((encoding, algorithm, kid)),
+    ))
+}

@@ -1,0 +1,216 @@
+//! Airflow's execution JWTs, validated locally on every request.
+//!
+//! The keys are chosen as Airflow chooses them: a trusted JWKS (file or URL, refreshed in
+//! the background) wins over a private key, which wins over a shared secret. Each mode
+//! pins its algorithms, so `alg: none` and HMAC-signed-with-a-public-key tokens never
+//! validate. When the gateway holds the signing key it can also hand out refreshed
+//! tokens, as Airflow's API server does.
+
+mod keys;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+pub use keys::KeyError;
+use keys::KeyRing;
+
+/// The all-zero subject Airflow's in-process API (triggerer, `dags test`) uses.
+pub const WATCHER_SUBJECT: Uuid = Uuid::nil();
+
+/// What a token may be used for. Only `execution` tokens reach the state routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenScope {
+    Execution,
+    Workload,
+}
+
+impl TokenScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::Execution => "execution",
+            TokenScope::Workload => "workload",
+        }
+    }
+}
+
+/// A validated token.
+#[derive(Debug, Clone)]
+pub struct Claims {
+    pub subject: Uuid,
+    pub scope: TokenScope,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    /// Every claim, kept for identity-from-claims and for minting a refreshed token.
+    pub all: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("Missing auth token")]
+    Missing,
+    #[error("Invalid auth token")]
+    Invalid,
+    /// The token validated but a claim has a value Airflow's claim model refuses; Airflow
+    /// reports the model's message after the prefix.
+    #[error("Invalid auth token: {0}")]
+    InvalidClaim(String),
+}
+
+/// Settings read from Airflow's `[api_auth]` / `[execution_api]` options.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub secret: Option<String>,
+    pub jwks_source: Option<String>,
+    pub private_key_path: Option<std::path::PathBuf>,
+    pub algorithm: Option<Algorithm>,
+    pub kid: Option<String>,
+    pub issuer: Option<String>,
+    pub audiences: Vec<String>,
+    pub leeway: Duration,
+    /// Lifetime of a refreshed token (`[execution_api] jwt_expiration_time`).
+    pub refreshed_lifetime: Duration,
+    pub jwks_refresh: Duration,
+}
+
+/// Signs refreshed tokens; present only when the gateway holds Airflow's signing key.
+struct Signer {
+    key: EncodingKey,
+    header: Header,
+}
+
+pub struct Authenticator {
+    keys: KeyRing,
+    validation: Validation,
+    signer: Option<Signer>,
+    issuer: Option<String>,
+    audience: String,
+    refreshed_lifetime: i64,
+}
+
+impl Authenticator {
+    /// Loads the keys (fetching a JWKS once, so a bad URL fails at start-up).
+    pub fn new(settings: &AuthSettings) -> Result<Arc<Self>, KeyError> {
+        let (keys, signer) = KeyRing::load(settings)?;
+        // The algorithm is pinned per key by the key ring; this carries the claim rules.
+        let mut validation = Validation::new(Algorithm::HS512);
+        let mut required = vec!["aud", "exp"];
+        if let Some(issuer) = &settings.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        validation.set_audience(&settings.audiences);
+        validation.leeway = settings.leeway.as_secs();
+        validation.validate_nbf = true;
+        Ok(Arc::new(Self {
+            keys,
+            validation,
+            signer: signer.map(|(key, algorithm, kid)| {
+                let mut header = Header::new(algorithm);
+                header.kid = Some(kid);
+                Signer { key, header }
+            }),
+            issuer: settings.issuer.clone(),
+            audience: settings.audiences.first().cloned().unwrap_or_default(),
+            refreshed_lifetime: settings.refreshed_lifetime.as_secs() as i64,
+        }))
+    }
+
+    /// Starts background refresh of a JWKS; a no-op in other key modes.
+    pub fn spawn_refresh(self: &Arc<Self>, every: Duration) {
+        self.keys.spawn_refresh(every);
+    }
+
+    pub fn describe(&self) -> String {
+        self.keys.describe()
+    }
+
+    /// Validates an `Authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Claims, AuthError> {
+        let token = authorization
+            .and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|token| !token.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let all = self.keys.decode(token, &self.validation)?;
+        let number = |name: &str| all.get(name).and_then(Value::as_f64).map(|n| n as i64);
+        let (Some(issued_at), Some(expires_at)) = (number("iat"), number("exp")) else {
+            return Err(AuthError::Invalid);
+        };
+        // Airflow answers 500 for a missing or non-UUID subject; a client error is right.
+        let subject = all
+            .get("sub")
+            .and_then(Value::as_str)
+            .and_then(|sub| Uuid::parse_str(sub).ok())
+            .ok_or(AuthError::Invalid)?;
+        let scope = match all.get("scope") {
+            None => TokenScope::Execution,
+            Some(Value::String(s)) if s == "execution" => TokenScope::Execution,
+            Some(Value::String(s)) if s == "workload" => TokenScope::Workload,
+            Some(other) => {
+                return Err(AuthError::InvalidClaim(format!(
+                    "1 validation error for TIClaims\nscope\n  Input should be 'execution' or 'workload' [type=literal_error, input_value={other}]"
+                )))
+            }
+        };
+        Ok(Claims {
+            subject,
+            scope,
+            issued_at,
+            expires_at,
+            all,
+        })
+    }
+
+    /// A replacement token when this one is close to expiry, on Airflow's rule: not for
+    /// `workload` tokens, and only once at most max(20 % of the lifetime, 30 s) remains.
+    pub fn refreshed_token(&self, claims: &Claims, now: i64) -> Option<String> {
+        let signer = self.signer.as_ref()?;
+        if claims.scope == TokenScope::Workload {
+            return None;
+        }
+        let lifetime = (claims.expires_at - claims.issued_at).max(0);
+        let threshold = (lifetime / 5).max(30);
+        if claims.expires_at - now > threshold {
+            return None;
+        }
+        let mut fresh = claims.all.clone();
+        fresh.insert("jti".into(), Uuid::new_v4().simple().to_string().into());
+        fresh.insert("iat".into(), now.into());
+        fresh.insert("nbf".into(), now.into());
+        fresh.insert("exp".into(), (now + self.refreshed_lifetime).into());
+        jsonwebtoken::encode(&signer.header, &fresh, &signer.key)
+            .map_err(|error| tracing::warn!(%error, "could not sign a refreshed token"))
+            .ok()
+    }
+
+    /// Mints an execution token the way Airflow does; for `airstate token` and tests.
+    pub fn mint(&self, extra: Map<String, Value>, lifetime: Duration) -> Result<String, KeyError> {
+        let signer = self.signer.as_ref().ok_or_else(|| {
+            KeyError::new(
+                "AIRFLOW__API_AUTH__JWT_SECRET",
+                "minting needs the signing key: a JWT secret or a private key, not a JWKS",
+            )
+        })?;
+        let now = chrono::Utc::now().timestamp();
+        let mut claims = Map::new();
+        claims.insert("jti".into(), Uuid::new_v4().simple().to_string().into());
+        claims.insert("aud".into(), self.audience.clone().into());
+        if let Some(issuer) = &self.issuer {
+            claims.insert("iss".into(), issuer.clone().into());
+        }
+        claims.insert("scope".into(), "execution".into());
+        claims.insert("iat".into(), now.into());
+        claims.insert("nbf".into(), now.into());
+        claims.insert("exp".into(), (now + lifetime.as_secs() as i64).into());
+        claims.extend(extra);
+        jsonwebtoken::encode(&signer.header, &claims, &signer.key)
+            .map_err(|e| KeyError::new("token", e.to_string()))
+    }
+}

@@ -1,0 +1,399 @@
+//! Configuration from environment variables. Airflow's own names are reused where the
+//! setting is Airflow's, so one Kubernetes Secret serves Airflow and the gateway; the
+//! gateway's own settings are `AIRSTATE_*`. Every error names its variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+
+use crate::auth::AuthSettings;
+use crate::identity::metastore::{postgres_url_from_sqlalchemy, MetastoreSettings};
+use crate::store::redis::RedisSettings;
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {variable}: {message}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityMode {
+    Metastore,
+    Claims,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None`: the embedded in-memory store.
+    pub redis: Option<RedisSettings>,
+    pub identity: IdentityMode,
+    /// Present when `identity` is `Metastore`.
+    pub metastore: Option<MetastoreSettings>,
+    pub auth: AuthSettings,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Every variable read, with its default, for `--help` and the README.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    (
+        "AIRSTATE_LISTEN",
+        "0.0.0.0:8080",
+        "address to serve HTTP on",
+    ),
+    (
+        "AIRSTATE_REDIS_URL",
+        "(unset: embedded in-memory store)",
+        "redis:// or rediss:// URL",
+    ),
+    (
+        "AIRSTATE_KEY_PREFIX",
+        "airstate:",
+        "prefix of every Redis key; no { or }",
+    ),
+    (
+        "AIRSTATE_REDIS_POOL_SIZE",
+        "8",
+        "Redis connections per replica",
+    ),
+    (
+        "AIRSTATE_REDIS_TIMEOUT_MS",
+        "2000",
+        "Redis command and connect timeout",
+    ),
+    (
+        "AIRSTATE_IDENTITY",
+        "metastore if a database is set, else claims",
+        "metastore | claims",
+    ),
+    (
+        "AIRSTATE_IDENTITY_CACHE_SECONDS",
+        "5",
+        "how long a resolved task instance or asset is trusted",
+    ),
+    (
+        "AIRSTATE_IDENTITY_CACHE_CAPACITY",
+        "100000",
+        "entries in each identity cache",
+    ),
+    (
+        "AIRSTATE_METASTORE_POOL_SIZE",
+        "8",
+        "metastore connections per replica",
+    ),
+    (
+        "AIRSTATE_METASTORE_TIMEOUT_MS",
+        "2000",
+        "metastore connect/query timeout",
+    ),
+    (
+        "AIRSTATE_MAX_BODY_BYTES",
+        "1048576",
+        "largest request body accepted (413 above)",
+    ),
+    (
+        "AIRSTATE_JWKS_REFRESH_SECONDS",
+        "300",
+        "how often a JWKS URL or file is re-read",
+    ),
+    (
+        "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
+        "20",
+        "longest wait for in-flight requests on SIGTERM",
+    ),
+    (
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+        "(unset)",
+        "Airflow metastore, postgresql[+driver]://",
+    ),
+    (
+        "AIRFLOW__API_AUTH__JWT_SECRET",
+        "(unset)",
+        "HMAC secret shared with Airflow",
+    ),
+    (
+        "AIRFLOW__API_AUTH__TRUSTED_JWKS_URL",
+        "(unset)",
+        "JWKS file path or http(s) URL",
+    ),
+    (
+        "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH",
+        "(unset)",
+        "PEM private key Airflow signs with",
+    ),
+    (
+        "AIRFLOW__API_AUTH__JWT_ALGORITHM",
+        "HS512 / from the key",
+        "pin the signing algorithm",
+    ),
+    (
+        "AIRFLOW__API_AUTH__JWT_KID",
+        "(key thumbprint)",
+        "kid of the private key",
+    ),
+    (
+        "AIRFLOW__API_AUTH__JWT_ISSUER",
+        "(unset: not checked)",
+        "required iss claim",
+    ),
+    (
+        "AIRFLOW__API_AUTH__JWT_LEEWAY",
+        "10",
+        "clock leeway in seconds",
+    ),
+    (
+        "AIRFLOW__EXECUTION_API__JWT_AUDIENCE",
+        "urn:airflow.apache.org:task",
+        "accepted audiences, comma-separated",
+    ),
+    (
+        "AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME",
+        "600",
+        "lifetime of refreshed tokens, seconds",
+    ),
+];
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`, so tests need not touch the process env.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let redis = match env.text("AIRSTATE_REDIS_URL") {
+            None => None,
+            Some(url) => {
+                let known = [
+                    "redis://",
+                    "rediss://",
+                    "redis-cluster://",
+                    "redis-sentinel://",
+                ];
+                if !known.iter().any(|scheme| url.starts_with(scheme)) {
+                    return Err(error(
+                        "AIRSTATE_REDIS_URL",
+                        "expected a redis:// or rediss:// URL",
+                    ));
+                }
+                let key_prefix = env
+                    .text("AIRSTATE_KEY_PREFIX")
+                    .unwrap_or_else(|| "airstate:".to_owned());
+                if key_prefix.contains(['{', '}']) {
+                    return Err(error(
+                        "AIRSTATE_KEY_PREFIX",
+                        "must not contain { or }: they would change the Cluster hash slot",
+                    ));
+                }
+                Some(RedisSettings {
+                    url,
+                    key_prefix,
+                    pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", 8usize)?,
+                    command_timeout: Duration::from_millis(
+                        env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
+                    ),
+                })
+            }
+        };
+
+        let database = env.text("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN");
+        let identity = match env.text("AIRSTATE_IDENTITY").as_deref() {
+            None if database.is_some() => IdentityMode::Metastore,
+            None => IdentityMode::Claims,
+            Some("metastore") => IdentityMode::Metastore,
+            Some("claims") => IdentityMode::Claims,
+            Some(other) => {
+                return Err(error(
+                    "AIRSTATE_IDENTITY",
+                    &format!("expected metastore or claims, got {other:?}"),
+                ))
+            }
+        };
+        let metastore = match identity {
+            IdentityMode::Claims => None,
+            IdentityMode::Metastore => {
+                let conn = database.ok_or_else(|| {
+                    error(
+                        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                        "required when AIRSTATE_IDENTITY=metastore",
+                    )
+                })?;
+                let url = postgres_url_from_sqlalchemy(&conn)
+                    .map_err(|m| error("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &m))?;
+                url.parse::<tokio_postgres::Config>()
+                    .map_err(|e| error("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &e.to_string()))?;
+                Some(MetastoreSettings {
+                    url,
+                    pool_size: env.parse("AIRSTATE_METASTORE_POOL_SIZE", 8usize)?,
+                    cache_ttl: Duration::from_secs(
+                        env.parse("AIRSTATE_IDENTITY_CACHE_SECONDS", 5u64)?,
+                    ),
+                    cache_capacity: env.parse("AIRSTATE_IDENTITY_CACHE_CAPACITY", 100_000u64)?,
+                    timeout: Duration::from_millis(
+                        env.parse("AIRSTATE_METASTORE_TIMEOUT_MS", 2000u64)?,
+                    ),
+                })
+            }
+        };
+
+        let algorithm = match env.text("AIRFLOW__API_AUTH__JWT_ALGORITHM") {
+            None => None,
+            Some(name) => Some(Algorithm::from_str(&name).map_err(|_| {
+                error(
+                    "AIRFLOW__API_AUTH__JWT_ALGORITHM",
+                    &format!("unknown algorithm {name:?}"),
+                )
+            })?),
+        };
+        let audiences: Vec<String> = env
+            .text("AIRFLOW__EXECUTION_API__JWT_AUDIENCE")
+            .unwrap_or_else(|| "urn:airflow.apache.org:task".to_owned())
+            .split(',')
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if audiences.is_empty() {
+            return Err(error(
+                "AIRFLOW__EXECUTION_API__JWT_AUDIENCE",
+                "needs at least one audience",
+            ));
+        }
+        let auth = AuthSettings {
+            secret: env.text("AIRFLOW__API_AUTH__JWT_SECRET"),
+            jwks_source: env.text("AIRFLOW__API_AUTH__TRUSTED_JWKS_URL"),
+            private_key_path: env
+                .text("AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH")
+                .map(PathBuf::from),
+            algorithm,
+            kid: env.text("AIRFLOW__API_AUTH__JWT_KID"),
+            issuer: env.text("AIRFLOW__API_AUTH__JWT_ISSUER"),
+            audiences,
+            leeway: Duration::from_secs(env.parse("AIRFLOW__API_AUTH__JWT_LEEWAY", 10u64)?),
+            refreshed_lifetime: Duration::from_secs(
+                env.parse("AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME", 600u64)?,
+            ),
+            jwks_refresh: Duration::from_secs(
+                env.parse("AIRSTATE_JWKS_REFRESH_SECONDS", 300u64)?.max(1),
+            ),
+        };
+        if auth.secret.is_none() && auth.jwks_source.is_none() && auth.private_key_path.is_none() {
+            return Err(error(
+                "AIRFLOW__API_AUTH__JWT_SECRET",
+                "no JWT key configured: set AIRFLOW__API_AUTH__JWT_SECRET, \
+                 AIRFLOW__API_AUTH__TRUSTED_JWKS_URL or AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH",
+            ));
+        }
+
+        Ok(Config {
+            listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            redis,
+            identity,
+            metastore,
+            auth,
+            max_body_bytes: env.parse("AIRSTATE_MAX_BODY_BYTES", 1_048_576usize)?,
+            shutdown_grace: Duration::from_secs(
+                env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS", 20u64)?,
+            ),
+        })
+    }
+}
+
+fn error(variable: &str, message: &str) -> ConfigError {
+    ConfigError {
+        variable: variable.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    /// A set, non-blank variable.
+    fn text(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    fn parse<T: FromStr>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.text(name) {
+            None => Ok(default),
+            Some(text) => text
+                .trim()
+                .parse()
+                .map_err(|e: T::Err| error(name, &format!("cannot parse {text:?}: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    const SECRET: (&str, &str) = ("AIRFLOW__API_AUTH__JWT_SECRET", "s3cret");
+
+    #[test]
+    fn defaults_need_only_a_key() {
+        let c = config(&[SECRET]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert!(c.redis.is_none());
+        assert_eq!(c.identity, IdentityMode::Claims);
+        assert_eq!(c.auth.audiences, ["urn:airflow.apache.org:task"]);
+        assert_eq!(c.auth.leeway, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let err = config(&[]).unwrap_err();
+        assert_eq!(err.variable, "AIRFLOW__API_AUTH__JWT_SECRET");
+        for (var, value) in [
+            ("AIRSTATE_LISTEN", "nowhere"),
+            ("AIRSTATE_REDIS_URL", "http://x"),
+            ("AIRSTATE_IDENTITY", "magic"),
+            ("AIRFLOW__API_AUTH__JWT_LEEWAY", "-1"),
+            ("AIRFLOW__API_AUTH__JWT_ALGORITHM", "none"),
+            ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "mysql://db/airflow"),
+        ] {
+            let err = config(&[SECRET, (var, value)]).unwrap_err();
+            assert_eq!(err.variable, var, "{value}");
+        }
+        let err = config(&[
+            SECRET,
+            ("AIRSTATE_REDIS_URL", "redis://x"),
+            ("AIRSTATE_KEY_PREFIX", "a{b}"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "AIRSTATE_KEY_PREFIX");
+    }
+
+    #[test]
+    fn database_selects_metastore_identity() {
+        let c = config(&[
+            SECRET,
+            (
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                "postgresql+psycopg2://u@db/airflow",
+            ),
+            ("AIRFLOW__EXECUTION_API__JWT_AUDIENCE", "a, b"),
+        ])
+        .unwrap();
+        assert_eq!(c.identity, IdentityMode::Metastore);
+        assert_eq!(c.metastore.unwrap().url, "postgresql://u@db/airflow");
+        assert_eq!(c.auth.audiences, ["a", "b"]);
+    }
+}

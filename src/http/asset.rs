@@ -1,0 +1,241 @@
+//! Asset-state routes. Airflow 3.3 names the asset in the query
+//! (`/execution/store/asset/by-name/value?name=&key=`); AIP-103's original shape names
+//! it in the path (`/execution/state/asset/{name}/{key}`). Both land in the same core.
+//!
+//! Any valid execution token may read, delete or clear any active asset, as in Airflow;
+//! a write additionally records who wrote it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+use serde_json::Value;
+
+use super::body::{check_key, parse_put_body};
+use super::error::{ApiError, ValidationIssue};
+use super::extract::{query_params, ExecutionToken, JsonBody};
+use super::{no_content, value_response, AppState};
+use crate::auth::{Claims, WATCHER_SUBJECT};
+use crate::identity::AssetRef;
+use crate::store::{AssetKey, Writer};
+
+/// Which query parameter names the asset on a `/execution/store/asset/...` route; the
+/// handlers take it as a const parameter (`BY_URI`), one instance per route family.
+#[derive(Clone, Copy)]
+enum By {
+    Name,
+    Uri,
+}
+
+impl By {
+    fn of(by_uri: bool) -> Self {
+        if by_uri {
+            By::Uri
+        } else {
+            By::Name
+        }
+    }
+
+    fn param(self) -> &'static str {
+        match self {
+            By::Name => "name",
+            By::Uri => "uri",
+        }
+    }
+}
+
+/// Reads the asset (and, when `with_key`, the key) from the query, reporting every
+/// problem at once as FastAPI does.
+fn from_query(
+    by: By,
+    query: Option<&str>,
+    with_key: bool,
+) -> Result<(AssetRef, Option<String>), ApiError> {
+    let mut params = query_params(query);
+    let mut issues = Vec::new();
+    let mut required = |name: &'static str, params: &mut HashMap<String, String>| {
+        let loc = ["query", name];
+        match params.remove(name) {
+            None => {
+                issues.push(ValidationIssue::missing(&loc, Value::Null));
+                None
+            }
+            Some(value) => match check_key(&value, &loc) {
+                Ok(()) => Some(value),
+                Err(issue) => {
+                    issues.push(issue);
+                    None
+                }
+            },
+        }
+    };
+    let asset = required(by.param(), &mut params);
+    let key = if with_key {
+        required("key", &mut params)
+    } else {
+        None
+    };
+    if !issues.is_empty() {
+        return Err(ApiError::Validation(issues));
+    }
+    let asset = asset.unwrap_or_default();
+    let asset = match by {
+        By::Name => AssetRef::Name(asset),
+        By::Uri => AssetRef::Uri(asset),
+    };
+    Ok((asset, key))
+}
+
+async fn resolve(app: &AppState, asset: AssetRef) -> Result<AssetKey, ApiError> {
+    match app.identity.asset(&asset).await? {
+        Some(key) => Ok(key),
+        None => Err(ApiError::AssetNotFound(asset)),
+    }
+}
+
+async fn writer_of(app: &AppState, claims: &Claims) -> Result<Writer, ApiError> {
+    if claims.subject == WATCHER_SUBJECT {
+        return Ok(Writer::Watcher);
+    }
+    let scope = app
+        .identity
+        .task(claims.subject, claims)
+        .await?
+        .ok_or(ApiError::WriterNotFound(claims.subject))?;
+    Ok(Writer::Task {
+        dag_id: scope.dag_id,
+        run_id: scope.run_id,
+        task_id: scope.task_id,
+        map_index: scope.map_index,
+    })
+}
+
+async fn get_value(app: &AppState, asset: AssetRef, key: &str) -> Result<Response, ApiError> {
+    let asset = resolve(app, asset).await?;
+    match app.store.get_asset(&asset, key).await? {
+        Some(value) => Ok(value_response(&value.json)),
+        None => Err(ApiError::AssetKeyNotFound(key.to_owned())),
+    }
+}
+
+async fn put_value(
+    app: &AppState,
+    claims: &Claims,
+    asset: AssetRef,
+    key: &str,
+    body: &JsonBody,
+) -> Result<Response, ApiError> {
+    let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?;
+    let asset = resolve(app, asset).await?;
+    let writer = writer_of(app, claims).await?;
+    app.store
+        .put_asset(&asset, key, parsed.value, &writer)
+        .await?;
+    Ok(no_content())
+}
+
+async fn delete_value(app: &AppState, asset: AssetRef, key: &str) -> Result<Response, ApiError> {
+    let asset = resolve(app, asset).await?;
+    app.store.delete_asset(&asset, key).await?;
+    Ok(no_content())
+}
+
+async fn clear_all(app: &AppState, asset: AssetRef) -> Result<Response, ApiError> {
+    let asset = resolve(app, asset).await?;
+    app.store.clear_asset(&asset).await?;
+    Ok(no_content())
+}
+
+// --- Airflow 3.3: /execution/store/asset/by-{name,uri}/{value,clear} -------------------
+
+pub async fn get<const BY_URI: bool>(
+    State(app): State<Arc<AppState>>,
+    _token: ExecutionToken,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
+    get_value(&app, asset, &key.unwrap_or_default()).await
+}
+
+pub async fn put<const BY_URI: bool>(
+    State(app): State<Arc<AppState>>,
+    ExecutionToken(claims): ExecutionToken,
+    RawQuery(query): RawQuery,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
+    put_value(&app, &claims, asset, &key.unwrap_or_default(), &body).await
+}
+
+pub async fn delete<const BY_URI: bool>(
+    State(app): State<Arc<AppState>>,
+    _token: ExecutionToken,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
+    delete_value(&app, asset, &key.unwrap_or_default()).await
+}
+
+pub async fn clear<const BY_URI: bool>(
+    State(app): State<Arc<AppState>>,
+    _token: ExecutionToken,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
+    clear_all(&app, asset).await
+}
+
+// --- AIP-103 original: /execution/state/asset/{name}[/{key}] --------------------------
+
+fn from_path(name: String, key: Option<&str>) -> Result<AssetRef, ApiError> {
+    let mut issues = Vec::new();
+    if let Err(issue) = check_key(&name, &["path", "name"]) {
+        issues.push(issue);
+    }
+    if let Some(Err(issue)) = key.map(|key| check_key(key, &["path", "key"])) {
+        issues.push(issue);
+    }
+    if issues.is_empty() {
+        Ok(AssetRef::Name(name))
+    } else {
+        Err(ApiError::Validation(issues))
+    }
+}
+
+pub async fn seed_get(
+    State(app): State<Arc<AppState>>,
+    _token: ExecutionToken,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let asset = from_path(name, Some(&key))?;
+    get_value(&app, asset, &key).await
+}
+
+pub async fn seed_put(
+    State(app): State<Arc<AppState>>,
+    ExecutionToken(claims): ExecutionToken,
+    Path((name, key)): Path<(String, String)>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let asset = from_path(name, Some(&key))?;
+    put_value(&app, &claims, asset, &key, &body).await
+}
+
+pub async fn seed_delete(
+    State(app): State<Arc<AppState>>,
+    _token: ExecutionToken,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let asset = from_path(name, Some(&key))?;
+    delete_value(&app, asset, &key).await
+}
+
+pub async fn seed_clear(
+    State(app): State<Arc<AppState>>,
+    _token: ExecutionToken,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let asset = from_path(name, None)?;
+    clear_all(&app, asset).await
+}

@@ -1,0 +1,245 @@
+//! Every failure a request can meet, mapped to Airflow's status codes and FastAPI's
+//! `{"detail": ...}` bodies in this one place.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::auth::{AuthError, TokenScope};
+use crate::identity::{AssetRef, IdentityError};
+use crate::store::StoreError;
+
+/// Seconds a client is told to wait when a dependency is down.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// One entry of FastAPI's validation-error list.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ValidationIssue {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub loc: Vec<Value>,
+    pub msg: String,
+    pub input: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<Value>,
+}
+
+impl ValidationIssue {
+    pub fn new(kind: &'static str, loc: &[&str], msg: impl Into<String>, input: Value) -> Self {
+        Self {
+            kind,
+            loc: loc.iter().map(|part| Value::from(*part)).collect(),
+            msg: msg.into(),
+            input,
+            ctx: None,
+        }
+    }
+
+    pub fn with_ctx(mut self, ctx: Value) -> Self {
+        self.ctx = Some(ctx);
+        self
+    }
+
+    pub fn missing(loc: &[&str], input: Value) -> Self {
+        Self::new("missing", loc, "Field required", input)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("token type {0:?} not allowed")]
+    TokenType(TokenScope),
+    #[error("token subject does not match the task instance")]
+    SubjectMismatch,
+    #[error("request validation failed")]
+    Validation(Vec<ValidationIssue>),
+    #[error("task instance {0} not found")]
+    TaskInstanceNotFound(Uuid),
+    /// The writer of an asset value is the token's task instance; Airflow words this one
+    /// with the UUID's Python repr.
+    #[error("writer task instance {0} not found")]
+    WriterNotFound(Uuid),
+    #[error("asset not found")]
+    AssetNotFound(AssetRef),
+    #[error("task state key not found")]
+    TaskKeyNotFound(String),
+    #[error("asset state key not found")]
+    AssetKeyNotFound(String),
+    #[error("route not found")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body over {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("dependency unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(reason) => ApiError::Unavailable(reason),
+            StoreError::Internal(reason) => ApiError::Internal(reason),
+        }
+    }
+}
+
+impl From<IdentityError> for ApiError {
+    fn from(error: IdentityError) -> Self {
+        match error {
+            IdentityError::Unavailable(reason) => ApiError::Unavailable(reason),
+        }
+    }
+}
+
+impl From<ValidationIssue> for ApiError {
+    fn from(issue: ValidationIssue) -> Self {
+        ApiError::Validation(vec![issue])
+    }
+}
+
+fn not_found(message: String) -> Value {
+    json!({"reason": "not_found", "message": message})
+}
+
+/// Python's `repr` of a string, which Airflow puts in its not-found messages.
+pub fn python_repr(text: &str) -> String {
+    let quote = if text.contains('\'') && !text.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push(quote);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+impl ApiError {
+    fn status_and_detail(&self) -> (StatusCode, Value) {
+        use ApiError::*;
+        match self {
+            Auth(AuthError::Missing) => (StatusCode::UNAUTHORIZED, json!("Missing auth token")),
+            Auth(error) => (StatusCode::FORBIDDEN, json!(error.to_string())),
+            TokenType(scope) => (
+                StatusCode::FORBIDDEN,
+                json!(format!(
+                    "Token type '{}' not allowed for this endpoint. Allowed types: execution",
+                    scope.as_str()
+                )),
+            ),
+            SubjectMismatch => (
+                StatusCode::FORBIDDEN,
+                json!("Token subject does not match task instance ID"),
+            ),
+            Validation(issues) => (StatusCode::UNPROCESSABLE_ENTITY, json!(issues)),
+            TaskInstanceNotFound(ti) => (
+                StatusCode::NOT_FOUND,
+                not_found(format!("Task instance {ti} not found")),
+            ),
+            WriterNotFound(ti) => (
+                StatusCode::NOT_FOUND,
+                not_found(format!("Task instance UUID('{ti}') not found")),
+            ),
+            AssetNotFound(asset) => {
+                let (field, value) = match asset {
+                    AssetRef::Name(name) => ("name", name),
+                    AssetRef::Uri(uri) => ("uri", uri),
+                };
+                (
+                    StatusCode::NOT_FOUND,
+                    not_found(format!(
+                        "Asset with {field}={} not found",
+                        python_repr(value)
+                    )),
+                )
+            }
+            TaskKeyNotFound(key) => (
+                StatusCode::NOT_FOUND,
+                not_found(format!(
+                    "Task state store key {} not found",
+                    python_repr(key)
+                )),
+            ),
+            AssetKeyNotFound(key) => (
+                StatusCode::NOT_FOUND,
+                not_found(format!(
+                    "Asset state store key {} not found",
+                    python_repr(key)
+                )),
+            ),
+            RouteNotFound => (StatusCode::NOT_FOUND, json!("Not Found")),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, json!("Method Not Allowed")),
+            PayloadTooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!(format!(
+                    "Request body is larger than the limit of {limit} bytes"
+                )),
+            ),
+            Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!("State store temporarily unavailable, retry later"),
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!("Internal server error"),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, detail) = self.status_and_detail();
+        match &self {
+            ApiError::Internal(reason) => tracing::error!(%reason, "internal error"),
+            ApiError::Unavailable(reason) => tracing::warn!(%reason, "dependency unavailable"),
+            _ => {}
+        }
+        let mut response = (status, axum::Json(json!({ "detail": detail }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::python_repr;
+
+    #[test]
+    fn repr_matches_python() {
+        assert_eq!(python_repr("never"), "'never'");
+        assert_eq!(python_repr("it's"), "\"it's\"");
+        assert_eq!(python_repr("a'b\"c"), "'a\\'b\"c'");
+        assert_eq!(python_repr("tab\there\\"), "'tab\\there\\\\'");
+        assert_eq!(python_repr("über/é"), "'über/é'");
+        assert_eq!(python_repr("\u{1}"), "'\\x01'");
+    }
+}

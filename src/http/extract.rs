@@ -1,0 +1,125 @@
+//! Extractors that run Airflow's checks in Airflow's order: bearer present (401), token
+//! valid (403), token type (403), `ti:self` (403), then parameters and body (422).
+//! Axum runs parts extractors before the body one, so a request with a bad token never
+//! has its body read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use uuid::Uuid;
+
+use super::error::{ApiError, ValidationIssue};
+use crate::auth::{AuthError, Claims, TokenScope};
+
+/// The outcome of authentication, left in the request's extensions by the auth
+/// middleware so that it can also decide on a refreshed token after the handler.
+#[derive(Clone)]
+pub struct AuthOutcome(pub Result<Arc<Claims>, AuthError>);
+
+/// A valid `execution` token.
+pub struct ExecutionToken(pub Arc<Claims>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ExecutionToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let outcome = parts
+            .extensions
+            .get::<AuthOutcome>()
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("auth middleware missing".into()))?;
+        let claims = outcome.0?;
+        if claims.scope != TokenScope::Execution {
+            return Err(ApiError::TokenType(claims.scope));
+        }
+        Ok(ExecutionToken(claims))
+    }
+}
+
+/// A task route's caller: an execution token whose subject is the path's task instance
+/// (`ti:self`), and the key from the path when the route has one.
+pub struct TaskCaller {
+    pub claims: Arc<Claims>,
+    pub task_instance: Uuid,
+    pub key: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for TaskCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let ExecutionToken(claims) = ExecutionToken::from_request_parts(parts, state).await?;
+        let Path(mut params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| {
+                ValidationIssue::new(
+                    "string_type",
+                    &["path"],
+                    rejection.body_text(),
+                    serde_json::Value::Null,
+                )
+            })?;
+        let raw = params.remove("task_instance_id").unwrap_or_default();
+        // Airflow compares the canonical form of the subject with the path text, so an
+        // upper-case or dash-less UUID in the path is refused even for the right token.
+        if claims.subject.hyphenated().to_string() != raw {
+            return Err(ApiError::SubjectMismatch);
+        }
+        Ok(TaskCaller {
+            task_instance: claims.subject,
+            claims,
+            key: params.remove("key"),
+        })
+    }
+}
+
+/// The raw request body plus whether it was declared as JSON; a body over the limit is a
+/// 413 with our error body rather than axum's plain text.
+pub struct JsonBody {
+    pub content_type: Option<String>,
+    pub bytes: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let limit = request.extensions().get::<BodyLimit>().map(|l| l.0);
+        let bytes =
+            Bytes::from_request(request, state)
+                .await
+                .map_err(|rejection: BytesRejection| {
+                    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::PayloadTooLarge(limit.unwrap_or_default())
+                    } else {
+                        ApiError::Internal(rejection.body_text())
+                    }
+                })?;
+        Ok(JsonBody {
+            content_type,
+            bytes,
+        })
+    }
+}
+
+/// The configured body cap, carried to [`JsonBody`] for its error message.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Query parameters as Starlette reads them: the last of repeated names wins.
+pub fn query_params(query: Option<&str>) -> HashMap<String, String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}

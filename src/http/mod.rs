@@ -1,0 +1,261 @@
+//! The HTTP surface: routes, the middleware Airflow's API server puts around them
+//! (API version header, correlation id, JWT and token refresh), and health endpoints.
+
+pub mod asset;
+pub mod body;
+pub mod error;
+pub mod extract;
+pub mod task;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Extension, Json, Router};
+use serde_json::json;
+
+use crate::auth::Authenticator;
+use crate::identity::IdentityResolver;
+use crate::store::StateStore;
+use error::{ApiError, ValidationIssue};
+use extract::{AuthOutcome, BodyLimit};
+
+/// Shared by every request; cheap to clone behind an `Arc`.
+pub struct AppState {
+    pub store: Arc<dyn StateStore>,
+    pub identity: Arc<dyn IdentityResolver>,
+    pub auth: Arc<Authenticator>,
+    /// Set on SIGTERM so `/ready` turns the replica out of the Service before it stops.
+    pub shutting_down: AtomicBool,
+    pub ready_timeout: Duration,
+}
+
+/// The newest Execution API version, and the one that introduced the state routes.
+pub const API_VERSION: &str = "2026-06-30";
+const API_VERSION_HEADER: HeaderName = HeaderName::from_static("airflow-api-version");
+const CORRELATION_ID: HeaderName = HeaderName::from_static("correlation-id");
+const REFRESHED_TOKEN: HeaderName = HeaderName::from_static("refreshed-api-token");
+
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let task_key = get(task::get).put(task::put).delete(task::delete);
+    let empty_key = get(task::empty_key)
+        .put(task::empty_key)
+        .delete(task::empty_key);
+    let execution = Router::new()
+        // Airflow 3.3 Execution API.
+        .route(
+            "/execution/store/ti/{task_instance_id}/{*key}",
+            task_key.clone(),
+        )
+        .route("/execution/store/ti/{task_instance_id}/", empty_key.clone())
+        .route(
+            "/execution/store/ti/{task_instance_id}",
+            delete(task::clear),
+        )
+        .route(
+            "/execution/store/asset/by-name/value",
+            get(asset::get::<false>)
+                .put(asset::put::<false>)
+                .delete(asset::delete::<false>),
+        )
+        .route(
+            "/execution/store/asset/by-name/clear",
+            delete(asset::clear::<false>),
+        )
+        .route(
+            "/execution/store/asset/by-uri/value",
+            get(asset::get::<true>)
+                .put(asset::put::<true>)
+                .delete(asset::delete::<true>),
+        )
+        .route(
+            "/execution/store/asset/by-uri/clear",
+            delete(asset::clear::<true>),
+        )
+        // AIP-103's original paths.
+        .route("/execution/state/ti/{task_instance_id}/{*key}", task_key)
+        .route("/execution/state/ti/{task_instance_id}/", empty_key)
+        .route(
+            "/execution/state/ti/{task_instance_id}",
+            delete(task::clear_seed),
+        )
+        .route(
+            "/execution/state/asset/{name}/{*key}",
+            get(asset::seed_get)
+                .put(asset::seed_put)
+                .delete(asset::seed_delete),
+        )
+        .route("/execution/state/asset/{name}", delete(asset::seed_clear))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(api_version))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(Extension(BodyLimit(max_body_bytes)));
+
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .merge(execution)
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(correlation_id))
+        .with_state(state)
+}
+
+pub(crate) fn value_response(json: &str) -> Response {
+    let mut body = String::with_capacity(json.len() + 10);
+    body.push_str("{\"value\":");
+    body.push_str(json);
+    body.push('}');
+    ([(CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+pub(crate) fn no_content() -> Response {
+    // Airflow's 204s carry a JSON content type; some clients look at it.
+    (StatusCode::NO_CONTENT, [(CONTENT_TYPE, "application/json")]).into_response()
+}
+
+/// Validates the bearer token once per request; the verdict is read by the extractors,
+/// and a token near expiry gets a `Refreshed-API-Token` on whatever response follows.
+async fn authenticate(
+    State(app): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let outcome = app.auth.authenticate(header).map(Arc::new);
+    let claims = outcome.as_ref().ok().cloned();
+    request.extensions_mut().insert(AuthOutcome(outcome));
+    let mut response = next.run(request).await;
+    if let Some(claims) = claims {
+        let now = chrono::Utc::now().timestamp();
+        if let Some(token) = app.auth.refreshed_token(&claims, now) {
+            if let Ok(value) = HeaderValue::from_str(&token) {
+                response.headers_mut().insert(REFRESHED_TOKEN, value);
+            }
+        }
+    }
+    response
+}
+
+/// Airflow's Cadwyn versioning: no header means the newest version; dates before the
+/// state routes existed find no route; later dates are served as the newest.
+async fn api_version(request: Request, next: Next) -> Response {
+    let requested = request.headers().get(&API_VERSION_HEADER).cloned();
+    let echo = requested
+        .clone()
+        .unwrap_or(HeaderValue::from_static(API_VERSION));
+    if let Some(value) = &requested {
+        let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        match parse_version_date(&text) {
+            None => {
+                return ApiError::Validation(vec![ValidationIssue::new(
+                    "date_from_datetime_parsing",
+                    &["header", "Airflow-API-Version"],
+                    "Input should be a valid date or datetime, invalid character in year",
+                    json!(text),
+                )])
+                .into_response()
+            }
+            Some(date) if date.as_str() < API_VERSION => {
+                return ApiError::RouteNotFound.into_response()
+            }
+            Some(_) => {}
+        }
+    }
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(API_VERSION_HEADER, echo);
+    response
+}
+
+/// `YYYY-MM-DD`, or a datetime at exactly midnight as pydantic accepts for a date.
+fn parse_version_date(text: &str) -> Option<String> {
+    let date = text.get(..10)?;
+    chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    if date.len() != 10 || !date.as_bytes()[4..].starts_with(b"-") {
+        return None;
+    }
+    match &text[10..] {
+        "" => Some(date.to_owned()),
+        rest if rest.starts_with('T') || rest.starts_with(' ') => {
+            let time = rest[1..].trim_end_matches('Z');
+            let midnight = time
+                .split(['.', '+'])
+                .next()
+                .is_some_and(|t| t == "00:00:00" || t == "00:00");
+            midnight.then(|| date.to_owned())
+        }
+        _ => None,
+    }
+}
+
+async fn correlation_id(request: Request, next: Next) -> Response {
+    let id = request.headers().get(&CORRELATION_ID).cloned();
+    let mut response = next.run(request).await;
+    if let Some(id) = id {
+        response.headers_mut().insert(CORRELATION_ID, id);
+    }
+    response
+}
+
+/// Liveness: the process answers. Never tied to Redis, so a Redis outage does not get
+/// every replica restarted.
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: the store (and the metastore, when used) answer within the timeout.
+async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    if app.shutting_down.load(Ordering::Relaxed) {
+        return not_ready("shutting down".into());
+    }
+    let checks = async {
+        app.store.ping().await.map_err(|e| e.to_string())?;
+        app.identity.ping().await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(app.ready_timeout, checks).await {
+        Ok(Ok(())) => Json(json!({"status": "ready"})).into_response(),
+        Ok(Err(reason)) => not_ready(reason),
+        Err(_) => not_ready("dependency check timed out".into()),
+    }
+}
+
+fn not_ready(reason: String) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"detail": format!("not ready: {reason}")})),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version_date;
+
+    #[test]
+    fn version_dates() {
+        assert_eq!(
+            parse_version_date("2026-06-30").as_deref(),
+            Some("2026-06-30")
+        );
+        assert_eq!(
+            parse_version_date("2026-06-30T00:00:00").as_deref(),
+            Some("2026-06-30")
+        );
+        assert_eq!(
+            parse_version_date("2099-01-01").as_deref(),
+            Some("2099-01-01")
+        );
+        assert_eq!(parse_version_date("garbage"), None);
+        assert_eq!(parse_version_date("2026-6-30"), None);
+        assert_eq!(parse_version_date("2026-06-30T10:00:00"), None);
+    }
+}

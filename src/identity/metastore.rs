@@ -1,0 +1,225 @@
+//! Identity from Airflow's metastore (PostgreSQL), read-only, behind a short-lived cache.
+//!
+//! A task instance's scope never changes, but its UUID stops resolving when Airflow
+//! retries the task (the primary key rotates) and the old attempt must then be refused.
+//! The cache's freshness window is therefore the longest a retired attempt can still be
+//! served; "not found" is never cached, because the row may appear a moment later.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use moka::future::Cache;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use super::{AssetRef, IdentityError, IdentityResolver};
+use crate::auth::Claims;
+use crate::store::{AssetKey, TaskScope};
+
+#[derive(Debug, Clone)]
+pub struct MetastoreSettings {
+    /// A `postgresql://` URL (SQLAlchemy's `postgresql+driver://` form already rewritten).
+    pub url: String,
+    pub pool_size: usize,
+    pub cache_ttl: Duration,
+    pub cache_capacity: u64,
+    /// How long a request may wait for a connection or a query before it is a 503.
+    pub timeout: Duration,
+}
+
+pub struct MetastoreResolver {
+    pool: Pool,
+    tasks: Cache<Uuid, TaskScope>,
+    assets: Cache<AssetRef, AssetKey>,
+    display: String,
+}
+
+/// Why a lookup produced no cacheable answer.
+#[derive(Debug, Clone)]
+enum Miss {
+    NotFound,
+    Unavailable(String),
+}
+
+const TASK_SQL: &str = "SELECT dag_id, run_id, task_id, map_index FROM task_instance WHERE id = $1";
+// Only active assets resolve, as in Airflow: an `asset_active` row with the same name and URI.
+const ASSET_BY_NAME_SQL: &str = "SELECT a.id FROM asset a \
+     JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.name = $1 LIMIT 1";
+const ASSET_BY_URI_SQL: &str = "SELECT a.id FROM asset a \
+     JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.uri = $1 LIMIT 1";
+
+/// Accepts Airflow's `sql_alchemy_conn` (`postgresql+psycopg2://...`) and plain URLs.
+pub fn postgres_url_from_sqlalchemy(conn: &str) -> Result<String, String> {
+    let (scheme, rest) = conn
+        .split_once("://")
+        .ok_or_else(|| "expected a URL such as postgresql://user@host/airflow".to_owned())?;
+    let dialect = scheme.split('+').next().unwrap_or_default();
+    match dialect {
+        "postgresql" | "postgres" => Ok(format!("postgresql://{rest}")),
+        other => Err(format!(
+            "only PostgreSQL metastores are supported, got the {other:?} dialect"
+        )),
+    }
+}
+
+impl MetastoreResolver {
+    pub fn new(settings: &MetastoreSettings) -> Result<Self, String> {
+        let config: tokio_postgres::Config = settings
+            .url
+            .parse()
+            .map_err(|e| format!("cannot parse the metastore URL: {e}"))?;
+        let display = describe_config(&config);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(settings.timeout))
+            .create_timeout(Some(settings.timeout))
+            .recycle_timeout(Some(settings.timeout))
+            .build()
+            .map_err(|e| format!("cannot build the metastore pool: {e}"))?;
+        Ok(Self {
+            pool,
+            tasks: bounded_cache(settings),
+            assets: bounded_cache(settings),
+            display,
+        })
+    }
+
+    async fn query_one<T>(
+        &self,
+        sql: &str,
+        param: &(dyn tokio_postgres::types::ToSql + Sync),
+        read: impl FnOnce(&tokio_postgres::Row) -> T,
+    ) -> Result<T, Miss> {
+        let unavailable = |e: &dyn std::fmt::Display| Miss::Unavailable(e.to_string());
+        let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let row = client
+            .query_opt(&statement, &[param])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        row.as_ref().map(read).ok_or(Miss::NotFound)
+    }
+}
+
+fn bounded_cache<K, V>(settings: &MetastoreSettings) -> Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    Cache::builder()
+        .max_capacity(settings.cache_capacity)
+        .time_to_live(settings.cache_ttl)
+        .build()
+}
+
+fn describe_config(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    format!(
+        "Airflow metastore at {} (database {})",
+        hosts.join(","),
+        config.get_dbname().unwrap_or("default")
+    )
+}
+
+fn settle<T>(result: Result<T, Arc<Miss>>) -> Result<Option<T>, IdentityError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(miss) => match miss.as_ref() {
+            Miss::NotFound => Ok(None),
+            Miss::Unavailable(reason) => Err(IdentityError::Unavailable(reason.clone())),
+        },
+    }
+}
+
+#[async_trait]
+impl IdentityResolver for MetastoreResolver {
+    async fn task(&self, ti: Uuid, _claims: &Claims) -> Result<Option<TaskScope>, IdentityError> {
+        // Concurrent misses for one UUID share a single query.
+        let result = self
+            .tasks
+            .try_get_with(ti, async {
+                self.query_one(TASK_SQL, &ti, |row| TaskScope {
+                    dag_id: row.get(0),
+                    run_id: row.get(1),
+                    task_id: row.get(2),
+                    map_index: i64::from(row.get::<_, i32>(3)),
+                })
+                .await
+            })
+            .await;
+        settle(result)
+    }
+
+    async fn asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError> {
+        let result = self
+            .assets
+            .try_get_with_by_ref(asset, async {
+                let (sql, text) = match asset {
+                    AssetRef::Name(name) => (ASSET_BY_NAME_SQL, name),
+                    AssetRef::Uri(uri) => (ASSET_BY_URI_SQL, uri),
+                };
+                self.query_one(sql, text, |row| AssetKey(row.get::<_, i32>(0).to_string()))
+                    .await
+            })
+            .await;
+        settle(result)
+    }
+
+    async fn ping(&self) -> Result<(), IdentityError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.display.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::postgres_url_from_sqlalchemy;
+
+    #[test]
+    fn sqlalchemy_urls_become_postgres_urls() {
+        assert_eq!(
+            postgres_url_from_sqlalchemy("postgresql+psycopg2://u:p@db:5432/airflow").unwrap(),
+            "postgresql://u:p@db:5432/airflow"
+        );
+        assert_eq!(
+            postgres_url_from_sqlalchemy("postgres://db/airflow").unwrap(),
+            "postgresql://db/airflow"
+        );
+        assert!(postgres_url_from_sqlalchemy("mysql+mysqldb://db/airflow")
+            .unwrap_err()
+            .contains("mysql"));
+        assert!(postgres_url_from_sqlalchemy("db/airflow").is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! Who is asking: a task-instance UUID becomes the (dag_id, run_id, task_id, map_index)
+//! scope its state lives under, and an asset name or URI becomes the asset's store key.
+//!
+//! Two resolvers exist. [`metastore::MetastoreResolver`] reads Airflow's own tables, as
+//! Airflow does, and is what a deployment beside Airflow uses. [`ClaimsResolver`] trusts
+//! identity claims carried in the token, for running without Airflow's database.
+
+pub mod metastore;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::auth::Claims;
+use crate::store::{AssetKey, TaskScope};
+
+/// How a request names an asset; Airflow resolves both forms to one asset id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AssetRef {
+    Name(String),
+    Uri(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The metastore cannot be reached now; the request may be retried.
+    #[error("identity source unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait IdentityResolver: Send + Sync + 'static {
+    /// The scope of a live task instance; `None` when the UUID does not resolve (unknown,
+    /// or retired by a retry).
+    async fn task(&self, ti: Uuid, claims: &Claims) -> Result<Option<TaskScope>, IdentityError>;
+    /// The store key of an active asset; `None` when no active asset matches.
+    async fn asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError>;
+    /// Whether the identity source answers; drives `/ready`.
+    async fn ping(&self) -> Result<(), IdentityError>;
+    fn describe(&self) -> String;
+}
+
+/// Takes the task identity from the token's `dag_id`, `run_id`, `task_id` and `map_index`
+/// claims (the last defaults to -1), for use without an Airflow metastore.
+///
+/// Without Airflow's `asset` table there is nothing that relates an asset's name to its
+/// URI, so here each form is its own asset: a value written by name is not readable by URI.
+pub struct ClaimsResolver;
+
+#[async_trait]
+impl IdentityResolver for ClaimsResolver {
+    async fn task(&self, _ti: Uuid, claims: &Claims) -> Result<Option<TaskScope>, IdentityError> {
+        let text = |name: &str| claims.all.get(name).and_then(Value::as_str);
+        let (Some(dag_id), Some(run_id), Some(task_id)) =
+            (text("dag_id"), text("run_id"), text("task_id"))
+        else {
+            return Ok(None);
+        };
+        let map_index = match claims.all.get("map_index") {
+            None | Some(Value::Null) => -1,
+            Some(value) => match value.as_i64() {
+                Some(index) => index,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(TaskScope {
+            dag_id: dag_id.to_owned(),
+            run_id: run_id.to_owned(),
+            task_id: task_id.to_owned(),
+            map_index,
+        }))
+    }
+
+    async fn asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError> {
+        let (form, text) = match asset {
+            AssetRef::Name(name) => ("n", name),
+            AssetRef::Uri(uri) => ("u", uri),
+        };
+        let digest = Sha256::digest(text.as_bytes());
+        Ok(Some(AssetKey(format!(
+            "{form}{}",
+            hex::encode(&digest[..16])
+        ))))
+    }
+
+    async fn ping(&self) -> Result<(), IdentityError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "token claims (dag_id, run_id, task_id, map_index); no metastore".to_owned()
+    }
+}

@@ -1,0 +1,130 @@
+//! airstate: Apache Airflow's task-state and asset-state API (AIP-103) served from Redis
+//! by stateless replicas.
+//!
+//! A request travels through these modules in order:
+//!
+//! - [`http`]: routes for both API generations, Airflow's middleware (API version,
+//!   correlation id, JWT, token refresh) and the mapping of every error to a response;
+//! - [`auth`]: Airflow's execution JWTs validated locally (secret, private key or JWKS);
+//! - [`identity`]: the task-instance UUID resolved to its (dag_id, run_id, task_id,
+//!   map_index) scope, from Airflow's metastore or from token claims;
+//! - [`store`]: the state itself, in Redis hashes via Lua scripts (or in memory for a
+//!   zero-setup run).
+//!
+//! [`config`] reads the environment; [`serve`] wires it all and runs until SIGTERM.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod identity;
+pub mod store;
+pub mod telemetry;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use config::{Config, IdentityMode};
+use http::AppState;
+use identity::metastore::MetastoreResolver;
+use identity::{ClaimsResolver, IdentityResolver};
+use store::memory::MemoryStore;
+use store::redis::RedisStore;
+use store::StateStore;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Keys(#[from] auth::KeyError),
+    #[error("cannot start the state store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("cannot start the identity resolver: {0}")]
+    Identity(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Builds the shared state: keys, identity resolver and store, each checked once.
+pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
+    let auth = auth::Authenticator::new(&config.auth)?;
+    auth.spawn_refresh(config.auth.jwks_refresh);
+    let identity: Arc<dyn IdentityResolver> = match (config.identity, &config.metastore) {
+        (IdentityMode::Metastore, Some(settings)) => {
+            Arc::new(MetastoreResolver::new(settings).map_err(StartError::Identity)?)
+        }
+        _ => Arc::new(ClaimsResolver),
+    };
+    let store: Arc<dyn StateStore> = match &config.redis {
+        Some(settings) => Arc::new(RedisStore::connect(settings).await?),
+        None => Arc::new(MemoryStore::new()),
+    };
+    tracing::info!(store = %store.describe(), identity = %identity.describe(), keys = %auth.describe(), "airstate configured");
+    if config.redis.is_none() {
+        tracing::warn!("no AIRSTATE_REDIS_URL: serving from the embedded in-memory store; state is lost on restart and not shared between replicas");
+    }
+    Ok(Arc::new(AppState {
+        store,
+        identity,
+        auth,
+        shutting_down: AtomicBool::new(false),
+        ready_timeout: Duration::from_secs(2),
+    }))
+}
+
+/// Serves until SIGTERM or Ctrl-C, then stops accepting, reports not-ready and drains
+/// in-flight requests for at most the configured grace period.
+pub async fn serve(config: Config) -> Result<(), StartError> {
+    let state = build_state(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(address = %local, "listening");
+    let app = http::router(state.clone(), config.max_body_bytes);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = config.shutdown_grace;
+    let shutdown_state = state.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        shutdown_state.shutting_down.store(true, Ordering::Relaxed);
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = drained_tx.send(());
+    });
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    tokio::select! {
+        result = &mut server => result.map_err(|source| StartError::Listen { addr: local, source })?,
+        _ = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("grace period over; exiting with requests still in flight"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

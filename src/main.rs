@@ -1,0 +1,101 @@
+//! The `airstate` command: parses arguments and hands over to the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
+
+#[derive(Parser)]
+#[command(name = "airstate", version, about = "Airflow's task and asset state API, served from Redis", after_help = env_help())]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Execution API's state routes (configured by environment variables).
+    Serve,
+    /// Print an execution token signed with the configured key, as Airflow would mint one.
+    Token {
+        /// Task-instance UUID (the token subject); the all-zero UUID is a watcher.
+        #[arg(long)]
+        sub: uuid::Uuid,
+        /// Identity claims, for AIRSTATE_IDENTITY=claims.
+        #[arg(long)]
+        dag_id: Option<String>,
+        #[arg(long)]
+        run_id: Option<String>,
+        #[arg(long)]
+        task_id: Option<String>,
+        #[arg(long)]
+        map_index: Option<i64>,
+        /// Token lifetime in seconds.
+        #[arg(long, default_value_t = 600)]
+        ttl: u64,
+    },
+}
+
+fn env_help() -> String {
+    let mut help = String::from("Environment variables:\n");
+    for (name, default, meaning) in airstate::config::VARIABLES {
+        help.push_str(&format!("  {name}\n      {meaning} [default: {default}]\n"));
+    }
+    help
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    airstate::telemetry::init();
+    let config = match airstate::config::Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("airstate: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Serve => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(airstate::serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("airstate: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Token {
+            sub,
+            dag_id,
+            run_id,
+            task_id,
+            map_index,
+            ttl,
+        } => {
+            let mut claims = Map::new();
+            claims.insert("sub".into(), sub.to_string().into());
+            for (name, value) in [("dag_id", dag_id), ("run_id", run_id), ("task_id", task_id)] {
+                if let Some(value) = value {
+                    claims.insert(name.into(), Value::String(value));
+                }
+            }
+            if let Some(index) = map_index {
+                claims.insert("map_index".into(), index.into());
+            }
+            let minted = airstate::auth::Authenticator::new(&config.auth)
+                .and_then(|auth| auth.mint(claims, Duration::from_secs(ttl)));
+            match minted {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("airstate: {error}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Where state lives: the [`StateStore`] trait and its two backends.
+//!
+//! Redis ([`redis::RedisStore`]) is the product; [`memory::MemoryStore`] exists so that
+//! `airstate serve` works with nothing else installed. Both are driven by the same
+//! behaviour tests, so the trait is the contract, not either implementation.
+//!
+//! Values cross this boundary as the JSON text the client sent: the store never parses
+//! or re-serialises them, which is what keeps big integers and `1.0` intact.
+
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch; the unit of every stored timestamp.
+pub type EpochMillis = i64;
+
+/// The scope Airflow keys task state by. A retry gets a new task-instance UUID but the
+/// same scope, which is how a later try sees the state of earlier ones.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskScope {
+    pub dag_id: String,
+    pub run_id: String,
+    pub task_id: String,
+    pub map_index: i64,
+}
+
+/// An asset's identity in the store. With the metastore resolver it is Airflow's integer
+/// asset id (so a value written by name is read by URI); see `identity` for the claims form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AssetKey(pub String);
+
+/// A stored value with its bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredValue {
+    /// The JSON text exactly as it was received.
+    pub json: String,
+    pub updated_at: EpochMillis,
+    pub expires_at: Option<EpochMillis>,
+}
+
+impl StoredValue {
+    pub fn is_expired(&self, now: EpochMillis) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// Who wrote an asset value, as Airflow records it in `asset_state_store.last_updated_by_*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Writer {
+    Task {
+        dag_id: String,
+        run_id: String,
+        task_id: String,
+        map_index: i64,
+    },
+    /// Event-trigger watchers and `airflow dags test`, whose token subject is the all-zero UUID.
+    Watcher,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or refused to serve (down, loading, read-only replica,
+    /// out of memory, timed out). Callers may retry: the request did not take effect, or
+    /// took effect idempotently.
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug, or data this version cannot read.
+    #[error("state store error: {0}")]
+    Internal(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The operations Airflow's `BaseStoreBackend` offers, over our scopes.
+///
+/// Every method is idempotent, so a replayed request after a lost reply is harmless.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// A value that is present and not expired; an expired one is never returned.
+    async fn get_task(&self, scope: &TaskScope, key: &str) -> StoreResult<Option<StoredValue>>;
+    /// Upsert. `expires_at: None` makes the key permanent, removing an earlier expiry.
+    async fn put_task(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        expires_at: Option<EpochMillis>,
+    ) -> StoreResult<()>;
+    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()>;
+    /// Clear the scope's map index, or with `all_map_indices` every map index of the same
+    /// (dag_id, run_id, task_id), atomically.
+    async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()>;
+
+    async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>>;
+    async fn put_asset(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        json: &str,
+        writer: &Writer,
+    ) -> StoreResult<()>;
+    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()>;
+    async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()>;
+    /// The writer recorded with an asset key, if the key exists.
+    async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>>;
+
+    /// Whether the backend answers; drives `/ready`.
+    async fn ping(&self) -> StoreResult<()>;
+    /// A short human-readable description for the start-up log line.
+    fn describe(&self) -> String;
+}
+
+pub fn now_millis() -> EpochMillis {
+    chrono::Utc::now().timestamp_millis()
+}
