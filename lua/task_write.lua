@@ -7,6 +7,9 @@
 --                          dag_id / run_id / task_id (for listing and clear-all)
 -- ARGV: op ("set" | "del" | "purge"), key, encoded value, expires_ms or "",
 --       now_ms, map_index, dag_id, run_id, task_id
+-- Returns {fields left, earliest pending expiry}; the expiry is 0 unless the scope mixes
+-- expiring and permanent keys, the one case key-level expiry cannot cover: the caller
+-- then lists the scope in the sweep index so its expired keys are reclaimed untouched.
 --
 -- Redis 7.0 has no per-field TTL (HEXPIRE is 7.4+), so expired fields are reclaimed
 -- here, bounded per call, and the whole hash gets a key-level expiry once every field
@@ -46,10 +49,11 @@ if fields == 0 then
   if redis.call('HLEN', registry) <= 3 then
     redis.call('UNLINK', registry)
   end
-  return 0
+  return {0, 0}
 end
 
-if redis.call('ZCARD', expiry) == fields then
+local expiring = redis.call('ZCARD', expiry)
+if expiring == fields then
   local last = redis.call('ZRANGE', expiry, -1, -1, 'WITHSCORES')[2]
   redis.call('PEXPIREAT', scope, last)
   redis.call('PEXPIREAT', expiry, last)
@@ -65,4 +69,7 @@ else
   redis.call('PERSIST', expiry)
   redis.call('PERSIST', registry)
 end
-return fields
+if expiring > 0 and expiring < fields then
+  return {fields, tonumber(redis.call('ZRANGE', expiry, 0, 0, 'WITHSCORES')[2])}
+end
+return {fields, 0}

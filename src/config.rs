@@ -197,6 +197,9 @@ impl Config {
                     command_timeout: Duration::from_millis(
                         env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
                     ),
+                    sweep_interval: Duration::from_secs(
+                        env.parse("AIRSTATE_SWEEP_INTERVAL_SECONDS", 60u64)?.max(1),
+                    ),
                 })
             }
         };

@@ -222,7 +222,7 @@ fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
             _ => None,
         },
         AlgorithmParameters::OctetKeyPair(_) => Some(Algorithm::EdDSA),
-        AlgorithmParameters::OctetKey(_) => None,
+        _ => None,
     }
 }
 
@@ -259,10 +259,15 @@ fn load_private_key(
     })?;
     let decoding = DecodingKey::from_jwk(&public)
         .map_err(|e| KeyError::new(PRIVATE_KEY_VAR, format!("cannot use the public key: {e}")))?;
-    let kid = settings
-        .kid
-        .clone()
-        .unwrap_or_else(|| public.thumbprint(ThumbprintHash::SHA256));
+    let kid = match &settings.kid {
+        Some(kid) => kid.clone(),
+        None => public.thumbprint(ThumbprintHash::SHA256).map_err(|e| {
+            KeyError::new(
+                PRIVATE_KEY_VAR,
+                format!("cannot compute the key thumbprint: {e}"),
+            )
+        })?,
+    };
     let description = format!("private key {} ({algorithm:?}, kid {kid})", path.display());
     let keys = HashMap::from([(kid.clone(), (decoding, algorithm))]);
     Ok((

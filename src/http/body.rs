@@ -158,7 +158,11 @@ fn to_value(raw: &RawValue) -> Value {
     serde_json::from_str(raw.get()).unwrap_or(Value::Null)
 }
 
+/// Where decoding failed, as Python's `json` reports it (FastAPI puts it in `loc`).
 fn byte_offset(text: &str, error: &serde_json::Error) -> usize {
+    if error.is_eof() {
+        return text.len();
+    }
     let line_start: usize = text
         .split_inclusive('\n')
         .take(error.line().saturating_sub(1))

@@ -16,11 +16,13 @@
 //! The read path is a single pipelined `HGET`; the expiry check happens here, on the
 //! decoded value, so an expired key is never served even before Redis reclaims it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use fred::types::sorted_sets::Ordering;
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -35,6 +37,8 @@ pub struct RedisSettings {
     pub key_prefix: String,
     pub pool_size: usize,
     pub command_timeout: Duration,
+    /// How often the sweep index is walked (see [`RedisStore::sweep_once`]).
+    pub sweep_interval: Duration,
 }
 
 /// Lua scripts, kept as files under `lua/` and compiled in, loaded by name.
@@ -61,12 +65,28 @@ impl Scripts {
 pub struct RedisStore {
     pool: Pool,
     prefix: String,
-    scripts: std::sync::Arc<Scripts>,
+    scripts: Arc<Scripts>,
     url_for_display: String,
+    sweeper: Option<tokio::task::JoinHandle<()>>,
 }
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper.abort();
+        }
+    }
+}
+
+/// The sweep index is split in shards with their own hash tags, so that on a Cluster it
+/// spreads over several nodes instead of making one slot hot.
+const SWEEP_SHARDS: u8 = 16;
+/// Scopes purged per shard and pass; bounds the work of one pass.
+const SWEEP_BATCH: i64 = 200;
 
 /// Key names of one task scope.
 struct TaskKeys {
+    digest: String,
     /// `<prefix>{t:<digest>}:`; the scope hash of map index `i` is `base + i`.
     base: String,
     scope: String,
@@ -99,16 +119,99 @@ impl RedisStore {
             .build_pool(settings.pool_size.max(1))
             .map_err(classify)?;
         pool.init().await.map_err(classify)?;
-        let store = Self {
+        let mut store = Self {
             pool,
             prefix: settings.key_prefix.clone(),
-            scripts: std::sync::Arc::new(Scripts::new()),
+            scripts: Arc::new(Scripts::new()),
             url_for_display: redact_url(&settings.url),
+            sweeper: None,
         };
         for script in store.scripts.all() {
             script.load(store.pool.next()).await.map_err(classify)?;
         }
+        store.sweeper = Some(store.spawn_sweeper(settings.sweep_interval));
         Ok(store)
+    }
+
+    /// A handle sharing this store's pool and scripts, for background work.
+    fn share(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            prefix: self.prefix.clone(),
+            scripts: self.scripts.clone(),
+            url_for_display: self.url_for_display.clone(),
+            sweeper: None,
+        }
+    }
+
+    fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.share();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(error) = store.sweep_once().await {
+                    tracing::debug!(%error, "expiry sweep failed; retrying next pass");
+                }
+            }
+        })
+    }
+
+    fn sweep_shard(&self, digest: &str) -> String {
+        let shard = u8::from_str_radix(&digest[..2], 16).unwrap_or(0) % SWEEP_SHARDS;
+        format!("{}{{sweep:{shard}}}", self.prefix)
+    }
+
+    /// Reclaims expired keys of scopes that mix expiring and permanent keys (the scopes
+    /// key-level expiry cannot free), walking the sweep index rather than the keyspace.
+    /// Every replica may run it; the purge is idempotent. Returns the scopes purged.
+    pub async fn sweep_once(&self) -> StoreResult<usize> {
+        let now = now_millis();
+        let mut purged = 0;
+        for shard in 0..SWEEP_SHARDS {
+            let index = format!("{}{{sweep:{shard}}}", self.prefix);
+            let due: Vec<String> = self
+                .pool
+                .zrangebyscore(&index, "-inf", now, false, Some((0, SWEEP_BATCH)))
+                .await
+                .map_err(classify)?;
+            for scope_key in due {
+                let Some((base, map_index)) = scope_key.rsplit_once(':') else {
+                    continue;
+                };
+                let keys = vec![
+                    scope_key.clone(),
+                    format!("{scope_key}:x"),
+                    format!("{base}:r"),
+                ];
+                let next = self
+                    .run_task_write(keys, PURGE, map_index, ["", "", ""])
+                    .await?;
+                if next > 0 {
+                    let _: i64 = self
+                        .pool
+                        .zadd(
+                            &index,
+                            None,
+                            None,
+                            false,
+                            false,
+                            (next as f64, scope_key.as_str()),
+                        )
+                        .await
+                        .map_err(classify)?;
+                } else {
+                    let _: i64 = self
+                        .pool
+                        .zrem(&index, scope_key.as_str())
+                        .await
+                        .map_err(classify)?;
+                }
+                purged += 1;
+            }
+        }
+        Ok(purged)
     }
 
     fn task_keys(&self, scope: &TaskScope) -> TaskKeys {
@@ -125,6 +228,7 @@ impl RedisStore {
             registry: format!("{base}r"),
             scope: scope_key,
             base,
+            digest,
         }
     }
 
@@ -142,29 +246,91 @@ impl RedisStore {
         expires_at: Option<EpochMillis>,
     ) -> StoreResult<()> {
         let keys = self.task_keys(scope);
-        let args: Vec<Value> = vec![
-            op.into(),
-            key.into(),
-            encoded.into(),
-            expires_at.map(|e| e.to_string()).unwrap_or_default().into(),
-            now_millis().into(),
-            scope.map_index.into(),
-            scope.dag_id.as_str().into(),
-            scope.run_id.as_str().into(),
-            scope.task_id.as_str().into(),
+        let sweep = self.sweep_shard(&keys.digest);
+        let scope_key = keys.scope.clone();
+        let keys = vec![keys.scope, keys.expiry, keys.registry];
+        let write = Write {
+            op,
+            key,
+            encoded,
+            expires_at,
+        };
+        let identity = [
+            scope.dag_id.as_str(),
+            scope.run_id.as_str(),
+            scope.task_id.as_str(),
         ];
-        self.scripts
-            .task_write
-            .evalsha_with_reload::<i64, _, _>(
-                self.pool.next(),
-                vec![keys.scope, keys.expiry, keys.registry],
-                args,
-            )
-            .await
-            .map_err(classify)?;
+        let next = self
+            .run_task_write(keys, write, &scope.map_index.to_string(), identity)
+            .await?;
+        if next > 0 {
+            // Keep the earliest due time (LT): the sweeper corrects a stale one.
+            let _: i64 = self
+                .pool
+                .zadd(
+                    &sweep,
+                    None,
+                    Some(Ordering::LessThan),
+                    false,
+                    false,
+                    (next as f64, scope_key.as_str()),
+                )
+                .await
+                .map_err(classify)?;
+        }
         Ok(())
     }
+
+    /// Runs `task_write.lua`; `identity` (dag_id, run_id, task_id) is recorded when a
+    /// write creates the task's registry. Returns the scope's earliest pending expiry when
+    /// it needs the sweep index, else 0.
+    async fn run_task_write(
+        &self,
+        keys: Vec<String>,
+        write: Write<'_>,
+        map_index: &str,
+        identity: [&str; 3],
+    ) -> StoreResult<i64> {
+        let args: Vec<Value> = vec![
+            write.op.into(),
+            write.key.into(),
+            write.encoded.into(),
+            write
+                .expires_at
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+                .into(),
+            now_millis().into(),
+            map_index.into(),
+            identity[0].into(),
+            identity[1].into(),
+            identity[2].into(),
+        ];
+        let reply: Vec<i64> = self
+            .scripts
+            .task_write
+            .evalsha_with_reload(self.pool.next(), keys, args)
+            .await
+            .map_err(classify)?;
+        Ok(reply.get(1).copied().unwrap_or(0))
+    }
 }
+
+/// One step of `task_write.lua`.
+struct Write<'a> {
+    op: &'a str,
+    key: &'a str,
+    encoded: &'a str,
+    expires_at: Option<EpochMillis>,
+}
+
+/// A purge: no key is written, only expired ones are reclaimed.
+const PURGE: Write<'static> = Write {
+    op: "purge",
+    key: "",
+    encoded: "",
+    expires_at: None,
+};
 
 /// `"<updated_ms>:<expires_ms or empty>:<json>"`: bookkeeping in front of the JSON text,
 /// so one `HGET` returns everything a read needs.
@@ -248,25 +414,12 @@ impl StateStore for RedisStore {
         };
         if value.is_expired(now_millis()) {
             // Reclaim now rather than wait for the next write; the reply does not wait.
-            let store = (self.pool.clone(), self.scripts.clone());
-            let (scope, key) = (scope.clone(), key.to_owned());
-            let (keys_vec, now) = (vec![keys.scope, keys.expiry, keys.registry], now_millis());
+            let store = self.share();
+            let keys = vec![keys.scope, keys.expiry, keys.registry];
+            let map_index = scope.map_index.to_string();
             tokio::spawn(async move {
-                let args: Vec<Value> = vec![
-                    "purge".into(),
-                    key.into(),
-                    "".into(),
-                    "".into(),
-                    now.into(),
-                    scope.map_index.into(),
-                    "".into(),
-                    "".into(),
-                    "".into(),
-                ];
-                let (pool, scripts) = store;
-                if let Err(error) = scripts
-                    .task_write
-                    .evalsha_with_reload::<i64, _, _>(pool.next(), keys_vec, args)
+                if let Err(error) = store
+                    .run_task_write(keys, PURGE, &map_index, ["", "", ""])
                     .await
                 {
                     tracing::debug!(%error, "lazy purge of expired task state failed");

@@ -1,0 +1,401 @@
+//! Real servers for integration tests: `redis-server` and PostgreSQL processes started on
+//! free loopback ports, never the services that may already run on the default ports.
+//!
+//! Servers shared by a whole test binary live in `static`s, which Rust never drops, so
+//! each one is started under a small shell watchdog that stops it (and removes its data
+//! directory) once the test process is gone.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("free port")
+}
+
+/// Runs `command` in the background until this test process exits, then stops it and
+/// removes `cleanup`. PID 1 here does not reap orphans, so a dead parent can linger as a
+/// zombie: the watchdog checks the process state, not just that the pid exists.
+fn spawn_watched(command: &str, cleanup: &Path, log: &Path) {
+    let parent = std::process::id();
+    let script = format!(
+        r#"{command} & pid=$!
+while [ -r /proc/{parent}/stat ] && [ "$(cut -d' ' -f3 /proc/{parent}/stat)" != Z ]; do sleep 0.2; done
+kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf '{dir}'"#,
+        dir = cleanup.display()
+    );
+    let log = std::fs::File::create(log).expect("server log");
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn watched server");
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what} did not become ready in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `PING` over raw RESP; true on `+PONG`.
+pub fn redis_pings(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// A `redis-server` of the test's own.
+pub struct RedisServer {
+    pub port: u16,
+    pub url: String,
+    dir: PathBuf,
+    args: Vec<String>,
+    /// `None` for the shared server (its watchdog owns it) or while stopped.
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn base_args(port: u16, dir: &Path) -> Vec<String> {
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// One server per test binary, for tests that isolate themselves by key prefix.
+    pub fn shared() -> &'static RedisServer {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let port = free_port();
+            let dir = tempfile::Builder::new()
+                .prefix("airstate-redis-")
+                .tempdir()
+                .unwrap()
+                .keep();
+            let args = Self::base_args(port, &dir);
+            let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+            spawn_watched(
+                &format!("redis-server {}", quoted.join(" ")),
+                &dir,
+                &dir.join("watchdog.log"),
+            );
+            wait_until("shared redis-server", Duration::from_secs(20), || {
+                redis_pings(port)
+            });
+            RedisServer {
+                port,
+                url: format!("redis://127.0.0.1:{port}"),
+                dir,
+                args,
+                child: None,
+            }
+        })
+    }
+
+    /// A server owned by one test (stopped on drop), for tests that stop or restart it.
+    pub fn start() -> RedisServer {
+        Self::start_with_args(&[])
+    }
+
+    pub fn start_with_args(extra: &[&str]) -> RedisServer {
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("airstate-redis-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let mut args = Self::base_args(port, &dir);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut server = RedisServer {
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            dir,
+            args,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("redis-server", Duration::from_secs(20), || {
+            redis_pings(port)
+        });
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// PostgreSQL holding Airflow's metastore tables, one per test binary.
+pub struct Postgres {
+    pub port: u16,
+    /// Airflow's SQLAlchemy form, as `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` carries it.
+    pub url: String,
+    /// The same database as a plain `postgresql://` URL.
+    pub plain_url: String,
+}
+
+fn postgres_bin(name: &str) -> PathBuf {
+    if let Ok(output) = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+    {
+        let found = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if output.status.success() && !found.is_empty() {
+            return PathBuf::from(found);
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries (apt-get install postgresql)")
+        .filter_map(|entry| entry.ok().map(|e| e.path().join("bin").join(name)))
+        .filter(|path| path.exists())
+        .collect();
+    versions.sort_by_key(|path| {
+        path.components()
+            .nth(4)
+            .and_then(|v| v.as_os_str().to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop().unwrap_or_else(|| panic!("{name} not found"))
+}
+
+/// initdb and postgres refuse to run as root: when we are root, run them as `postgres`.
+fn as_server_user(command: &str) -> String {
+    if unsafe { libc::geteuid() } == 0 {
+        format!("setpriv --reuid=postgres --regid=postgres --init-groups {command}")
+    } else {
+        command.to_owned()
+    }
+}
+
+fn psql(port: u16, database: &str, args: &[&str]) -> std::process::Output {
+    Command::new(postgres_bin("psql"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+        ])
+        .args(["-v", "ON_ERROR_STOP=1", "-q"])
+        .args(args)
+        .output()
+        .expect("psql")
+}
+
+impl Postgres {
+    pub fn shared() -> &'static Postgres {
+        static SHARED: OnceLock<Postgres> = OnceLock::new();
+        SHARED.get_or_init(Self::boot)
+    }
+
+    fn boot() -> Postgres {
+        let dir = tempfile::Builder::new()
+            .prefix("airstate-pg-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let data = dir.join("data");
+        if unsafe { libc::geteuid() } == 0 {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status();
+            assert!(status.is_ok_and(|s| s.success()), "chown to postgres");
+        }
+        let initdb = format!(
+            "{} -D '{}' -A trust -U postgres --no-sync -E UTF8",
+            postgres_bin("initdb").display(),
+            data.display()
+        );
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(as_server_user(&initdb))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+
+        let port = free_port();
+        let server = format!(
+            "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off",
+            postgres_bin("postgres").display(),
+            data.display(),
+            dir.display()
+        );
+        spawn_watched(&as_server_user(&server), &dir, &dir.join("postgres.log"));
+        wait_until("postgres", Duration::from_secs(30), || {
+            psql(port, "postgres", &["-c", "SELECT 1"]).status.success()
+        });
+        let created = psql(port, "postgres", &["-c", "CREATE DATABASE airflow"]);
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let schema = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/airflow/metastore-schema.sql"
+        );
+        let loaded = psql(port, "airflow", &["-f", schema]);
+        assert!(
+            loaded.status.success(),
+            "loading {schema}: {}",
+            String::from_utf8_lossy(&loaded.stderr)
+        );
+        Postgres {
+            port,
+            url: format!("postgresql+psycopg2://postgres@127.0.0.1:{port}/airflow"),
+            plain_url: format!("postgresql://postgres@127.0.0.1:{port}/airflow"),
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.plain_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to test postgres");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A `task_instance` row as Airflow writes one (only the NOT NULL columns matter here).
+    pub async fn insert_task_instance(
+        &self,
+        id: Uuid,
+        dag_id: &str,
+        run_id: &str,
+        task_id: &str,
+        map_index: i32,
+    ) {
+        let client = self.client().await;
+        client
+            .execute(
+                "INSERT INTO dag_run (dag_id, run_id, run_type, run_after, state) \
+                 VALUES ($1, $2, 'manual', now(), 'running') ON CONFLICT (dag_id, run_id) DO NOTHING",
+                &[&dag_id, &run_id],
+            )
+            .await
+            .expect("insert dag_run");
+        client
+            .execute(
+                "INSERT INTO task_instance (id, task_id, dag_id, run_id, map_index, try_number, \
+                 pool, pool_slots, state) VALUES ($1, $2, $3, $4, $5, 1, 'default_pool', 1, 'running')",
+                &[&id, &task_id, &dag_id, &run_id, &map_index],
+            )
+            .await
+            .expect("insert task_instance");
+    }
+
+    pub async fn delete_task_instance(&self, id: Uuid) {
+        self.client()
+            .await
+            .execute("DELETE FROM task_instance WHERE id = $1", &[&id])
+            .await
+            .expect("delete task_instance");
+    }
+
+    /// An `asset` row, plus its `asset_active` row when `active`; returns the asset id.
+    pub async fn insert_asset(&self, name: &str, uri: &str, active: bool) -> i32 {
+        let client = self.client().await;
+        let row = client
+            .query_one(
+                "INSERT INTO asset (name, uri, \"group\", extra, created_at, updated_at) \
+                 VALUES ($1, $2, 'asset', '{}', now(), now()) RETURNING id",
+                &[&name, &uri],
+            )
+            .await
+            .expect("insert asset");
+        if active {
+            client
+                .execute(
+                    "INSERT INTO asset_active (name, uri) VALUES ($1, $2)",
+                    &[&name, &uri],
+                )
+                .await
+                .expect("insert asset_active");
+        }
+        row.get(0)
+    }
+
+    pub async fn deactivate_asset(&self, name: &str, uri: &str) {
+        self.client()
+            .await
+            .execute(
+                "DELETE FROM asset_active WHERE name = $1 AND uri = $2",
+                &[&name, &uri],
+            )
+            .await
+            .expect("delete asset_active");
+    }
+}

@@ -1,0 +1,261 @@
+//! A gateway under test: the real router on a loopback port, over a real Redis (or the
+//! embedded store) and a real PostgreSQL holding Airflow's metastore tables.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airstate::config::Config;
+use airstate::http::AppState;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::common::{Postgres, RedisServer};
+
+pub const SECRET: &str = "test-secret-that-is-long-enough-for-hs512";
+pub const AUDIENCE: &str = "urn:airflow.apache.org:task";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+pub struct Gateway {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub state: Arc<AppState>,
+    pub pg: &'static Postgres,
+    pub prefix: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A task instance row created for one test, with a token for it.
+pub struct Ti {
+    pub id: Uuid,
+    pub dag_id: String,
+    pub run_id: String,
+    pub task_id: String,
+    pub map_index: i32,
+    pub token: String,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.text)
+    }
+}
+
+pub fn unique(label: &str) -> String {
+    format!("{label}-{}", Uuid::new_v4().simple())
+}
+
+impl Gateway {
+    pub async fn start(backend: Backend) -> Gateway {
+        Self::start_with(backend, &[]).await
+    }
+
+    /// Starts a gateway whose configuration is the defaults for `backend` plus `extra`
+    /// environment entries (which win).
+    pub async fn start_with(backend: Backend, extra: &[(&str, &str)]) -> Gateway {
+        let pg = Postgres::shared();
+        let prefix = format!("test-{}:", Uuid::new_v4().simple());
+        let mut env: HashMap<String, String> = HashMap::new();
+        env.insert("AIRFLOW__API_AUTH__JWT_SECRET".into(), SECRET.into());
+        env.insert("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN".into(), pg.url.clone());
+        env.insert("AIRSTATE_LISTEN".into(), "127.0.0.1:0".into());
+        env.insert("AIRSTATE_KEY_PREFIX".into(), prefix.clone());
+        env.insert("AIRSTATE_IDENTITY_CACHE_SECONDS".into(), "1".into());
+        if backend == Backend::Redis {
+            env.insert(
+                "AIRSTATE_REDIS_URL".into(),
+                RedisServer::shared().url.clone(),
+            );
+        }
+        for (name, value) in extra {
+            env.insert((*name).into(), (*value).into());
+        }
+        env.retain(|_, value| !value.is_empty());
+        let config = Config::from_lookup(|name| env.get(name).cloned()).expect("test config");
+        let state = airstate::build_state(&config).await.expect("gateway state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = airstate::http::router(state.clone(), config.max_body_bytes);
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Gateway {
+            base,
+            http: reqwest::Client::new(),
+            state,
+            pg,
+            prefix,
+            server,
+        }
+    }
+
+    /// A fresh task instance (unique dag/run so tests never share state).
+    pub async fn task(&self) -> Ti {
+        self.task_at(&unique("dag"), &unique("run"), "task", -1)
+            .await
+    }
+
+    pub async fn task_at(&self, dag_id: &str, run_id: &str, task_id: &str, map_index: i32) -> Ti {
+        let id = Uuid::now_v7();
+        self.pg
+            .insert_task_instance(id, dag_id, run_id, task_id, map_index)
+            .await;
+        Ti {
+            id,
+            dag_id: dag_id.into(),
+            run_id: run_id.into(),
+            task_id: task_id.into(),
+            map_index,
+            token: token_for(id),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut request = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        reply(request).await
+    }
+
+    pub async fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut request = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        reply(request.body(body.to_owned())).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        self.send("GET", path, Some(token), None).await
+    }
+
+    pub async fn put(&self, path: &str, token: &str, body: Value) -> Reply {
+        self.send("PUT", path, Some(token), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Reply {
+        self.send("DELETE", path, Some(token), None).await
+    }
+
+    /// PUT with the body text exactly as given (for values whose text matters).
+    pub async fn put_text(&self, path: &str, token: &str, body: &str) -> Reply {
+        let bearer = format!("Bearer {token}");
+        self.send_raw(
+            "PUT",
+            path,
+            &[
+                ("authorization", &bearer),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    }
+}
+
+async fn reply(request: reqwest::RequestBuilder) -> Reply {
+    let response = request
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Claims as Airflow mints them for an execution token.
+pub fn claims_for(sub: Uuid) -> Map<String, Value> {
+    let now = now();
+    json!({
+        "sub": sub.to_string(),
+        "aud": AUDIENCE,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "jti": Uuid::new_v4().simple().to_string(),
+        "scope": "execution",
+    })
+    .as_object()
+    .unwrap()
+    .clone()
+}
+
+pub fn sign(claims: &Map<String, Value>) -> String {
+    sign_with(Algorithm::HS512, SECRET.as_bytes(), claims)
+}
+
+pub fn sign_with(algorithm: Algorithm, secret: &[u8], claims: &Map<String, Value>) -> String {
+    jsonwebtoken::encode(
+        &Header::new(algorithm),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+pub fn token_for(sub: Uuid) -> String {
+    sign(&claims_for(sub))
+}
+
+pub fn ti_path(ti: &Ti, key: &str) -> String {
+    format!("/execution/store/ti/{}/{key}", ti.id)
+}
