@@ -90,13 +90,11 @@ pub fn parse_put_body<'a>(
             return Err(vec![not_an_object(input)]);
         }
         Err(error) => {
-            return Err(vec![ValidationIssue {
-                kind: "json_invalid",
-                loc: vec![json!("body"), json!(byte_offset(text, &error))],
-                msg: "JSON decode error".to_owned(),
-                input: json!({}),
-                ctx: Some(json!({"error": error.to_string()})),
-            }])
+            let mut issue =
+                ValidationIssue::new("json_invalid", &["body"], "JSON decode error", json!({}))
+                    .with_ctx(json!({"error": error.to_string()}));
+            issue.loc.push(json!(byte_offset(text, &error)));
+            return Err(vec![issue]);
         }
     };
 

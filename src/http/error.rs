@@ -21,9 +21,10 @@ pub struct ValidationIssue {
     pub kind: &'static str,
     pub loc: Vec<Value>,
     pub msg: String,
-    pub input: Value,
+    // Boxed: a `Value` is large, and issues travel in `Result`s.
+    pub input: Box<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ctx: Option<Value>,
+    pub ctx: Option<Box<Value>>,
 }
 
 impl ValidationIssue {
@@ -32,13 +33,13 @@ impl ValidationIssue {
             kind,
             loc: loc.iter().map(|part| Value::from(*part)).collect(),
             msg: msg.into(),
-            input,
+            input: Box::new(input),
             ctx: None,
         }
     }
 
     pub fn with_ctx(mut self, ctx: Value) -> Self {
-        self.ctx = Some(ctx);
+        self.ctx = Some(Box::new(ctx));
         self
     }
 

@@ -13,6 +13,7 @@ use super::{
 };
 
 type Fields = HashMap<String, StoredValue>;
+type AssetFields = HashMap<String, (StoredValue, Writer)>;
 
 /// (dag_id, run_id, task_id): the unit that clear-all wipes.
 type TaskKey = (String, String, String);
@@ -20,7 +21,7 @@ type TaskKey = (String, String, String);
 #[derive(Default)]
 pub struct MemoryStore {
     tasks: Mutex<HashMap<TaskKey, HashMap<i64, Fields>>>,
-    assets: Mutex<HashMap<AssetKey, HashMap<String, (StoredValue, Writer)>>>,
+    assets: Mutex<HashMap<AssetKey, AssetFields>>,
 }
 
 impl MemoryStore {

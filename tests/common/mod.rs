@@ -36,6 +36,8 @@ kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf '{dir}'"#,
         dir = cleanup.display()
     );
     let log = std::fs::File::create(log).expect("server log");
+    // Never waited for on purpose: the watchdog outlives this process by design.
+    #[allow(clippy::zombie_processes)]
     Command::new("sh")
         .arg("-c")
         .arg(script)
