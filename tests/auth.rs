@@ -499,3 +499,44 @@ async fn private_key_mode_trusts_its_public_key_under_the_thumbprint() {
     assert_eq!(header.kid.as_deref(), Some(thumbprint.as_str()));
     assert_eq!(gw.get(&path, refreshed).await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_is_reread_and_a_broken_refresh_keeps_the_old_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = test_pairs(dir.path());
+    let (old, new) = (&pairs[0], &pairs[2]);
+    let jwks_path = dir.path().join("jwks.json");
+    let write = |keys: &[&KeyPair]| {
+        let set = JwkSet {
+            keys: keys.iter().map(|p| p.public.clone()).collect(),
+        };
+        std::fs::write(&jwks_path, serde_json::to_vec(&set).unwrap()).unwrap();
+    };
+    write(&[old]);
+    let gw = Gateway::start_with(
+        Backend::Memory,
+        &[
+            (
+                "AIRFLOW__API_AUTH__TRUSTED_JWKS_URL",
+                jwks_path.to_str().unwrap(),
+            ),
+            ("AIRSTATE_JWKS_REFRESH_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "k");
+    let claims = claims_for(ti.id);
+    let with_new = sign_pair(new, Some(&new.kid), &claims);
+    let with_old = sign_pair(old, Some(&old.kid), &claims);
+    assert_eq!(gw.get(&path, &with_new).await.status, 403);
+    // Airflow rotates its signing key: the gateway picks the new one up.
+    write(&[old, new]);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(gw.get(&path, &with_new).await.status, 404);
+    // A JWKS outage must not lock every worker out.
+    std::fs::write(&jwks_path, b"not json").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(gw.get(&path, &with_old).await.status, 404);
+    assert_eq!(gw.get(&path, &with_new).await.status, 404);
+}
