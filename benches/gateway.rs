@@ -1,0 +1,436 @@
+//! Load and latency harness: the release gateway against raw Redis, in one run, on one
+//! machine, so that the ratios mean something even on a noisy box.
+//!
+//! `cargo bench --bench gateway -- [--concurrency 50] [--seconds 10] [--rounds 3]`
+//!
+//! Needs `redis-server`, `redis-benchmark`, `redis-cli` and `wrk` on the PATH. Starts its
+//! own `redis-server` and gateway on free loopback ports; prints one table.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airstate::store::redis::{RedisSettings, RedisStore};
+use airstate::store::{StateStore, TaskScope};
+use common::{free_port, RedisServer};
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::json;
+use uuid::Uuid;
+
+const SECRET: &str = "bench-secret";
+/// A 64-byte JSON string: a job id or a watermark, the typical task state.
+const VALUE: &str = r#""0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd""#;
+
+struct Options {
+    concurrency: usize,
+    seconds: u64,
+    rounds: usize,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    Options {
+        concurrency: value("--concurrency", 50) as usize,
+        seconds: value("--seconds", 10),
+        rounds: value("--rounds", 3) as usize,
+    }
+}
+
+/// Requests per second and latency percentiles, in milliseconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+fn median_run(runs: &[Run]) -> Run {
+    Run {
+        rps: median(runs.iter().map(|r| r.rps).collect()),
+        p50: median(runs.iter().map(|r| r.p50).collect()),
+        p99: median(runs.iter().map(|r| r.p99).collect()),
+    }
+}
+
+fn redis_benchmark(port: u16, concurrency: usize, requests: usize, command: &[&str]) -> Run {
+    let output = Command::new("redis-benchmark")
+        .args(["-p", &port.to_string(), "-c", &concurrency.to_string()])
+        .args(["-n", &requests.to_string(), "--csv"])
+        .args(command)
+        .output()
+        .expect("redis-benchmark on PATH");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let row = text.lines().last().expect("redis-benchmark output");
+    let fields: Vec<f64> = row
+        .split(',')
+        .skip(1)
+        .map(|f| f.trim_matches('"').parse().unwrap_or(f64::NAN))
+        .collect();
+    Run {
+        rps: fields[0],
+        p50: fields[3],
+        p99: fields[5],
+    }
+}
+
+fn wrk_script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    path
+}
+
+/// Parses wrk's `--latency` report.
+fn wrk(url: &str, concurrency: usize, seconds: u64, script: &std::path::Path) -> Run {
+    let output = Command::new("wrk")
+        .args([
+            "-t",
+            "2",
+            "-c",
+            &concurrency.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+        ])
+        .args(["--latency", "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .expect("wrk on PATH (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let millis = |token: &str| -> f64 {
+        let (number, unit) = token.split_at(
+            token
+                .find(|c: char| c.is_alphabetic())
+                .unwrap_or(token.len()),
+        );
+        let n: f64 = number.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => f64::NAN,
+        }
+    };
+    let mut run = Run::default();
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            run.rps = rest.trim().parse().unwrap_or(f64::NAN);
+        } else if let Some(rest) = line.strip_prefix("50%") {
+            run.p50 = millis(rest.trim());
+        } else if let Some(rest) = line.strip_prefix("99%") {
+            run.p99 = millis(rest.trim());
+        }
+    }
+    if text.contains("Non-2xx") {
+        panic!("wrk saw error responses:\n{text}");
+    }
+    run
+}
+
+struct Gateway {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_gateway(redis: &RedisServer, prefix: &str) -> Gateway {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_airstate"))
+        .arg("serve")
+        .env("AIRFLOW__API_AUTH__JWT_SECRET", SECRET)
+        .env("AIRSTATE_IDENTITY", "claims")
+        .env("AIRSTATE_REDIS_URL", &redis.url)
+        .env("AIRSTATE_KEY_PREFIX", prefix)
+        .env("AIRSTATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("gateway binary");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Gateway {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn token(ti: Uuid, scope: &TaskScope) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({
+        "sub": ti.to_string(), "aud": "urn:airflow.apache.org:task", "scope": "execution",
+        "iat": now, "nbf": now, "exp": now + 3600, "jti": Uuid::new_v4().simple().to_string(),
+        "dag_id": scope.dag_id, "run_id": scope.run_id, "task_id": scope.task_id,
+        "map_index": scope.map_index,
+    });
+    jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::HS512),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn scope(dag: &str, map_index: i64) -> TaskScope {
+    TaskScope {
+        dag_id: dag.into(),
+        run_id: "manual__bench".into(),
+        task_id: "work".into(),
+        map_index,
+    }
+}
+
+fn get_script(token: &str) -> String {
+    format!("wrk.method = \"GET\"\nwrk.headers[\"Authorization\"] = \"Bearer {token}\"\n")
+}
+
+fn put_script(token: &str) -> String {
+    format!(
+        "wrk.method = \"PUT\"\nwrk.headers[\"Authorization\"] = \"Bearer {token}\"\n\
+         wrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{{\"value\": {VALUE}}}'\n"
+    )
+}
+
+/// Adds a per-connection pause so the offered load is about `rate` requests/s in all.
+fn paced(script: String, concurrency: usize, rate: f64) -> String {
+    let delay_ms = (concurrency as f64 * 1000.0 / rate).max(0.0);
+    format!("{script}function delay() return {delay_ms:.3} end\n")
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let opts = options();
+    let c = opts.concurrency;
+    let redis = RedisServer::start();
+    let prefix = "bench:";
+    let gateway = start_gateway(&redis, prefix);
+    let store = RedisStore::connect(&RedisSettings {
+        url: redis.url.clone(),
+        key_prefix: prefix.into(),
+        pool_size: 2,
+        command_timeout: Duration::from_secs(5),
+        sweep_interval: Duration::from_secs(3600),
+    })
+    .await
+    .expect("fixture connection");
+    let dir = tempfile::tempdir().unwrap();
+
+    // Fixtures: one key in a task scope, and the same shape in raw Redis.
+    let ti = Uuid::new_v4();
+    let main_scope = scope("bench_dag", -1);
+    let bearer = token(ti, &main_scope);
+    store.put_task(&main_scope, "k", VALUE, None).await.unwrap();
+    let url = format!("{}/execution/store/ti/{ti}/k", gateway.base);
+    let _ = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "HSET", "raw:h", "f", VALUE])
+        .output();
+    let get = wrk_script(dir.path(), "get.lua", &get_script(&bearer));
+    let put = wrk_script(dir.path(), "put.lua", &put_script(&bearer));
+    // Sanity: the fixture answers 200 through the gateway.
+    let check = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(check.status(), 200, "fixture GET failed");
+
+    let requests = 200_000;
+    let (mut hget, mut hset, mut gw_get, mut gw_put) = (vec![], vec![], vec![], vec![]);
+    let mut rss_peak = 0;
+    for round in 0..opts.rounds {
+        eprintln!("round {}/{}", round + 1, opts.rounds);
+        hget.push(redis_benchmark(
+            redis.port,
+            c,
+            requests,
+            &["hget", "raw:h", "f"],
+        ));
+        gw_get.push(wrk(&url, c, opts.seconds, &get));
+        hset.push(redis_benchmark(
+            redis.port,
+            c,
+            requests,
+            &["hset", "raw:h", "f", VALUE],
+        ));
+        gw_put.push(wrk(&url, c, opts.seconds, &put));
+        rss_peak = rss_peak.max(rss_kib(gateway.child.id(), "VmHWM:"));
+    }
+    let (hget, hset, gw_get, gw_put) = (
+        median_run(&hget),
+        median_run(&hset),
+        median_run(&gw_get),
+        median_run(&gw_put),
+    );
+    let rss_now = rss_kib(gateway.child.id(), "VmRSS:");
+
+    // Latency at half of the measured saturation throughput.
+    let half_get = wrk(
+        &url,
+        c,
+        opts.seconds,
+        &wrk_script(
+            dir.path(),
+            "half_get.lua",
+            &paced(get_script(&bearer), c, gw_get.rps / 2.0),
+        ),
+    );
+    let half_put = wrk(
+        &url,
+        c,
+        opts.seconds,
+        &wrk_script(
+            dir.path(),
+            "half_put.lua",
+            &paced(put_script(&bearer), c, gw_put.rps / 2.0),
+        ),
+    );
+
+    // GET cost against the number of keys in the task's hash.
+    let mut by_size = Vec::new();
+    for keys in [1usize, 100, 10_000] {
+        let sized = scope(&format!("size_{keys}"), -1);
+        for i in 0..keys {
+            store
+                .put_task(&sized, &format!("key-{i}"), VALUE, None)
+                .await
+                .unwrap();
+        }
+        let sized_ti = Uuid::new_v4();
+        let script = wrk_script(
+            dir.path(),
+            &format!("size_{keys}.lua"),
+            &get_script(&token(sized_ti, &sized)),
+        );
+        let sized_url = format!("{}/execution/store/ti/{sized_ti}/key-0", gateway.base);
+        let runs: Vec<Run> = (0..opts.rounds)
+            .map(|_| wrk(&sized_url, c, opts.seconds.min(5), &script))
+            .collect();
+        by_size.push((keys, median_run(&runs)));
+    }
+
+    // Clear-all across map indices: one HTTP call, one Lua script.
+    let http = reqwest::Client::new();
+    let mut clears = Vec::new();
+    for indices in [10i64, 1_000, 10_000] {
+        let mut took = Vec::new();
+        for round in 0..opts.rounds {
+            let dag = format!("mapped_{indices}_{round}");
+            for index in 0..indices {
+                store
+                    .put_task(&scope(&dag, index), "k", VALUE, None)
+                    .await
+                    .unwrap();
+            }
+            let caller = Uuid::new_v4();
+            let url = format!(
+                "{}/execution/state/ti/{caller}?all_map_indices=true",
+                gateway.base
+            );
+            let started = Instant::now();
+            let reply = http
+                .delete(&url)
+                .bearer_auth(token(caller, &scope(&dag, 0)))
+                .send()
+                .await
+                .unwrap();
+            took.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(reply.status(), 204);
+            let left = store
+                .get_task(&scope(&dag, indices - 1), "k")
+                .await
+                .unwrap();
+            assert!(left.is_none(), "clear-all left state behind");
+        }
+        clears.push((indices, median(took)));
+    }
+
+    println!(
+        "\nairstate benchmark: concurrency {c}, {} s per wrk run, median of {} rounds",
+        opts.seconds, opts.rounds
+    );
+    println!("\n| measure | requests/s | p50 ms | p99 ms | ratio |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let row = |name: &str, run: Run, ratio: Option<f64>| {
+        let ratio = ratio.map(|r| format!("{r:.2}")).unwrap_or_default();
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {ratio} |",
+            run.rps, run.p50, run.p99
+        );
+    };
+    row("redis-benchmark HGET", hget, None);
+    row(
+        "gateway GET (task state)",
+        gw_get,
+        Some(gw_get.rps / hget.rps),
+    );
+    row("redis-benchmark HSET", hset, None);
+    row(
+        "gateway PUT (task state)",
+        gw_put,
+        Some(gw_put.rps / hset.rps),
+    );
+    row("gateway GET at half saturation", half_get, None);
+    row("gateway PUT at half saturation", half_put, None);
+    for (keys, run) in &by_size {
+        row(
+            &format!("gateway GET, {keys} keys in the hash"),
+            *run,
+            Some(run.rps / by_size[0].1.rps),
+        );
+    }
+    println!("\n| clear-all map indices | one call, ms (median) |");
+    println!("| ---: | ---: |");
+    for (indices, ms) in &clears {
+        println!("| {indices} | {ms:.1} |");
+    }
+    println!(
+        "\ngateway RSS: peak {:.1} MiB, after load {:.1} MiB",
+        rss_peak as f64 / 1024.0,
+        rss_now as f64 / 1024.0
+    );
+    println!(
+        "ratios: GET/HGET {:.2} (target >= 0.5), PUT/HSET {:.2} (target >= 0.4)",
+        gw_get.rps / hget.rps,
+        gw_put.rps / hset.rps
+    );
+}
