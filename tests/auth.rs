@@ -540,3 +540,23 @@ async fn jwks_is_reread_and_a_broken_refresh_keeps_the_old_keys() {
     assert_eq!(gw.get(&path, &with_old).await.status, 404);
     assert_eq!(gw.get(&path, &with_new).await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_token_still_expires_on_time() {
+    let gw = Gateway::start_with(Backend::Memory, &[("AIRFLOW__API_AUTH__JWT_LEEWAY", "0")]).await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "k");
+    let mut short = claims_for(ti.id);
+    short.insert("exp".into(), json!(now() + 2));
+    let token = sign(&short);
+    // Verified once, then served from the verified-token cache...
+    assert_eq!(gw.get(&path, &token).await.status, 404);
+    assert_eq!(gw.get(&path, &token).await.status, 404);
+    // ...but never past its exp.
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let expired = gw.get(&path, &token).await;
+    assert_eq!(
+        (expired.status, expired.body),
+        (403, json!({"detail": INVALID}))
+    );
+}

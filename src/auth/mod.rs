@@ -82,8 +82,18 @@ struct Signer {
     header: Header,
 }
 
+/// How long a verified token is remembered. Its own `exp`/`nbf` are still checked on
+/// every use; this only bounds how long a key dropped from a JWKS keeps vouching for
+/// tokens it signed.
+const VERIFIED_TTL: Duration = Duration::from_secs(30);
+const VERIFIED_CAPACITY: u64 = 100_000;
+
 pub struct Authenticator {
     keys: KeyRing,
+    /// Tokens whose signature and claims already checked out: a worker sends the same
+    /// token for minutes, so the signature and JSON work is done once, not per request.
+    verified: moka::sync::Cache<Box<str>, Arc<Claims>>,
+    leeway: i64,
     validation: Validation,
     signer: Option<Signer>,
     issuer: Option<String>,
@@ -108,6 +118,11 @@ impl Authenticator {
         validation.validate_nbf = true;
         Ok(Arc::new(Self {
             keys,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
+            leeway: settings.leeway.as_secs() as i64,
             validation,
             signer: signer.map(|(key, algorithm, kid)| {
                 let mut header = Header::new(algorithm);
@@ -130,7 +145,7 @@ impl Authenticator {
     }
 
     /// Validates an `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Claims, AuthError> {
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Claims>, AuthError> {
         let token = authorization
             .and_then(|value| {
                 let (scheme, token) = value.split_once(' ')?;
@@ -138,6 +153,27 @@ impl Authenticator {
             })
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::Missing)?;
+        if let Some(claims) = self.verified.get(token) {
+            let now = chrono::Utc::now().timestamp();
+            let not_before = claims
+                .all
+                .get("nbf")
+                .and_then(Value::as_f64)
+                .map(|n| n as i64);
+            if claims.expires_at + self.leeway >= now
+                && not_before.is_none_or(|nbf| nbf - self.leeway <= now)
+            {
+                return Ok(claims);
+            }
+            return Err(AuthError::Invalid);
+        }
+        let claims = Arc::new(self.verify(token)?);
+        self.verified.insert(token.into(), claims.clone());
+        Ok(claims)
+    }
+
+    /// The full check: signature, registered claims, then Airflow's own claim rules.
+    fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let all = self.keys.decode(token, &self.validation)?;
         let number = |name: &str| all.get(name).and_then(Value::as_f64).map(|n| n as i64);
         let (Some(issued_at), Some(expires_at)) = (number("iat"), number("exp")) else {

@@ -131,7 +131,7 @@ async fn authenticate(
         .headers()
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
-    let outcome = app.auth.authenticate(header).map(Arc::new);
+    let outcome = app.auth.authenticate(header);
     let claims = outcome.as_ref().ok().cloned();
     request.extensions_mut().insert(AuthOutcome(outcome));
     let mut response = next.run(request).await;
