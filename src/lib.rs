@@ -52,6 +52,7 @@ pub enum StartError {
 
 /// Builds the shared state: keys, identity resolver and store, each checked once.
 pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
+    telemetry::metrics_handle();
     let auth = auth::Authenticator::new(&config.auth)?;
     auth.spawn_refresh(config.auth.jwks_refresh);
     let identity: Arc<dyn IdentityResolver> = match (config.identity, &config.metastore) {

@@ -52,7 +52,6 @@ fn env_help() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    airstate::telemetry::init();
     let config = match airstate::config::Config::from_env() {
         Ok(config) => config,
         Err(error) => {
@@ -62,14 +61,26 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve => {
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(airstate::serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
+            let format = match airstate::telemetry::LogFormat::from_env() {
+                Ok(format) => format,
                 Err(error) => {
-                    eprintln!("airstate: {error}");
-                    ExitCode::FAILURE
+                    eprintln!("airstate: invalid configuration: {error}");
+                    return ExitCode::from(2);
                 }
-            }
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            runtime.block_on(async {
+                let telemetry = airstate::telemetry::init(format);
+                let result = airstate::serve(config).await;
+                telemetry.shutdown();
+                match result {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("airstate: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
         }
         Command::Token {
             sub,

@@ -36,6 +36,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ExecutionToken {
             .ok_or_else(|| ApiError::Internal("auth middleware missing".into()))?;
         let claims = outcome.0?;
         if claims.scope != TokenScope::Execution {
+            metrics::counter!("airstate_jwt_failures_total", "reason" => "token_type").increment(1);
             return Err(ApiError::TokenType(claims.scope));
         }
         Ok(ExecutionToken(claims))
@@ -69,6 +70,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskCaller {
         // Airflow compares the canonical form of the subject with the path text, so an
         // upper-case or dash-less UUID in the path is refused even for the right token.
         if claims.subject.hyphenated().to_string() != raw {
+            metrics::counter!("airstate_jwt_failures_total", "reason" => "subject").increment(1);
             return Err(ApiError::SubjectMismatch);
         }
         Ok(TaskCaller {

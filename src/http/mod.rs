@@ -5,6 +5,7 @@ pub mod asset;
 pub mod body;
 pub mod error;
 pub mod extract;
+mod observe;
 pub mod task;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +21,7 @@ use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 
-use crate::auth::Authenticator;
+use crate::auth::{AuthError, Authenticator};
 use crate::identity::IdentityResolver;
 use crate::store::StateStore;
 use error::{ApiError, ValidationIssue};
@@ -100,10 +101,13 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .merge(execution)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(correlation_id))
+        // Added with `Router::layer`, so it runs per route and sees the route template.
+        .layer(middleware::from_fn(observe::observe))
         .with_state(state)
 }
 
@@ -131,7 +135,15 @@ async fn authenticate(
         .headers()
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
-    let outcome = app.auth.authenticate(header);
+    let outcome = tracing::info_span!("auth.jwt").in_scope(|| app.auth.authenticate(header));
+    if let Err(error) = &outcome {
+        let reason = match error {
+            AuthError::Missing => "missing",
+            AuthError::Invalid => "invalid",
+            AuthError::InvalidClaim(_) => "claim",
+        };
+        metrics::counter!("airstate_jwt_failures_total", "reason" => reason).increment(1);
+    }
     let claims = outcome.as_ref().ok().cloned();
     request.extensions_mut().insert(AuthOutcome(outcome));
     let mut response = next.run(request).await;
@@ -210,6 +222,15 @@ async fn correlation_id(request: Request, next: Next) -> Response {
 /// every replica restarted.
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Prometheus text exposition of every metric the process records.
+async fn metrics() -> Response {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::metrics_handle().render(),
+    )
+        .into_response()
 }
 
 /// Readiness: the store (and the metastore, when used) answer within the timeout.

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use moka::future::Cache;
 use tokio_postgres::NoTls;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{AssetRef, IdentityError, IdentityResolver};
@@ -101,15 +102,23 @@ impl MetastoreResolver {
         read: impl FnOnce(&tokio_postgres::Row) -> T,
     ) -> Result<T, Miss> {
         let unavailable = |e: &dyn std::fmt::Display| Miss::Unavailable(e.to_string());
-        let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
-        let statement = client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let row = client
-            .query_opt(&statement, &[param])
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let query = async {
+            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+            let statement = client
+                .prepare_cached(sql)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            client
+                .query_opt(&statement, &[param])
+                .await
+                .map_err(|e| unavailable(&e))
+        };
+        let span = tracing::info_span!(
+            "metastore.query",
+            otel.kind = "client",
+            db.system = "postgresql"
+        );
+        let row = query.instrument(span).await?;
         row.as_ref().map(read).ok_or(Miss::NotFound)
     }
 }
@@ -154,35 +163,13 @@ fn settle<T>(result: Result<T, Arc<Miss>>) -> Result<Option<T>, IdentityError> {
 #[async_trait]
 impl IdentityResolver for MetastoreResolver {
     async fn task(&self, ti: Uuid, _claims: &Claims) -> Result<Option<TaskScope>, IdentityError> {
-        // Concurrent misses for one UUID share a single query.
-        let result = self
-            .tasks
-            .try_get_with(ti, async {
-                self.query_one(TASK_SQL, &ti, |row| TaskScope {
-                    dag_id: row.get(0),
-                    run_id: row.get(1),
-                    task_id: row.get(2),
-                    map_index: i64::from(row.get::<_, i32>(3)),
-                })
-                .await
-            })
-            .await;
-        settle(result)
+        let span = tracing::info_span!("identity.task", cache = tracing::field::Empty);
+        self.resolve_task(ti).instrument(span).await
     }
 
     async fn asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError> {
-        let result = self
-            .assets
-            .try_get_with_by_ref(asset, async {
-                let (sql, text) = match asset {
-                    AssetRef::Name(name) => (ASSET_BY_NAME_SQL, name),
-                    AssetRef::Uri(uri) => (ASSET_BY_URI_SQL, uri),
-                };
-                self.query_one(sql, text, |row| AssetKey(row.get::<_, i32>(0).to_string()))
-                    .await
-            })
-            .await;
-        settle(result)
+        let span = tracing::info_span!("identity.asset", cache = tracing::field::Empty);
+        self.resolve_asset(asset).instrument(span).await
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {
@@ -200,6 +187,58 @@ impl IdentityResolver for MetastoreResolver {
 
     fn describe(&self) -> String {
         self.display.clone()
+    }
+}
+
+/// Records on the current span whether the cache answered, and counts it.
+fn cache_outcome(kind: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    tracing::Span::current().record("cache", result);
+    metrics::counter!("airstate_identity_cache_total", "kind" => kind, "result" => result)
+        .increment(1);
+}
+
+impl MetastoreResolver {
+    async fn resolve_task(&self, ti: Uuid) -> Result<Option<TaskScope>, IdentityError> {
+        if let Some(scope) = self.tasks.get(&ti).await {
+            cache_outcome("task", true);
+            return Ok(Some(scope));
+        }
+        cache_outcome("task", false);
+        // Concurrent misses for one UUID share a single query.
+        let result = self
+            .tasks
+            .try_get_with(ti, async {
+                self.query_one(TASK_SQL, &ti, |row| TaskScope {
+                    dag_id: row.get(0),
+                    run_id: row.get(1),
+                    task_id: row.get(2),
+                    map_index: i64::from(row.get::<_, i32>(3)),
+                })
+                .await
+            })
+            .await;
+        settle(result)
+    }
+
+    async fn resolve_asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError> {
+        if let Some(key) = self.assets.get(asset).await {
+            cache_outcome("asset", true);
+            return Ok(Some(key));
+        }
+        cache_outcome("asset", false);
+        let result = self
+            .assets
+            .try_get_with_by_ref(asset, async {
+                let (sql, text) = match asset {
+                    AssetRef::Name(name) => (ASSET_BY_NAME_SQL, name),
+                    AssetRef::Uri(uri) => (ASSET_BY_URI_SQL, uri),
+                };
+                self.query_one(sql, text, |row| AssetKey(row.get::<_, i32>(0).to_string()))
+                    .await
+            })
+            .await;
+        settle(result)
     }
 }
 

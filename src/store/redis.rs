@@ -24,6 +24,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::sorted_sets::Ordering;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use super::{
     now_millis, AssetKey, EpochMillis, StateStore, StoreError, StoreResult, StoredValue, TaskScope,
@@ -306,12 +307,13 @@ impl RedisStore {
             identity[1].into(),
             identity[2].into(),
         ];
-        let reply: Vec<i64> = self
-            .scripts
-            .task_write
-            .evalsha_with_reload(self.pool.next(), keys, args)
-            .await
-            .map_err(classify)?;
+        let reply: Vec<i64> = observed(
+            "task_write",
+            self.scripts
+                .task_write
+                .evalsha_with_reload(self.pool.next(), keys, args),
+        )
+        .await?;
         Ok(reply.get(1).copied().unwrap_or(0))
     }
 }
@@ -358,6 +360,34 @@ fn decode(raw: String) -> StoreResult<StoredValue> {
         json,
         updated_at,
         expires_at,
+    })
+}
+
+/// Runs one Redis call inside a client span, recording its latency and errors.
+async fn observed<T>(
+    command: &'static str,
+    call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+) -> StoreResult<T> {
+    let span = tracing::info_span!(
+        "redis",
+        otel.name = command,
+        otel.kind = "client",
+        db.system = "redis",
+        db.operation = command,
+    );
+    let started = std::time::Instant::now();
+    let result = call.instrument(span).await;
+    metrics::histogram!("airstate_redis_command_duration_seconds", "command" => command)
+        .record(started.elapsed().as_secs_f64());
+    result.map_err(|error| {
+        let error = classify(error);
+        let kind = match error {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Internal(_) => "internal",
+        };
+        metrics::counter!("airstate_redis_errors_total", "command" => command, "kind" => kind)
+            .increment(1);
+        error
     })
 }
 
@@ -408,7 +438,7 @@ fn redact_url(url: &str) -> String {
 impl StateStore for RedisStore {
     async fn get_task(&self, scope: &TaskScope, key: &str) -> StoreResult<Option<StoredValue>> {
         let keys = self.task_keys(scope);
-        let raw: Option<String> = self.pool.hget(&keys.scope, key).await.map_err(classify)?;
+        let raw: Option<String> = observed("hget", self.pool.hget(&keys.scope, key)).await?;
         let Some(value) = raw.map(decode).transpose()? else {
             return Ok(None);
         };
@@ -454,21 +484,18 @@ impl StateStore for RedisStore {
             keys.base.as_str().into(),
             scope.map_index.into(),
         ];
-        self.scripts
-            .task_clear
-            .evalsha_with_reload::<i64, _, _>(
-                self.pool.next(),
-                vec![keys.registry, keys.scope, keys.expiry],
-                args,
-            )
-            .await
-            .map_err(classify)?;
+        let clear = self.scripts.task_clear.evalsha_with_reload::<i64, _, _>(
+            self.pool.next(),
+            vec![keys.registry, keys.scope, keys.expiry],
+            args,
+        );
+        observed("task_clear", clear).await?;
         Ok(())
     }
 
     async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>> {
         let (values, _) = self.asset_keys(asset);
-        let raw: Option<String> = self.pool.hget(&values, key).await.map_err(classify)?;
+        let raw: Option<String> = observed("hget", self.pool.hget(&values, key)).await?;
         raw.map(decode).transpose()
     }
 
@@ -488,39 +515,37 @@ impl StateStore for RedisStore {
             encode(json, now_millis(), None).into(),
             writer.into(),
         ];
-        self.scripts
-            .asset_write
-            .evalsha_with_reload::<i64, _, _>(self.pool.next(), vec![values, writers], args)
-            .await
-            .map_err(classify)?;
+        let write = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
+            self.pool.next(),
+            vec![values, writers],
+            args,
+        );
+        observed("asset_write", write).await?;
         Ok(())
     }
 
     async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
         let (values, writers) = self.asset_keys(asset);
         let args: Vec<Value> = vec!["del".into(), key.into(), "".into(), "".into()];
-        self.scripts
-            .asset_write
-            .evalsha_with_reload::<i64, _, _>(self.pool.next(), vec![values, writers], args)
-            .await
-            .map_err(classify)?;
+        let delete = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
+            self.pool.next(),
+            vec![values, writers],
+            args,
+        );
+        observed("asset_write", delete).await?;
         Ok(())
     }
 
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
         let (values, writers) = self.asset_keys(asset);
         // Both keys share the asset's hash tag, so one UNLINK is atomic on a Cluster too.
-        let _: i64 = self
-            .pool
-            .unlink(vec![values, writers])
-            .await
-            .map_err(classify)?;
+        let _: i64 = observed("unlink", self.pool.unlink(vec![values, writers])).await?;
         Ok(())
     }
 
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>> {
         let (_, writers) = self.asset_keys(asset);
-        let raw: Option<String> = self.pool.hget(&writers, key).await.map_err(classify)?;
+        let raw: Option<String> = observed("hget", self.pool.hget(&writers, key)).await?;
         raw.map(|text| {
             serde_json::from_str(&text)
                 .map_err(|e| StoreError::Internal(format!("unreadable writer record: {e}")))
