@@ -148,6 +148,16 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Fails only if another recorder was installed first; /metrics then stays empty.
         let _ = metrics::set_global_recorder(recorder);
+        // Histogram samples pile up in memory until drained into buckets; without a
+        // scraper nothing else drains them (measured: 135 MiB RSS after ~1M requests).
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                upkeep.run_upkeep();
+            })
+            .expect("metrics upkeep thread");
         handle
     })
 }
