@@ -19,6 +19,13 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+static TRACES_EXPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans leave the process; when not, requests skip trace-context extraction.
+pub fn traces_exported() -> bool {
+    TRACES_EXPORTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes what is buffered.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -110,6 +117,7 @@ pub fn init(format: LogFormat) -> Telemetry {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
+        TRACES_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     Telemetry { provider }
 }

@@ -40,7 +40,6 @@ pub struct AppState {
 /// The newest Execution API version, and the one that introduced the state routes.
 pub const API_VERSION: &str = "2026-06-30";
 const API_VERSION_HEADER: HeaderName = HeaderName::from_static("airflow-api-version");
-const CORRELATION_ID: HeaderName = HeaderName::from_static("correlation-id");
 const REFRESHED_TOKEN: HeaderName = HeaderName::from_static("refreshed-api-token");
 
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
@@ -105,7 +104,6 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .merge(execution)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(correlation_id))
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
         .with_state(state)
@@ -207,15 +205,6 @@ fn parse_version_date(text: &str) -> Option<String> {
         }
         _ => None,
     }
-}
-
-async fn correlation_id(request: Request, next: Next) -> Response {
-    let id = request.headers().get(&CORRELATION_ID).cloned();
-    let mut response = next.run(request).await;
-    if let Some(id) = id {
-        response.headers_mut().insert(CORRELATION_ID, id);
-    }
-    response
 }
 
 /// Liveness: the process answers. Never tied to Redis, so a Redis outage does not get

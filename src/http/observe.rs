@@ -1,14 +1,18 @@
-//! One server span, one access-log line and the request metrics per request.
+//! One server span, one access-log line and the request metrics per request; and the
+//! `correlation-id` echo, which belongs to the same per-request bookkeeping.
 //!
 //! The span continues the caller's W3C trace (`traceparent`/`tracestate`) and carries the
 //! route template, the status and the task-instance id: never the token or the value.
 
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, Method};
 use axum::middleware::Next;
 use axum::response::Response;
+use metrics::{Counter, Gauge, Histogram};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt;
 use tracing::field::Empty;
@@ -34,50 +38,121 @@ fn task_instance_of(path: &str) -> Option<&str> {
     segments.next().filter(|id| !id.is_empty())
 }
 
-/// The trace id to log: the exported span's, or the caller's `traceparent` when nothing is
-/// exported (then no span context exists locally).
+/// The trace id to log: the exported span's.
 fn trace_id(span: &tracing::Span, headers: &HeaderMap) -> Option<String> {
     let context = span.context();
     let span_context = context.span().span_context().clone();
     if span_context.is_valid() {
         return Some(span_context.trace_id().to_string());
     }
+    caller_trace_id(headers)
+}
+
+/// The caller's trace id from its `traceparent`, when nothing is exported (then no span
+/// context exists locally).
+fn caller_trace_id(headers: &HeaderMap) -> Option<String> {
     let traceparent = headers.get("traceparent")?.to_str().ok()?;
     let id = traceparent.split('-').nth(1)?;
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
 }
+
+/// Methods as static labels (bounded cardinality, no allocation per request).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+type RouteHandles = HashMap<(&'static str, u16), (Counter, Histogram)>;
+
+/// The request counter and latency histogram of one (route, method, status), registered
+/// once: looking them up by labels on every request cost measurable throughput.
+fn request_handles(route: &str, method: &'static str, status: u16) -> (Counter, Histogram) {
+    static HANDLES: OnceLock<RwLock<HashMap<String, RouteHandles>>> = OnceLock::new();
+    let handles = HANDLES.get_or_init(Default::default);
+    if let Some(found) = handles
+        .read()
+        .unwrap()
+        .get(route)
+        .and_then(|by_status| by_status.get(&(method, status)))
+    {
+        return found.clone();
+    }
+    let labels = [
+        ("method", method.to_owned()),
+        ("route", route.to_owned()),
+        ("status", status.to_string()),
+    ];
+    let created = (
+        metrics::counter!("airstate_http_requests_total", &labels),
+        metrics::histogram!("airstate_http_request_duration_seconds", &labels),
+    );
+    handles
+        .write()
+        .unwrap()
+        .entry(route.to_owned())
+        .or_default()
+        .insert((method, status), created.clone());
+    created
+}
+
+fn in_flight() -> &'static Gauge {
+    static IN_FLIGHT: OnceLock<Gauge> = OnceLock::new();
+    IN_FLIGHT.get_or_init(|| metrics::gauge!("airstate_http_requests_in_flight"))
+}
+
+const CORRELATION_ID: HeaderName = HeaderName::from_static("correlation-id");
 
 pub async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = matched
         .as_ref()
         .map(MatchedPath::as_str)
-        .unwrap_or("unmatched")
-        .to_owned();
-    let method = request.method().as_str().to_owned();
+        .unwrap_or("unmatched");
+    let method = method_label(request.method());
     let span = tracing::info_span!(
         "request",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
-        http.request.method = %method,
-        http.route = %route,
+        http.request.method = method,
+        http.route = route,
         http.response.status_code = Empty,
         otel.status_code = Empty,
         task_instance_id = Empty,
     );
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(request.headers()))
-    });
-    let _ = span.set_parent(parent);
-    if let Some(ti) = task_instance_of(request.uri().path()) {
-        span.record("task_instance_id", ti);
+    let exported = crate::telemetry::traces_exported();
+    if exported {
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&HeaderExtractor(request.headers()))
+        });
+        let _ = span.set_parent(parent);
     }
-    let trace = trace_id(&span, request.headers());
+    if !span.is_disabled() {
+        if let Some(ti) = task_instance_of(request.uri().path()) {
+            span.record("task_instance_id", ti);
+        }
+    }
+    let correlation_id = request.headers().get(&CORRELATION_ID).cloned();
+    let trace = if exported {
+        trace_id(&span, request.headers())
+    } else {
+        caller_trace_id(request.headers())
+    };
 
-    let in_flight = metrics::gauge!("airstate_http_requests_in_flight");
-    in_flight.increment(1.0);
-    let response = next.run(request).instrument(span.clone()).await;
-    in_flight.decrement(1.0);
+    in_flight().increment(1.0);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    in_flight().decrement(1.0);
+    // Echoed as Airflow does, so a worker can match its logs with ours.
+    if let Some(id) = correlation_id {
+        response.headers_mut().insert(CORRELATION_ID, id);
+    }
 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
@@ -85,19 +160,14 @@ pub async fn observe(matched: Option<MatchedPath>, request: Request, next: Next)
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
-    let labels = [
-        ("method", method.clone()),
-        ("route", route.clone()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("airstate_http_requests_total", &labels).increment(1);
-    metrics::histogram!("airstate_http_request_duration_seconds", &labels)
-        .record(elapsed.as_secs_f64());
+    let (requests, latency) = request_handles(route, method, status);
+    requests.increment(1);
+    latency.record(elapsed.as_secs_f64());
     span.in_scope(|| {
         tracing::info!(
             target: "airstate::access",
-            method = %method,
-            route = %route,
+            method,
+            route,
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             trace_id = trace.as_deref().unwrap_or(""),

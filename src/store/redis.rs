@@ -363,6 +363,21 @@ fn decode(raw: String) -> StoreResult<StoredValue> {
     })
 }
 
+/// The latency histogram of one command, registered once per command name rather than
+/// looked up by label on every call.
+fn command_latency(command: &'static str) -> metrics::Histogram {
+    type Handles = std::collections::HashMap<&'static str, metrics::Histogram>;
+    static HANDLES: std::sync::OnceLock<std::sync::RwLock<Handles>> = std::sync::OnceLock::new();
+    let handles = HANDLES.get_or_init(Default::default);
+    if let Some(found) = handles.read().unwrap().get(command) {
+        return found.clone();
+    }
+    let created =
+        metrics::histogram!("airstate_redis_command_duration_seconds", "command" => command);
+    handles.write().unwrap().insert(command, created.clone());
+    created
+}
+
 /// Runs one Redis call inside a client span, recording its latency and errors.
 async fn observed<T>(
     command: &'static str,
@@ -377,8 +392,7 @@ async fn observed<T>(
     );
     let started = std::time::Instant::now();
     let result = call.instrument(span).await;
-    metrics::histogram!("airstate_redis_command_duration_seconds", "command" => command)
-        .record(started.elapsed().as_secs_f64());
+    command_latency(command).record(started.elapsed().as_secs_f64());
     result.map_err(|error| {
         let error = classify(error);
         let kind = match error {
