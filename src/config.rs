@@ -107,6 +107,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "longest wait for in-flight requests on SIGTERM",
     ),
     (
+        "AIRSTATE_LOG_FORMAT",
+        "json, or text on a terminal",
+        "log line format: json | text",
+    ),
+    (
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
         "(unset)",
         "Airflow metastore, postgresql[+driver]://",

@@ -22,6 +22,13 @@ struct Cli {
 enum Command {
     /// Serve the Execution API's state routes (configured by environment variables).
     Serve,
+    /// Exit 0 when the local gateway reports ready: a container health check that needs
+    /// no shell or curl in the image.
+    Healthcheck {
+        /// Defaults to /ready on the port of AIRSTATE_LISTEN.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print an execution token signed with the configured key, as Airflow would mint one.
     Token {
         /// Task-instance UUID (the token subject); the all-zero UUID is a watcher.
@@ -50,8 +57,38 @@ fn env_help() -> String {
     help
 }
 
+fn healthcheck(url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let listen = std::env::var("AIRSTATE_LISTEN").unwrap_or_default();
+        let port = listen
+            .rsplit(':')
+            .next()
+            .filter(|p| !p.is_empty())
+            .unwrap_or("8080");
+        format!("http://127.0.0.1:{port}/ready")
+    });
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .new_agent();
+    match agent.get(&url).call() {
+        Ok(response) if response.status() == 200 => ExitCode::SUCCESS,
+        Ok(response) => {
+            eprintln!("airstate: {url} answered {}", response.status());
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("airstate: {url}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Healthcheck { url } = &cli.command {
+        return healthcheck(url.clone());
+    }
     let config = match airstate::config::Config::from_env() {
         Ok(config) => config,
         Err(error) => {
@@ -82,6 +119,7 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Healthcheck { .. } => unreachable!("handled before configuration is read"),
         Command::Token {
             sub,
             dag_id,

