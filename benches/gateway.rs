@@ -325,28 +325,40 @@ async fn main() {
         ),
     );
 
-    // GET cost against the number of keys in the task's hash.
-    let mut by_size = Vec::new();
-    for keys in [1usize, 100, 10_000] {
-        let sized = scope(&format!("size_{keys}"), -1);
+    // GET cost against the number of keys in the task's hash; sizes interleave within each
+    // round so that a change in the machine's speed hits them all alike.
+    let sizes = [1usize, 100, 10_000];
+    let mut sized = Vec::new();
+    for keys in sizes {
+        let scope = scope(&format!("size_{keys}"), -1);
         for i in 0..keys {
             store
-                .put_task(&sized, &format!("key-{i}"), VALUE, None)
+                .put_task(&scope, &format!("key-{i}"), VALUE, None)
                 .await
                 .unwrap();
         }
-        let sized_ti = Uuid::new_v4();
+        let ti = Uuid::new_v4();
         let script = wrk_script(
             dir.path(),
             &format!("size_{keys}.lua"),
-            &get_script(&token(sized_ti, &sized)),
+            &get_script(&token(ti, &scope)),
         );
-        let sized_url = format!("{}/execution/store/ti/{sized_ti}/key-0", gateway.base);
-        let runs: Vec<Run> = (0..opts.rounds)
-            .map(|_| wrk(&sized_url, c, opts.seconds.min(5), &script))
-            .collect();
-        by_size.push((keys, median_run(&runs)));
+        sized.push((
+            format!("{}/execution/store/ti/{ti}/key-0", gateway.base),
+            script,
+        ));
     }
+    let mut size_runs: Vec<Vec<Run>> = vec![Vec::new(); sizes.len()];
+    for _ in 0..opts.rounds {
+        for (runs, (url, script)) in size_runs.iter_mut().zip(&sized) {
+            runs.push(wrk(url, c, opts.seconds.min(5), script));
+        }
+    }
+    let by_size: Vec<(usize, Run)> = sizes
+        .iter()
+        .copied()
+        .zip(size_runs.iter().map(|r| median_run(r)))
+        .collect();
 
     // Clear-all across map indices: one HTTP call, one Lua script.
     let http = reqwest::Client::new();

@@ -58,7 +58,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "AIRSTATE_REDIS_POOL_SIZE",
-        "8",
+        "number of CPUs",
         "Redis connections per replica",
     ),
     (
@@ -198,7 +198,9 @@ impl Config {
                 Some(RedisSettings {
                     url,
                     key_prefix,
-                    pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", 8usize)?,
+                    // fred pipelines every command of a connection; few connections batch
+                    // more per syscall. One per core measured fastest (BENCHMARKS.md).
+                    pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", cores())?,
                     command_timeout: Duration::from_millis(
                         env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
                     ),
@@ -309,6 +311,10 @@ impl Config {
             ),
         })
     }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 fn error(variable: &str, message: &str) -> ConfigError {
