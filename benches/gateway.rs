@@ -10,12 +10,12 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airstate::store::redis::{RedisSettings, RedisStore};
 use airstate::store::{StateStore, TaskScope};
-use common::{free_port, RedisServer};
+use common::{RedisServer, ServedBinary};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
 use uuid::Uuid;
@@ -145,43 +145,17 @@ fn wrk(url: &str, concurrency: usize, seconds: u64, script: &std::path::Path) ->
     run
 }
 
-struct Gateway {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_gateway(redis: &RedisServer, prefix: &str) -> Gateway {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_airstate"))
-        .arg("serve")
-        .env("AIRFLOW__API_AUTH__JWT_SECRET", SECRET)
-        .env("AIRSTATE_IDENTITY", "claims")
-        .env("AIRSTATE_REDIS_URL", &redis.url)
-        .env("AIRSTATE_KEY_PREFIX", prefix)
-        .env("AIRSTATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("gateway binary");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "gateway did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Gateway {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+fn start_gateway(redis: &RedisServer, prefix: &str) -> ServedBinary {
+    ServedBinary::start(
+        &[
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+            ("AIRSTATE_IDENTITY", "claims"),
+            ("AIRSTATE_REDIS_URL", &redis.url),
+            ("AIRSTATE_KEY_PREFIX", prefix),
+            ("RUST_LOG", "warn"),
+        ],
+        Stdio::inherit(),
+    )
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {

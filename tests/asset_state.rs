@@ -1,25 +1,13 @@
 //! Asset-state routes of both API generations against real metastore rows, on both stores.
 
 mod common;
+#[macro_use]
 mod gateway;
 
 use airstate::store::{AssetKey, Writer};
 use gateway::{token_for, unique, Backend, Gateway};
 use serde_json::json;
 use uuid::Uuid;
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Memory).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Redis).await })*
-        }
-    };
-}
 
 on_both_stores!(
     name_and_uri_address_one_asset,

@@ -5,51 +5,19 @@
 mod common;
 mod gateway;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Postgres, RedisServer};
+use common::{Postgres, RedisServer, ServedBinary};
 use gateway::{token_for, unique, SECRET};
 use uuid::Uuid;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_airstate");
 
-struct Served {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(env: &[(&str, String)]) -> Served {
-    let port = free_port();
-    let mut command = Command::new(BINARY);
-    command
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("AIRSTATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let child = command.spawn().expect("airstate binary");
-    let base = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "airstate did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Served { child, base }
+fn serve(env: &[(&str, String)]) -> ServedBinary {
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("RUST_LOG", "warn"));
+    ServedBinary::start(&env, Stdio::inherit())
 }
 
 fn production_env() -> Vec<(&'static str, String)> {

@@ -145,6 +145,19 @@ fn env_value(documents: &[Value], name: &str) -> Option<Value> {
         .find(|e| e["name"] == name)
 }
 
+/// A variable set by a deployment file must be one the gateway reads.
+fn assert_read_by_gateway(name: &str, setter: &str) {
+    let known = airstate::config::VARIABLES
+        .iter()
+        .any(|(v, _, _)| *v == name)
+        || name.starts_with("OTEL_")
+        || name == "RUST_LOG";
+    assert!(
+        known,
+        "{setter} sets {name}, which the gateway does not read"
+    );
+}
+
 /// Every values file renders, passes `helm lint --strict`, validates against the
 /// Kubernetes schemas and lints clean.
 #[test]
@@ -210,15 +223,7 @@ fn every_values_file_renders_valid_kubernetes_manifests() {
         // Every setting the chart passes is one the gateway reads.
         let configmap = find(&documents, "ConfigMap").unwrap();
         for name in configmap["data"].as_object().unwrap().keys() {
-            let known = airstate::config::VARIABLES
-                .iter()
-                .any(|(v, _, _)| v == name)
-                || name.starts_with("OTEL_")
-                || name == "RUST_LOG";
-            assert!(
-                known,
-                "{file}: ConfigMap sets {name}, which the gateway does not read"
-            );
+            assert_read_by_gateway(name, &format!("{file}: the ConfigMap"));
         }
     }
 }
@@ -422,15 +427,7 @@ fn compose_file_is_valid_and_matches_the_gateways_configuration() {
     assert!(gateway["healthcheck"]["test"].is_array());
     let env = gateway["environment"].as_object().unwrap();
     for name in env.keys() {
-        let known = airstate::config::VARIABLES
-            .iter()
-            .any(|(v, _, _)| v == name)
-            || name.starts_with("OTEL_")
-            || name == "RUST_LOG";
-        assert!(
-            known,
-            "compose sets {name}, which the gateway does not read"
-        );
+        assert_read_by_gateway(name, "docker-compose.yml");
     }
     assert_eq!(env["AIRSTATE_REDIS_URL"], "redis://redis:6379");
     assert!(env["OTEL_EXPORTER_OTLP_ENDPOINT"]

@@ -5,11 +5,11 @@
 mod common;
 mod gateway;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Postgres, RedisServer};
+use common::{free_port, Postgres, RedisServer, ServedBinary};
 use gateway::{token_for, unique, Backend, Gateway, SECRET};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -101,51 +101,18 @@ async fn receiver(grpc: bool) -> (Received, String) {
     (received, format!("http://127.0.0.1:{port}"))
 }
 
-struct Served {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(extra: &[(&str, &str)], stderr: Stdio) -> Served {
-    let port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_airstate"));
-    command
-        .arg("serve")
-        .env_clear()
-        .env("AIRFLOW__API_AUTH__JWT_SECRET", SECRET)
-        .env(
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-            &Postgres::shared().url,
-        )
-        .env("AIRSTATE_REDIS_URL", &RedisServer::shared().url)
-        .env("AIRSTATE_KEY_PREFIX", format!("{}:", unique("otel")))
-        .env("AIRSTATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stderr(stderr);
-    for (name, value) in extra {
-        command.env(name, value);
-    }
-    let child = command.spawn().expect("airstate binary");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "airstate did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Served {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+fn serve(extra: &[(&str, &str)], stderr: Stdio) -> ServedBinary {
+    let database = Postgres::shared().url.clone();
+    let prefix = format!("{}:", unique("otel"));
+    let mut env = vec![
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+        ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", database.as_str()),
+        ("AIRSTATE_REDIS_URL", RedisServer::shared().url.as_str()),
+        ("AIRSTATE_KEY_PREFIX", prefix.as_str()),
+        ("RUST_LOG", "warn"),
+    ];
+    env.extend_from_slice(extra);
+    ServedBinary::start(&env, stderr)
 }
 
 fn attribute(span: &Span, key: &str) -> Option<String> {

@@ -2,6 +2,7 @@
 //! store and a real Redis.
 
 mod common;
+#[macro_use]
 mod gateway;
 
 use std::time::Duration;
@@ -9,20 +10,6 @@ use std::time::Duration;
 use gateway::{ti_path, token_for, unique, Backend, Gateway};
 use serde_json::json;
 use uuid::Uuid;
-
-/// Declares each behaviour once and runs it on both stores.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Memory).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Redis).await })*
-        }
-    };
-}
 
 on_both_stores!(
     every_json_type_round_trips_as_sent,

@@ -401,3 +401,41 @@ impl Postgres {
             .expect("delete asset_active");
     }
 }
+
+/// The real `airstate` binary serving on a free loopback port; killed on drop.
+pub struct ServedBinary {
+    pub child: Child,
+    pub base: String,
+}
+
+impl ServedBinary {
+    /// `airstate serve` with only `env` (plus `PATH` and the listen address) in its
+    /// environment, once it accepts connections.
+    pub fn start(env: &[(&str, &str)], stderr: Stdio) -> ServedBinary {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_airstate"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AIRSTATE_LISTEN", format!("127.0.0.1:{port}"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("airstate binary");
+        wait_until("airstate", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        ServedBinary {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for ServedBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -15,6 +15,22 @@ use uuid::Uuid;
 
 use crate::common::{Postgres, RedisServer};
 
+/// Declares each behaviour (an `async fn(Backend)` at the test crate's root) once and runs
+/// it against both stores: `memory::<name>` and `redis::<name>`.
+#[allow(unused_macros)]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Memory).await })*
+        }
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Redis).await })*
+        }
+    };
+}
+
 pub const SECRET: &str = "test-secret-that-is-long-enough-for-hs512";
 pub const AUDIENCE: &str = "urn:airflow.apache.org:task";
 
