@@ -107,6 +107,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "longest wait for in-flight requests on SIGTERM",
     ),
     (
+        "AIRSTATE_SWEEP_INTERVAL_SECONDS",
+        "60",
+        "how often expired keys of mixed scopes are reclaimed",
+    ),
+    (
         "AIRSTATE_LOG_FORMAT",
         "json, or text on a terminal",
         "log line format: json | text",

@@ -373,6 +373,31 @@ fn hpa_off_fixes_replicas_and_jwks_needs_no_secret() {
 }
 
 #[test]
+fn a_private_signing_key_is_mounted_from_its_secret() {
+    let documents = yaml_documents(&render("private-key-values.yaml", &[]).unwrap());
+    let configmap = find(&documents, "ConfigMap").unwrap();
+    assert_eq!(
+        configmap["data"]["AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH"],
+        "/etc/airstate/jwt/private-key.pem"
+    );
+    assert_eq!(
+        configmap["data"]["AIRFLOW__API_AUTH__JWT_KID"],
+        "airflow-2026"
+    );
+    assert_eq!(configmap["data"]["AIRSTATE_JWKS_REFRESH_SECONDS"], "120");
+    let pod = &find(&documents, "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "airflow-jwt-signing-key"
+    );
+    let mount = &pod["containers"][0]["volumeMounts"][0];
+    assert_eq!(
+        (mount["mountPath"].as_str(), mount["readOnly"].as_bool()),
+        (Some("/etc/airstate/jwt"), Some(true))
+    );
+}
+
+#[test]
 fn the_values_schema_refuses_bad_values() {
     for set in [
         "replicaCount=0",
