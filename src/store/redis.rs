@@ -247,8 +247,6 @@ impl RedisStore {
         expires_at: Option<EpochMillis>,
     ) -> StoreResult<()> {
         let keys = self.task_keys(scope);
-        let sweep = self.sweep_shard(&keys.digest);
-        let scope_key = keys.scope.clone();
         let keys = vec![keys.scope, keys.expiry, keys.registry];
         let write = Write {
             op,
@@ -265,6 +263,11 @@ impl RedisStore {
             .run_task_write(keys, write, &scope.map_index.to_string(), identity)
             .await?;
         if next > 0 {
+            // Only scopes mixing permanent and expiring keys get here, so the key names
+            // are rebuilt rather than kept around on every write.
+            let keys = self.task_keys(scope);
+            let sweep = self.sweep_shard(&keys.digest);
+            let scope_key = keys.scope;
             // Keep the earliest due time (LT): the sweeper corrects a stale one.
             let _: i64 = self
                 .pool
@@ -418,6 +421,11 @@ fn classify(error: fred::error::Error) -> StoreError {
         | ErrorKind::Sentinel
         | ErrorKind::Routing
         | ErrorKind::Tls => StoreError::Unavailable(message),
+        // fred reports "no connection to send on" (between a drop and the reconnect) as
+        // an Unknown error; it is the same outage as an IO error.
+        ErrorKind::Unknown if error.details().starts_with("Failed to route") => {
+            StoreError::Unavailable(message)
+        }
         _ => {
             let details = error.details();
             const TRANSIENT: [&str; 8] = [
@@ -604,6 +612,33 @@ mod tests {
         for raw in ["", "nocolon", "x::1", "1:y:2"] {
             assert!(decode(raw.to_owned()).is_err(), "{raw:?} decoded");
         }
+    }
+
+    #[test]
+    fn outages_are_unavailable_and_bugs_internal() {
+        use fred::error::{Error, ErrorKind};
+        let unavailable = [
+            Error::new(ErrorKind::IO, "Connection closed."),
+            Error::new(ErrorKind::Unknown, "Failed to route command."),
+            Error::new(ErrorKind::Timeout, "Request timed out."),
+            Error::new(
+                ErrorKind::Unknown,
+                "READONLY You can't write against a read only replica.",
+            ),
+            Error::new(
+                ErrorKind::Unknown,
+                "OOM command not allowed when used memory > 'maxmemory'.",
+            ),
+            Error::new(
+                ErrorKind::Unknown,
+                "LOADING Redis is loading the dataset in memory",
+            ),
+        ];
+        for error in unavailable {
+            assert!(matches!(classify(error), StoreError::Unavailable(_)));
+        }
+        let internal = Error::new(ErrorKind::InvalidArgument, "ERR wrong number of arguments");
+        assert!(matches!(classify(internal), StoreError::Internal(_)));
     }
 
     #[test]
