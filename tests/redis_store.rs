@@ -278,3 +278,80 @@ async fn metastore_down_is_a_503_not_a_404() {
         .unwrap()
         .starts_with("not ready"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_is_a_503_and_reads_still_work() {
+    let server =
+        RedisServer::start_with_args(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]);
+    let gw = Gateway::start_with(Backend::Redis, &[("AIRSTATE_REDIS_URL", &server.url)]).await;
+    let ti = gw.task().await;
+    assert_eq!(
+        gw.put(&ti_path(&ti, "first"), &ti.token, json!({"value": 1}))
+            .await
+            .status,
+        204
+    );
+    let big = "x".repeat(200_000);
+    let mut refused = None;
+    for i in 0..100 {
+        let reply = gw
+            .put(
+                &ti_path(&ti, &format!("big-{i}")),
+                &ti.token,
+                json!({"value": big}),
+            )
+            .await;
+        if reply.status != 204 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let refused = refused.expect("Redis never ran out of memory");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(
+        gw.get(&ti_path(&ti, "first"), &ti.token).await.body,
+        json!({"value": 1})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replica_is_a_503_for_writes() {
+    let primary = RedisServer::start();
+    let port = primary.port.to_string();
+    let replica = RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &port]);
+    let store = store_on(&primary, "ro:").await;
+    let s = scope(&unique("dag"), -1);
+    store
+        .put_task(&s, "k", "\"from primary\"", None)
+        .await
+        .unwrap();
+    // Pointed at the replica (as after a wrong failover), reads work and writes are 503s.
+    let gw = Gateway::start_with(
+        Backend::Redis,
+        &[
+            ("AIRSTATE_REDIS_URL", &replica.url),
+            ("AIRSTATE_KEY_PREFIX", "ro:"),
+        ],
+    )
+    .await;
+    let ti = gw.task_at(&s.dag_id, &s.run_id, &s.task_id, -1).await;
+    let started = Instant::now();
+    let read = loop {
+        let read = gw.get(&ti_path(&ti, "k"), &ti.token).await;
+        if read.status == 200 || started.elapsed() > Duration::from_secs(10) {
+            break read;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        read.body,
+        json!({"value": "from primary"}),
+        "replica never synced"
+    );
+    let write = gw
+        .put(&ti_path(&ti, "k"), &ti.token, json!({"value": 2}))
+        .await;
+    assert_eq!(write.status, 503, "{write:?}");
+    assert_eq!(write.header("retry-after"), Some("1"));
+}
