@@ -69,7 +69,8 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskCaller {
         let raw = params.remove("task_instance_id").unwrap_or_default();
         // Airflow compares the canonical form of the subject with the path text, so an
         // upper-case or dash-less UUID in the path is refused even for the right token.
-        if claims.subject.hyphenated().to_string() != raw {
+        let mut canonical = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        if *claims.subject.hyphenated().encode_lower(&mut canonical) != *raw {
             metrics::counter!("airstate_jwt_failures_total", "reason" => "subject").increment(1);
             return Err(ApiError::SubjectMismatch);
         }
