@@ -115,6 +115,15 @@ fn serve(extra: &[(&str, &str)], stderr: Stdio) -> ServedBinary {
     ServedBinary::start(&env, stderr)
 }
 
+/// A task instance in the metastore, and its token.
+async fn live_task() -> (Uuid, String) {
+    let ti = Uuid::now_v7();
+    Postgres::shared()
+        .insert_task_instance(ti, &unique("dag"), &unique("run"), "t", -1)
+        .await;
+    (ti, token_for(ti))
+}
+
 fn attribute(span: &Span, key: &str) -> Option<String> {
     let value = span
         .attributes
@@ -143,11 +152,7 @@ async fn exports_a_continued_trace(grpc: bool) {
         ],
         Stdio::null(),
     );
-    let ti = Uuid::now_v7();
-    Postgres::shared()
-        .insert_task_instance(ti, &unique("dag"), &unique("run"), "t", -1)
-        .await;
-    let token = token_for(ti);
+    let (ti, token) = live_task().await;
     let secret_value = format!("value-{}", Uuid::new_v4().simple());
     let trace_id = Uuid::new_v4().simple().to_string();
     let caller_span = &Uuid::new_v4().simple().to_string()[..16];
@@ -423,11 +428,7 @@ async fn json_access_log_carries_trace_id_and_no_secrets() {
         &[("AIRSTATE_LOG_FORMAT", "json"), ("RUST_LOG", "info")],
         Stdio::from(log.reopen().unwrap()),
     );
-    let ti = Uuid::now_v7();
-    Postgres::shared()
-        .insert_task_instance(ti, &unique("dag"), &unique("run"), "t", -1)
-        .await;
-    let token = token_for(ti);
+    let (ti, token) = live_task().await;
     let secret_value = format!("value-{}", Uuid::new_v4().simple());
     let trace_id = Uuid::new_v4().simple().to_string();
     let url = format!("{}/execution/store/ti/{ti}/k", served.base);

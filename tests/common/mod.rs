@@ -48,6 +48,15 @@ kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf '{dir}'"#,
         .expect("spawn watched server");
 }
 
+/// A temporary directory that outlives its handle: its server (or watchdog) removes it.
+fn kept_temp_dir(prefix: &str) -> PathBuf {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap()
+        .keep()
+}
+
 fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
@@ -106,11 +115,7 @@ impl RedisServer {
         static SHARED: OnceLock<RedisServer> = OnceLock::new();
         SHARED.get_or_init(|| {
             let port = free_port();
-            let dir = tempfile::Builder::new()
-                .prefix("airstate-redis-")
-                .tempdir()
-                .unwrap()
-                .keep();
+            let dir = kept_temp_dir("airstate-redis-");
             let args = Self::base_args(port, &dir);
             let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
             spawn_watched(
@@ -138,11 +143,7 @@ impl RedisServer {
 
     pub fn start_with_args(extra: &[&str]) -> RedisServer {
         let port = free_port();
-        let dir = tempfile::Builder::new()
-            .prefix("airstate-redis-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let dir = kept_temp_dir("airstate-redis-");
         let mut args = Self::base_args(port, &dir);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut server = RedisServer {
@@ -259,11 +260,7 @@ impl Postgres {
     }
 
     fn boot() -> Postgres {
-        let dir = tempfile::Builder::new()
-            .prefix("airstate-pg-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let dir = kept_temp_dir("airstate-pg-");
         let data = dir.join("data");
         if unsafe { libc::geteuid() } == 0 {
             let status = Command::new("chown")
