@@ -218,11 +218,9 @@ async fn main() {
     let prefix = "bench:";
     let gateway = start_gateway(&redis, prefix);
     let store = RedisStore::connect(&RedisSettings {
-        url: redis.url.clone(),
-        key_prefix: prefix.into(),
-        pool_size: 2,
         command_timeout: Duration::from_secs(5),
         sweep_interval: Duration::from_secs(3600),
+        ..RedisSettings::new(&redis.url, prefix)
     })
     .await
     .expect("fixture connection");

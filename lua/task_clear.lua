@@ -1,29 +1,36 @@
 -- Clear one map index of a task, or every map index of it, atomically.
 --
--- KEYS[1] registry hash (lists the map indices holding state, as "m<map_index>")
--- KEYS[2] the caller's scope hash, KEYS[3] its expiry zset
--- ARGV: mode ("one" | "all"), scope key base ("<prefix>{t:<digest>}:"), map_index
+-- mode "one": KEYS[1] registry hash, KEYS[2] the caller's scope hash, KEYS[3] its
+--             expiry zset; ARGV: "one", scope key base, map_index
+-- mode "all": KEYS[1] registry hash, then the scope hash and expiry zset of every map
+--             index the registry listed when the caller read it, in pairs;
+--             ARGV: "all", scope key base ("<prefix>{t:<digest>}:")
 --
--- Every key named here shares KEYS[1]'s hash tag, so the script stays in one Cluster
--- slot however many map indices it wipes. UNLINK frees big hashes off the main thread.
-local registry, scope, expiry = KEYS[1], KEYS[2], KEYS[3]
-local mode, base = ARGV[1], ARGV[2]
+-- The registry lists the map indices holding state as "m<map_index>", besides the
+-- readable dag_id / run_id / task_id. Every key here shares KEYS[1]'s hash tag, so the
+-- script stays in one Cluster slot however many map indices it wipes; and every key it
+-- deletes is declared, so a slot mid-migration is refused (TRYAGAIN) as a whole instead
+-- of being half cleared. UNLINK frees big hashes off the main thread.
+local registry, mode, base = KEYS[1], ARGV[1], ARGV[2]
 
 if mode == 'all' then
-  local fields = redis.call('HKEYS', registry)
-  local cleared = 0
-  for _, field in ipairs(fields) do
-    if string.byte(field, 1) == 109 then -- 'm'
-      local index = string.sub(field, 2)
-      redis.call('UNLINK', base .. index, base .. index .. ':x')
-      cleared = cleared + 1
+  local declared = {}
+  for i = 2, #KEYS, 2 do
+    declared[KEYS[i]] = true
+  end
+  -- A map index added since the caller read the registry: it must read again.
+  for _, field in ipairs(redis.call('HKEYS', registry)) do
+    if string.byte(field, 1) == 109 and not declared[base .. string.sub(field, 2)] then -- 'm'
+      return -1
     end
   end
-  redis.call('UNLINK', registry, scope, expiry)
-  return cleared
+  for first = 1, #KEYS, 1000 do
+    redis.call('UNLINK', unpack(KEYS, first, math.min(first + 999, #KEYS)))
+  end
+  return (#KEYS - 1) / 2
 end
 
-redis.call('UNLINK', scope, expiry)
+redis.call('UNLINK', KEYS[2], KEYS[3])
 redis.call('HDEL', registry, 'm' .. ARGV[3])
 if redis.call('HLEN', registry) <= 3 then
   redis.call('UNLINK', registry)

@@ -49,7 +49,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "AIRSTATE_REDIS_URL",
         "(unset: embedded in-memory store)",
-        "redis:// or rediss:// URL",
+        "redis[s]://host:port, redis[s]-sentinel://h:p,h:p/service, redis[s]-cluster://h:p,h:p",
     ),
     (
         "AIRSTATE_KEY_PREFIX",
@@ -65,6 +65,26 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "AIRSTATE_REDIS_TIMEOUT_MS",
         "2000",
         "Redis command and connect timeout",
+    ),
+    (
+        "AIRSTATE_REDIS_RECONNECT_MIN_MS",
+        "50",
+        "first pause before reconnecting to Redis (doubles per attempt)",
+    ),
+    (
+        "AIRSTATE_REDIS_RECONNECT_MAX_MS",
+        "2000",
+        "longest pause between reconnect attempts",
+    ),
+    (
+        "AIRSTATE_REDIS_WAIT_REPLICAS",
+        "0 (off)",
+        "acknowledge a write only once WAIT confirms this many replicas",
+    ),
+    (
+        "AIRSTATE_REDIS_WAIT_TIMEOUT_MS",
+        "500",
+        "how long WAIT may take before the write is answered 503",
     ),
     (
         "AIRSTATE_IDENTITY",
@@ -179,18 +199,8 @@ impl Config {
         let redis = match env.text("AIRSTATE_REDIS_URL") {
             None => None,
             Some(url) => {
-                let known = [
-                    "redis://",
-                    "rediss://",
-                    "redis-cluster://",
-                    "redis-sentinel://",
-                ];
-                if !known.iter().any(|scheme| url.starts_with(scheme)) {
-                    return Err(error(
-                        "AIRSTATE_REDIS_URL",
-                        "expected a redis:// or rediss:// URL",
-                    ));
-                }
+                crate::store::redis::client_config(&url)
+                    .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?;
                 let key_prefix = env
                     .text("AIRSTATE_KEY_PREFIX")
                     .unwrap_or_else(|| "airstate:".to_owned());
@@ -211,6 +221,11 @@ impl Config {
                     ),
                     sweep_interval: Duration::from_secs(
                         env.parse("AIRSTATE_SWEEP_INTERVAL_SECONDS", 60u64)?.max(1),
+                    ),
+                    reconnect: reconnect_pauses(&env)?,
+                    wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
+                    wait_timeout: Duration::from_millis(
+                        env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
                     ),
                 })
             }
@@ -318,6 +333,20 @@ impl Config {
     }
 }
 
+/// The reconnect backoff: exponential from the first pause to the longest, retried for
+/// ever, so a replica always comes back by itself once Redis does.
+fn reconnect_pauses(env: &Env) -> Result<(Duration, Duration), ConfigError> {
+    let first = env.parse("AIRSTATE_REDIS_RECONNECT_MIN_MS", 50u64)?;
+    let longest = env.parse("AIRSTATE_REDIS_RECONNECT_MAX_MS", 2000u64)?;
+    if first == 0 || longest < first {
+        return Err(error(
+            "AIRSTATE_REDIS_RECONNECT_MAX_MS",
+            &format!("needs 0 < AIRSTATE_REDIS_RECONNECT_MIN_MS ({first}) <= AIRSTATE_REDIS_RECONNECT_MAX_MS ({longest})"),
+        ));
+    }
+    Ok((Duration::from_millis(first), Duration::from_millis(longest)))
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -398,6 +427,76 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.variable, "AIRSTATE_KEY_PREFIX");
+    }
+
+    #[test]
+    fn redis_topologies_and_resilience_settings() {
+        let c = config(&[
+            SECRET,
+            (
+                "AIRSTATE_REDIS_URL",
+                "redis-cluster://10.0.0.1:7000,10.0.0.2:7000",
+            ),
+        ])
+        .unwrap();
+        let redis = c.redis.unwrap();
+        assert_eq!(
+            redis.reconnect,
+            (Duration::from_millis(50), Duration::from_millis(2000))
+        );
+        assert_eq!(redis.wait_replicas, 0, "confirmed writes are opt-in");
+        let c = config(&[
+            SECRET,
+            (
+                "AIRSTATE_REDIS_URL",
+                "redis-sentinel://s1:26379,s2:26379/mymaster",
+            ),
+            ("AIRSTATE_REDIS_RECONNECT_MIN_MS", "10"),
+            ("AIRSTATE_REDIS_RECONNECT_MAX_MS", "500"),
+            ("AIRSTATE_REDIS_WAIT_REPLICAS", "1"),
+            ("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", "250"),
+        ])
+        .unwrap();
+        let redis = c.redis.unwrap();
+        assert_eq!(
+            redis.reconnect,
+            (Duration::from_millis(10), Duration::from_millis(500))
+        );
+        assert_eq!(redis.wait_replicas, 1);
+        assert_eq!(redis.wait_timeout, Duration::from_millis(250));
+        for (var, value, blamed) in [
+            (
+                "AIRSTATE_REDIS_URL",
+                "redis-sentinel://s1:1",
+                "AIRSTATE_REDIS_URL",
+            ),
+            (
+                "AIRSTATE_REDIS_URL",
+                "redis-cluster://h:1/2",
+                "AIRSTATE_REDIS_URL",
+            ),
+            (
+                "AIRSTATE_REDIS_RECONNECT_MIN_MS",
+                "0",
+                "AIRSTATE_REDIS_RECONNECT_MAX_MS",
+            ),
+            (
+                "AIRSTATE_REDIS_RECONNECT_MIN_MS",
+                "5000",
+                "AIRSTATE_REDIS_RECONNECT_MAX_MS",
+            ),
+            (
+                "AIRSTATE_REDIS_WAIT_REPLICAS",
+                "-1",
+                "AIRSTATE_REDIS_WAIT_REPLICAS",
+            ),
+        ] {
+            let mut vars = vec![SECRET, (var, value)];
+            if var != "AIRSTATE_REDIS_URL" {
+                vars.push(("AIRSTATE_REDIS_URL", "redis://h:1"));
+            }
+            assert_eq!(config(&vars).unwrap_err().variable, blamed, "{var}={value}");
+        }
     }
 
     #[test]

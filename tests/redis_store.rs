@@ -35,11 +35,10 @@ fn keys_under(port: u16, prefix: &str) -> Vec<String> {
 
 async fn store_on(server: &RedisServer, prefix: &str) -> RedisStore {
     RedisStore::connect(&RedisSettings {
-        url: server.url.clone(),
-        key_prefix: prefix.to_owned(),
         pool_size: 4,
         command_timeout: Duration::from_millis(1000),
         sweep_interval: Duration::from_secs(3600),
+        ..RedisSettings::new(&server.url, prefix)
     })
     .await
     .expect("connect")

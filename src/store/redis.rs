@@ -17,12 +17,15 @@
 //! decoded value, so an expired key is never served even before Redis reclaims it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use fred::clients::ExclusivePool;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::sorted_sets::Ordering;
+use fred::types::ClusterHash;
+use fred::util::redis_keyslot;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
@@ -40,6 +43,99 @@ pub struct RedisSettings {
     pub command_timeout: Duration,
     /// How often the sweep index is walked (see [`RedisStore::sweep_once`]).
     pub sweep_interval: Duration,
+    /// First and longest pause of the exponential reconnect backoff.
+    pub reconnect: (Duration, Duration),
+    /// When above 0, a write is acknowledged only once `WAIT` reports this many replicas
+    /// have it; fewer within `wait_timeout` answers 503.
+    pub wait_replicas: u32,
+    pub wait_timeout: Duration,
+}
+
+impl RedisSettings {
+    /// Settings with the gateway's defaults for everything but the URL and prefix.
+    pub fn new(url: &str, key_prefix: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            key_prefix: key_prefix.to_owned(),
+            pool_size: 2,
+            command_timeout: Duration::from_millis(2000),
+            sweep_interval: Duration::from_secs(60),
+            reconnect: (Duration::from_millis(50), Duration::from_millis(2000)),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// fred's configuration for the URL forms the README documents.
+///
+/// fred lists extra nodes as `?node=host:port` and names a Sentinel service with
+/// `?sentinelServiceName=`; operators write `redis-cluster://h1:p1,h2:p2` and
+/// `redis-sentinel://h1:p1,h2:p2/service_name`, so those forms are rewritten into fred's
+/// (fred's own forms pass through unchanged). Errors never echo the URL: it may hold a
+/// password.
+pub fn client_config(url: &str) -> Result<Config, String> {
+    let rewritten = fred_url(url)?;
+    Config::from_url(&rewritten).map_err(|e| e.details().to_owned())
+}
+
+fn fred_url(url: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("expected a URL such as redis://host:6379")?;
+    let sentinel = match scheme {
+        "redis" | "rediss" => return Ok(url.to_owned()),
+        "redis-cluster" | "rediss-cluster" => false,
+        "redis-sentinel" | "rediss-sentinel" => true,
+        other => {
+            return Err(format!(
+                "unknown scheme {other:?}: expected redis, rediss, redis-cluster, \
+                 rediss-cluster, redis-sentinel or rediss-sentinel"
+            ))
+        }
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, query),
+        None => (rest, ""),
+    };
+    let (userinfo, location) = match rest.rfind('@') {
+        Some(at) => rest.split_at(at + 1),
+        None => ("", rest),
+    };
+    let (hosts, path) = location.split_once('/').unwrap_or((location, ""));
+    let mut hosts = hosts.split(',').map(str::trim).filter(|h| !h.is_empty());
+    let first = hosts.next().ok_or("no host given")?;
+    let mut params: Vec<String> = hosts.map(|host| format!("node={host}")).collect();
+    let mut database = String::new();
+    if sentinel {
+        if path.bytes().all(|b| b.is_ascii_digit()) {
+            if !path.is_empty() {
+                database = format!("/{path}");
+            }
+        } else {
+            params.push(format!("sentinelServiceName={path}"));
+        }
+    } else if !path.is_empty() {
+        return Err("a Cluster URL takes no database: Redis Cluster has database 0 only".into());
+    }
+    params.extend(
+        query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned),
+    );
+    if sentinel && !params.iter().any(|p| p.starts_with("sentinelServiceName=")) {
+        return Err(
+            "a Sentinel URL names its service: redis-sentinel://host:port,host:port/service_name"
+                .into(),
+        );
+    }
+    let mut out = format!("{scheme}://{userinfo}{first}{database}");
+    if !params.is_empty() {
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    Ok(out)
 }
 
 /// Lua scripts, kept as files under `lua/` and compiled in, loaded by name.
@@ -65,6 +161,9 @@ impl Scripts {
 
 pub struct RedisStore {
     pool: Pool,
+    /// Present when writes wait for replicas (see [`RedisSettings::wait_replicas`]).
+    confirmed: Option<Arc<ConfirmedWrites>>,
+    command_timeout: Duration,
     prefix: String,
     scripts: Arc<Scripts>,
     url_for_display: String,
@@ -79,11 +178,38 @@ impl Drop for RedisStore {
     }
 }
 
+/// Writes acknowledged only after `WAIT`. `WAIT` counts the writes of the connection it
+/// is sent on and blocks that connection, so each such write borrows a client of its
+/// own instead of sharing the pipelined pool.
+struct ConfirmedWrites {
+    clients: ExclusivePool,
+    replicas: i64,
+    timeout: Duration,
+}
+
+/// The client a write goes through: a shared pooled one, or one borrowed for a write
+/// that must be confirmed by `WAIT` on the same connection.
+enum WriteClient<'a> {
+    Shared(&'a Client),
+    Exclusive(tokio::sync::OwnedMutexGuard<Client>),
+}
+
+impl WriteClient<'_> {
+    fn client(&self) -> &Client {
+        match self {
+            WriteClient::Shared(client) => client,
+            WriteClient::Exclusive(guard) => guard,
+        }
+    }
+}
+
 /// The sweep index is split in shards with their own hash tags, so that on a Cluster it
 /// spreads over several nodes instead of making one slot hot.
 const SWEEP_SHARDS: u8 = 16;
 /// Scopes purged per shard and pass; bounds the work of one pass.
 const SWEEP_BATCH: i64 = 200;
+/// Reads of the registry before a clear-all gives up on a task still gaining map indices.
+const CLEAR_ALL_ATTEMPTS: usize = 5;
 
 /// Key names of one task scope.
 struct TaskKeys {
@@ -99,10 +225,13 @@ impl RedisStore {
     /// Connects and loads the Lua scripts. Fails when Redis cannot be reached, so a
     /// misconfigured replica never reports ready.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let config = Config::from_url(&settings.url)
+        let config = client_config(&settings.url)
             .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
         let timeout = settings.command_timeout;
-        let pool = Builder::from_config(config)
+        let wait_timeout = settings.wait_timeout;
+        let (first_pause, longest_pause) = settings.reconnect;
+        let mut builder = Builder::from_config(config);
+        builder
             .with_performance_config(|perf| {
                 // fred's default is no timeout at all: a request would hang with Redis.
                 perf.default_command_timeout = timeout;
@@ -115,13 +244,42 @@ impl RedisStore {
                 conn.max_command_attempts = 1;
                 // Bounded queue: past it, fail fast rather than grow without limit.
                 conn.max_command_buffer_len = 10_000;
+                // A connection silent for twice the timeout (a paused server, a half-open
+                // socket after a partition) is closed and reconnected rather than trusted
+                // until TCP gives up. WAIT legitimately blocks for its own timeout.
+                conn.unresponsive = fred::types::config::UnresponsiveConfig {
+                    max_timeout: Some(2 * timeout + wait_timeout),
+                    interval: Duration::from_millis(500),
+                };
             })
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            // Unlimited attempts: a replica must come back by itself when Redis does.
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                millis_u32(first_pause),
+                millis_u32(longest_pause),
+                2,
+            ));
+        let pool = builder
             .build_pool(settings.pool_size.max(1))
             .map_err(classify)?;
         pool.init().await.map_err(classify)?;
+        let confirmed = if settings.wait_replicas > 0 {
+            let clients = builder
+                .build_exclusive_pool(4 * settings.pool_size.max(1))
+                .map_err(classify)?;
+            clients.init().await.map_err(classify)?;
+            Some(Arc::new(ConfirmedWrites {
+                clients,
+                replicas: settings.wait_replicas.into(),
+                timeout: settings.wait_timeout,
+            }))
+        } else {
+            None
+        };
         let mut store = Self {
             pool,
+            confirmed,
+            command_timeout: timeout,
             prefix: settings.key_prefix.clone(),
             scripts: Arc::new(Scripts::new()),
             url_for_display: redact_url(&settings.url),
@@ -138,6 +296,8 @@ impl RedisStore {
     fn share(&self) -> Self {
         Self {
             pool: self.pool.clone(),
+            confirmed: self.confirmed.clone(),
+            command_timeout: self.command_timeout,
             prefix: self.prefix.clone(),
             scripts: self.scripts.clone(),
             url_for_display: self.url_for_display.clone(),
@@ -310,15 +470,128 @@ impl RedisStore {
             identity[1].into(),
             identity[2].into(),
         ];
-        let reply: Vec<i64> = observed(
-            "task_write",
-            self.scripts
-                .task_write
-                .evalsha_with_reload(self.pool.next(), keys, args),
-        )
-        .await?;
+        // A purge changes nothing a client was promised, so it never waits for replicas.
+        let client = if write.op == PURGE.op {
+            WriteClient::Shared(self.pool.next())
+        } else {
+            self.write_client().await?
+        };
+        let script = &self.scripts.task_write;
+        let reply: Vec<i64> = self
+            .call("task_write", || {
+                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
+            })
+            .await?;
+        self.confirm(&client, &keys[0]).await?;
         Ok(reply.get(1).copied().unwrap_or(0))
     }
+
+    /// Runs one Redis call in a client span, recording its latency and errors.
+    ///
+    /// While a Cluster answers "try again" (TRYAGAIN: a multi-key call on a slot being
+    /// migrated; CLUSTERDOWN: a failover in progress) the call is repeated, with short
+    /// pauses, until the command timeout: neither reply means the command ran, so a
+    /// resharding or failover shows up as latency rather than as errors.
+    async fn call<T, F, Fut>(&self, command: &'static str, mut attempt: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
+        let span = tracing::info_span!(
+            "redis",
+            otel.name = command,
+            otel.kind = "client",
+            db.system = "redis",
+            db.operation = command,
+        );
+        let started = Instant::now();
+        let deadline = self.command_timeout;
+        async move {
+            let mut pause = Duration::from_millis(5);
+            loop {
+                let result = attempt().await;
+                command_latency(command).record(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(value) => return Ok(value),
+                    Err(error)
+                        if cluster_says_retry(&error) && started.elapsed() + pause < deadline =>
+                    {
+                        metrics::counter!("airstate_redis_retries_total", "command" => command)
+                            .increment(1);
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(100));
+                    }
+                    Err(error) => return Err(count_error(command, classify(error))),
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The client one write goes through: a shared one, or with confirmed writes on, one
+    /// borrowed for this write alone.
+    async fn write_client(&self) -> StoreResult<WriteClient<'_>> {
+        let Some(confirmed) = &self.confirmed else {
+            return Ok(WriteClient::Shared(self.pool.next()));
+        };
+        tokio::time::timeout(self.command_timeout, confirmed.clients.clone().acquire())
+            .await
+            .map(WriteClient::Exclusive)
+            .map_err(|_| {
+                StoreError::Unavailable("no Redis connection free for a confirmed write".into())
+            })
+    }
+
+    /// With confirmed writes on: waits until enough replicas hold what `client` wrote to
+    /// the node serving `key`'s slot, else the write is not acknowledged (503). It did
+    /// happen on the primary; the client's retry rewrites the same value.
+    async fn confirm(&self, client: &WriteClient<'_>, key: &str) -> StoreResult<()> {
+        let (Some(confirmed), WriteClient::Exclusive(guard)) = (&self.confirmed, client) else {
+            return Ok(());
+        };
+        let options = fred::types::config::Options {
+            cluster_hash: Some(ClusterHash::Custom(redis_keyslot(key.as_bytes()))),
+            timeout: Some(self.command_timeout + confirmed.timeout),
+            ..Default::default()
+        };
+        let waiter = guard.with_options(&options);
+        let wait_ms = confirmed.timeout.as_millis() as i64;
+        let acked: i64 = self
+            .call("wait", || waiter.wait(confirmed.replicas, wait_ms))
+            .await?;
+        if acked < confirmed.replicas {
+            metrics::counter!("airstate_redis_unconfirmed_writes_total").increment(1);
+            return Err(StoreError::Unavailable(format!(
+                "write not confirmed: {acked} of {} replicas acknowledged it within {wait_ms} ms",
+                confirmed.replicas
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl RedisStore {
+    async fn write_asset(&self, keys: Vec<String>, args: Vec<Value>) -> StoreResult<()> {
+        let client = self.write_client().await?;
+        let script = &self.scripts.asset_write;
+        let _: i64 = self
+            .call("asset_write", || {
+                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
+            })
+            .await?;
+        self.confirm(&client, &keys[0]).await
+    }
+}
+
+/// Replies from a Cluster that mean "not executed, ask again shortly".
+fn cluster_says_retry(error: &fred::error::Error) -> bool {
+    let details = error.details();
+    details.starts_with("TRYAGAIN") || details.starts_with("CLUSTERDOWN")
+}
+
+fn millis_u32(duration: Duration) -> u32 {
+    duration.as_millis().try_into().unwrap_or(u32::MAX)
 }
 
 /// One step of `task_write.lua`.
@@ -381,31 +654,15 @@ fn command_latency(command: &'static str) -> metrics::Histogram {
     created
 }
 
-/// Runs one Redis call inside a client span, recording its latency and errors.
-async fn observed<T>(
-    command: &'static str,
-    call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
-) -> StoreResult<T> {
-    let span = tracing::info_span!(
-        "redis",
-        otel.name = command,
-        otel.kind = "client",
-        db.system = "redis",
-        db.operation = command,
-    );
-    let started = std::time::Instant::now();
-    let result = call.instrument(span).await;
-    command_latency(command).record(started.elapsed().as_secs_f64());
-    result.map_err(|error| {
-        let error = classify(error);
-        let kind = match error {
-            StoreError::Unavailable(_) => "unavailable",
-            StoreError::Internal(_) => "internal",
-        };
-        metrics::counter!("airstate_redis_errors_total", "command" => command, "kind" => kind)
-            .increment(1);
-        error
-    })
+/// Counts a failed Redis call by command and kind, passing the error on.
+fn count_error(command: &'static str, error: StoreError) -> StoreError {
+    let kind = match error {
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Internal(_) => "internal",
+    };
+    metrics::counter!("airstate_redis_errors_total", "command" => command, "kind" => kind)
+        .increment(1);
+    error
 }
 
 /// Sorts Redis failures into "try again later" (503) and "our fault" (500).
@@ -460,7 +717,9 @@ fn redact_url(url: &str) -> String {
 impl StateStore for RedisStore {
     async fn get_task(&self, scope: &TaskScope, key: &str) -> StoreResult<Option<StoredValue>> {
         let keys = self.task_keys(scope);
-        let raw: Option<String> = observed("hget", self.pool.hget(&keys.scope, key)).await?;
+        let raw: Option<String> = self
+            .call("hget", || self.pool.hget(keys.scope.as_str(), key))
+            .await?;
         let Some(value) = raw.map(decode).transpose()? else {
             return Ok(None);
         };
@@ -500,24 +759,63 @@ impl StateStore for RedisStore {
 
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()> {
         let keys = self.task_keys(scope);
-        let mode = if all_map_indices { "all" } else { "one" };
-        let args: Vec<Value> = vec![
-            mode.into(),
-            keys.base.as_str().into(),
-            scope.map_index.into(),
-        ];
-        let clear = self.scripts.task_clear.evalsha_with_reload::<i64, _, _>(
-            self.pool.next(),
-            vec![keys.registry, keys.scope, keys.expiry],
-            args,
-        );
-        observed("task_clear", clear).await?;
-        Ok(())
+        let script = &self.scripts.task_clear;
+        if !all_map_indices {
+            let args: Vec<Value> = vec![
+                "one".into(),
+                keys.base.as_str().into(),
+                scope.map_index.into(),
+            ];
+            let declared = vec![keys.registry, keys.scope, keys.expiry];
+            let client = self.write_client().await?;
+            let _: i64 = self
+                .call("task_clear", || {
+                    script.evalsha_with_reload(client.client(), declared.clone(), args.clone())
+                })
+                .await?;
+            return self.confirm(&client, &declared[0]).await;
+        }
+        // The script is handed every key it deletes. On a Cluster slot being migrated,
+        // Redis then answers TRYAGAIN (retried) rather than letting the script miss the
+        // keys already moved, which would break the clear's atomicity. The registry is
+        // read first to name them; the script refuses (-1) if it grew meanwhile.
+        let own = scope.map_index.to_string();
+        let args: Vec<Value> = vec!["all".into(), keys.base.as_str().into()];
+        for _ in 0..CLEAR_ALL_ATTEMPTS {
+            let fields: Vec<String> = self
+                .call("hkeys", || self.pool.hkeys(keys.registry.as_str()))
+                .await?;
+            let mut indices: Vec<&str> =
+                fields.iter().filter_map(|f| f.strip_prefix('m')).collect();
+            if !indices.contains(&own.as_str()) {
+                indices.push(&own);
+            }
+            let mut declared = Vec::with_capacity(1 + 2 * indices.len());
+            declared.push(keys.registry.clone());
+            for index in indices {
+                declared.push(format!("{}{index}", keys.base));
+                declared.push(format!("{}{index}:x", keys.base));
+            }
+            let client = self.write_client().await?;
+            let cleared: i64 = self
+                .call("task_clear", || {
+                    script.evalsha_with_reload(client.client(), declared.clone(), args.clone())
+                })
+                .await?;
+            if cleared >= 0 {
+                return self.confirm(&client, &declared[0]).await;
+            }
+        }
+        Err(StoreError::Unavailable(
+            "map indices kept being added while clearing them all; try again".into(),
+        ))
     }
 
     async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>> {
         let (values, _) = self.asset_keys(asset);
-        let raw: Option<String> = observed("hget", self.pool.hget(&values, key)).await?;
+        let raw: Option<String> = self
+            .call("hget", || self.pool.hget(values.as_str(), key))
+            .await?;
         raw.map(decode).transpose()
     }
 
@@ -537,37 +835,34 @@ impl StateStore for RedisStore {
             encode(json, now_millis(), None).into(),
             writer.into(),
         ];
-        let write = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
-            self.pool.next(),
-            vec![values, writers],
-            args,
-        );
-        observed("asset_write", write).await?;
-        Ok(())
+        self.write_asset(vec![values, writers], args).await
     }
 
     async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
         let (values, writers) = self.asset_keys(asset);
         let args: Vec<Value> = vec!["del".into(), key.into(), "".into(), "".into()];
-        let delete = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
-            self.pool.next(),
-            vec![values, writers],
-            args,
-        );
-        observed("asset_write", delete).await?;
-        Ok(())
+        self.write_asset(vec![values, writers], args).await
     }
 
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
         let (values, writers) = self.asset_keys(asset);
         // Both keys share the asset's hash tag, so one UNLINK is atomic on a Cluster too.
-        let _: i64 = observed("unlink", self.pool.unlink(vec![values, writers])).await?;
-        Ok(())
+        let client = self.write_client().await?;
+        let _: i64 = self
+            .call("unlink", || {
+                client
+                    .client()
+                    .unlink(vec![values.as_str(), writers.as_str()])
+            })
+            .await?;
+        self.confirm(&client, &values).await
     }
 
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>> {
         let (_, writers) = self.asset_keys(asset);
-        let raw: Option<String> = observed("hget", self.pool.hget(&writers, key)).await?;
+        let raw: Option<String> = self
+            .call("hget", || self.pool.hget(writers.as_str(), key))
+            .await?;
         raw.map(|text| {
             serde_json::from_str(&text)
                 .map_err(|e| StoreError::Internal(format!("unreadable writer record: {e}")))
@@ -639,6 +934,57 @@ mod tests {
         }
         let internal = Error::new(ErrorKind::InvalidArgument, "ERR wrong number of arguments");
         assert!(matches!(classify(internal), StoreError::Internal(_)));
+    }
+
+    #[test]
+    fn operator_url_forms_become_freds() {
+        for (given, expected) in [
+            ("redis://h:1/2", "redis://h:1/2"),
+            ("rediss://u:p@h:1", "rediss://u:p@h:1"),
+            (
+                "redis-cluster://h1:1,h2:2, h3:3",
+                "redis-cluster://h1:1?node=h2:2&node=h3:3",
+            ),
+            (
+                "rediss-cluster://:pw@h1:1,h2:2",
+                "rediss-cluster://:pw@h1:1?node=h2:2",
+            ),
+            (
+                "redis-cluster://h1:1?node=h2:2",
+                "redis-cluster://h1:1?node=h2:2",
+            ),
+            (
+                "redis-sentinel://u:p@s1:26379,s2:26379/mymaster",
+                "redis-sentinel://u:p@s1:26379?node=s2:26379&sentinelServiceName=mymaster",
+            ),
+            (
+                "redis-sentinel://s1:26379/3?sentinelServiceName=m",
+                "redis-sentinel://s1:26379/3?sentinelServiceName=m",
+            ),
+        ] {
+            assert_eq!(fred_url(given).unwrap(), expected, "{given}");
+            client_config(given).unwrap_or_else(|e| panic!("{given}: {e}"));
+        }
+        let cluster = client_config("redis-cluster://h1:1,h2:2").unwrap();
+        assert!(cluster.server.is_clustered());
+        let sentinel = client_config("redis-sentinel://s1:1,s2:2/svc").unwrap();
+        assert!(sentinel.server.is_sentinel());
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_echoing_secrets() {
+        for bad in [
+            "http://h:1",
+            "redis-cluster://h:1/0",
+            "redis-sentinel://s1:1,s2:2",
+            "redis-cluster://",
+            "nonsense",
+        ] {
+            let message = client_config(bad).unwrap_err();
+            assert!(!message.is_empty(), "{bad}");
+        }
+        let message = client_config("redis-sentinel://user:hunter2@s1:1").unwrap_err();
+        assert!(!message.contains("hunter2"), "{message}");
     }
 
     #[test]
