@@ -9,7 +9,7 @@ use gateway::{token_for, unique, Backend, Gateway};
 use serde_json::json;
 use uuid::Uuid;
 
-on_both_stores!(
+on_every_store!(
     name_and_uri_address_one_asset,
     writes_record_task_or_watcher,
     unknown_and_inactive_assets_are_404,

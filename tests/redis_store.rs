@@ -5,23 +5,13 @@
 mod common;
 mod gateway;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airstate::store::redis::{RedisSettings, RedisStore};
 use airstate::store::{now_millis, StateStore, TaskScope};
-use common::RedisServer;
+use common::{redis_cli, RedisServer};
 use gateway::{ti_path, unique, Backend, Gateway};
 use serde_json::json;
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
 
 /// Keys under `prefix`: a keyspace scan, fine in a test, never in the gateway.
 fn keys_under(port: u16, prefix: &str) -> Vec<String> {

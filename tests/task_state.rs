@@ -11,7 +11,7 @@ use gateway::{ti_path, token_for, unique, Backend, Gateway};
 use serde_json::json;
 use uuid::Uuid;
 
-on_both_stores!(
+on_every_store!(
     every_json_type_round_trips_as_sent,
     keys_may_hold_slashes_and_unicode,
     missing_key_is_airflows_404,

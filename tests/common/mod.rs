@@ -113,27 +113,56 @@ impl RedisServer {
     /// One server per test binary, for tests that isolate themselves by key prefix.
     pub fn shared() -> &'static RedisServer {
         static SHARED: OnceLock<RedisServer> = OnceLock::new();
-        SHARED.get_or_init(|| {
-            let port = free_port();
-            let dir = kept_temp_dir("airstate-redis-");
-            let args = Self::base_args(port, &dir);
-            let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-            spawn_watched(
-                &format!("redis-server {}", quoted.join(" ")),
-                &dir,
-                &dir.join("watchdog.log"),
-            );
-            wait_until("shared redis-server", Duration::from_secs(20), || {
-                redis_pings(port)
-            });
-            RedisServer {
-                port,
-                url: format!("redis://127.0.0.1:{port}"),
-                dir,
-                args,
-                child: None,
-            }
-        })
+        SHARED.get_or_init(|| Self::watched_with_args(&[]))
+    }
+
+    /// A server that lives as long as the test process, under a watchdog: for servers
+    /// kept in `static`s, which are never dropped.
+    fn watched_with_args(extra: &[&str]) -> RedisServer {
+        let port = free_port();
+        let dir = kept_temp_dir("airstate-redis-");
+        let mut args = Self::base_args(port, &dir);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        spawn_watched(
+            &format!("redis-server {}", quoted.join(" ")),
+            &dir,
+            &dir.join("watchdog.log"),
+        );
+        wait_until("watched redis-server", Duration::from_secs(20), || {
+            redis_pings(port)
+        });
+        RedisServer {
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            dir,
+            args,
+            child: None,
+        }
+    }
+
+    /// Whether this server's process is running (it may be paused).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Freezes the process (SIGSTOP): connections stay open and nothing answers, the
+    /// way a hung or partitioned server looks to a client.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("an owned, running server");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
     }
 
     /// A server owned by one test (stopped on drop), for tests that stop or restart it.
@@ -189,6 +218,261 @@ impl Drop for RedisServer {
             self.stop();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Runs `redis-cli -p port args...` and returns its trimmed output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The value of `field` in an INFO-style `field:value` listing.
+pub fn info_field(listing: &str, field: &str) -> Option<String> {
+    listing
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(&format!("{field}:")))
+        .map(str::to_owned)
+}
+
+const CLUSTER_NODE_ARGS: [&str; 6] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "2000",
+];
+
+/// A real Redis Cluster on loopback: three primaries, each with one replica, made by
+/// `redis-cli --cluster create` exactly as an operator would.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    /// `redis-cluster://` URL listing every node, as `AIRSTATE_REDIS_URL` takes it.
+    pub url: String,
+}
+
+impl RedisCluster {
+    /// One cluster per test binary (watched), for tests that only need a Cluster to exist.
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let nodes = (0..6)
+                .map(|_| RedisServer::watched_with_args(&CLUSTER_NODE_ARGS))
+                .collect();
+            Self::create(nodes)
+        })
+    }
+
+    /// A cluster owned by one test, whose nodes it may kill, pause or restart.
+    pub fn start() -> RedisCluster {
+        let nodes = (0..6)
+            .map(|_| RedisServer::start_with_args(&CLUSTER_NODE_ARGS))
+            .collect();
+        Self::create(nodes)
+    }
+
+    fn create(nodes: Vec<RedisServer>) -> RedisCluster {
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let cluster = RedisCluster {
+            url: format!("redis-cluster://{}", addresses.join(",")),
+            nodes,
+        };
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and every replica's link
+    /// to its primary is up (a replica that never synced will not fail over).
+    pub fn wait_healthy(&self, timeout: Duration) {
+        wait_until("redis cluster", timeout, || {
+            self.nodes
+                .iter()
+                .filter(|n| n.child.is_some() || redis_pings(n.port))
+                .all(|n| {
+                    let info = redis_cli(n.port, &["CLUSTER", "INFO"]);
+                    let replication = redis_cli(n.port, &["INFO", "replication"]);
+                    info_field(&info, "cluster_state").as_deref() == Some("ok")
+                        && (info_field(&replication, "role").as_deref() == Some("master")
+                            || info_field(&replication, "master_link_status").as_deref()
+                                == Some("up"))
+                })
+        });
+    }
+
+    /// The node id of the server on `port`.
+    pub fn node_id(port: u16) -> String {
+        redis_cli(port, &["CLUSTER", "MYID"])
+    }
+
+    /// The port of the primary serving `slot`, as a live node sees it.
+    pub fn primary_of_slot(&self, slot: u16) -> u16 {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| redis_pings(n.port))
+            .expect("a live node");
+        let shards = redis_cli(live.port, &["CLUSTER", "NODES"]);
+        for line in shards.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = fields[1]
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("node port");
+            for range in &fields[8..] {
+                let (low, high) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(low), Ok(high)) = (low.parse::<u16>(), high.parse::<u16>()) {
+                    if (low..=high).contains(&slot) {
+                        return port;
+                    }
+                }
+            }
+        }
+        panic!("no primary serves slot {slot}: {shards}");
+    }
+
+    pub fn node(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("node on port")
+    }
+
+    /// The Cluster hash slot of `key`.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| redis_pings(n.port))
+            .expect("a live node");
+        redis_cli(live.port, &["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .expect("slot")
+    }
+}
+
+/// Redis behind Sentinel: a primary, one replica and three sentinels (quorum 2), all
+/// owned by the test.
+pub struct RedisSentinel {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinel_ports: Vec<u16>,
+    sentinels: Vec<Child>,
+    dir: PathBuf,
+    pub service: &'static str,
+    /// `redis-sentinel://` URL listing the sentinels, as `AIRSTATE_REDIS_URL` takes it.
+    pub url: String,
+}
+
+impl RedisSentinel {
+    pub fn start() -> RedisSentinel {
+        let service = "airstate-primary";
+        let primary = RedisServer::start();
+        let primary_port = primary.port.to_string();
+        let replica = RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &primary_port]);
+        let dir = kept_temp_dir("airstate-sentinel-");
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {service} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {service} 1000\n\
+                     sentinel failover-timeout {service} 5000\n\
+                     sentinel parallel-syncs {service} 1\n",
+                    dir = dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel");
+            sentinels.push(child);
+            sentinel_ports.push(port);
+        }
+        for port in &sentinel_ports {
+            wait_until("sentinel", Duration::from_secs(20), || redis_pings(*port));
+        }
+        let sentinel = RedisSentinel {
+            url: format!(
+                "redis-sentinel://{}/{service}",
+                sentinel_ports
+                    .iter()
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            primary,
+            replica,
+            sentinel_ports,
+            sentinels,
+            dir,
+            service,
+        };
+        // Ready when the replica has synced and every sentinel knows the replica.
+        wait_until("sentinel setup", Duration::from_secs(30), || {
+            let replication = redis_cli(sentinel.replica.port, &["INFO", "replication"]);
+            info_field(&replication, "master_link_status").as_deref() == Some("up")
+                && sentinel.sentinel_ports.iter().all(|p| {
+                    redis_cli(*p, &["SENTINEL", "REPLICAS", service])
+                        .contains(&format!("{}", sentinel.replica.port))
+                })
+        });
+        sentinel
+    }
+
+    /// The primary's port, as the sentinels currently announce it.
+    pub fn announced_primary(&self) -> u16 {
+        let reply = redis_cli(
+            self.sentinel_ports[0],
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service],
+        );
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .expect("sentinel answer")
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for child in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

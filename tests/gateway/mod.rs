@@ -13,12 +13,13 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use crate::common::{Postgres, RedisServer};
+use crate::common::{Postgres, RedisCluster, RedisServer};
 
 /// Declares each behaviour (an `async fn(Backend)` at the test crate's root) once and runs
-/// it against both stores: `memory::<name>` and `redis::<name>`.
+/// it against every store: `memory::<name>`, `redis::<name>` (a standalone server) and
+/// `cluster::<name>` (a Redis Cluster of three primaries and three replicas).
 #[allow(unused_macros)]
-macro_rules! on_both_stores {
+macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,6 +28,10 @@ macro_rules! on_both_stores {
         mod redis {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(super::Backend::Redis).await })*
+        }
+        mod cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Cluster).await })*
         }
     };
 }
@@ -38,6 +43,7 @@ pub const AUDIENCE: &str = "urn:airflow.apache.org:task";
 pub enum Backend {
     Memory,
     Redis,
+    Cluster,
 }
 
 pub struct Gateway {
@@ -104,11 +110,22 @@ impl Gateway {
         env.insert("AIRSTATE_LISTEN".into(), "127.0.0.1:0".into());
         env.insert("AIRSTATE_KEY_PREFIX".into(), prefix.clone());
         env.insert("AIRSTATE_IDENTITY_CACHE_SECONDS".into(), "1".into());
-        if backend == Backend::Redis {
-            env.insert(
-                "AIRSTATE_REDIS_URL".into(),
-                RedisServer::shared().url.clone(),
-            );
+        let url_given = extra.iter().any(|(name, _)| *name == "AIRSTATE_REDIS_URL");
+        match backend {
+            _ if url_given => {}
+            Backend::Memory => {}
+            Backend::Redis => {
+                env.insert(
+                    "AIRSTATE_REDIS_URL".into(),
+                    RedisServer::shared().url.clone(),
+                );
+            }
+            Backend::Cluster => {
+                env.insert(
+                    "AIRSTATE_REDIS_URL".into(),
+                    RedisCluster::shared().url.clone(),
+                );
+            }
         }
         for (name, value) in extra {
             env.insert((*name).into(), (*value).into());
