@@ -13,14 +13,16 @@ use common::{redis_cli, RedisServer};
 use gateway::{ti_path, unique, Backend, Gateway};
 use serde_json::json;
 
-/// Keys under `prefix`: a keyspace scan, fine in a test, never in the gateway.
+/// Keys under `prefix`: a keyspace scan, fine in a test, never in the gateway. SCAN may
+/// return a key twice while the keyspace is being rehashed (as after a big clear).
 fn keys_under(port: u16, prefix: &str) -> Vec<String> {
     let listed = redis_cli(port, &["--scan", "--pattern", &format!("{prefix}*")]);
-    listed
+    let unique: std::collections::BTreeSet<String> = listed
         .lines()
         .map(str::to_owned)
         .filter(|l| !l.is_empty())
-        .collect()
+        .collect();
+    unique.into_iter().collect()
 }
 
 async fn store_on(server: &RedisServer, prefix: &str) -> RedisStore {

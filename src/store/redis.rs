@@ -239,9 +239,18 @@ impl RedisStore {
             .with_connection_config(|conn| {
                 conn.connection_timeout = timeout;
                 conn.internal_command_timeout = timeout;
-                // A write replayed after a reconnect could land after a newer one; fail it
-                // instead and let the client retry (the Task SDK retries on 5xx).
-                conn.max_command_attempts = 1;
+                // fred 10.1 counts a Cluster redirection (MOVED, ASK) as a write attempt,
+                // so one attempt turns every redirect into an error. Replays are safe:
+                // the scripts are idempotent, and fred never writes or replays a command
+                // whose caller has timed out, so no write lands after its 503.
+                conn.max_command_attempts = 3;
+                // fred 10.1 answers an ASK by writing ASKING on a pipelined connection
+                // and taking the next frame as its reply, stealing another command's
+                // reply and shifting every later one on that connection. With no
+                // redirections allowed, fred still re-syncs its slot map on MOVED, and
+                // hands both MOVED and ASK back to `call`, which retries: the command then
+                // goes to the slot's owner, once a migrating slot has settled.
+                conn.max_redirections = 0;
                 // Bounded queue: past it, fail fast rather than grow without limit.
                 conn.max_command_buffer_len = 10_000;
                 // A connection silent for twice the timeout (a paused server, a half-open
@@ -376,12 +385,7 @@ impl RedisStore {
     }
 
     fn task_keys(&self, scope: &TaskScope) -> TaskKeys {
-        let mut hasher = Sha256::new();
-        for part in [&scope.dag_id, &scope.run_id, &scope.task_id] {
-            hasher.update((part.len() as u64).to_be_bytes());
-            hasher.update(part.as_bytes());
-        }
-        let digest = hex::encode(&hasher.finalize()[..16]);
+        let digest = task_digest(scope);
         let base = format!("{}{{t:{digest}}}:", self.prefix);
         let scope_key = format!("{base}{}", scope.map_index);
         TaskKeys {
@@ -489,9 +493,10 @@ impl RedisStore {
     /// Runs one Redis call in a client span, recording its latency and errors.
     ///
     /// While a Cluster answers "try again" (TRYAGAIN: a multi-key call on a slot being
-    /// migrated; CLUSTERDOWN: a failover in progress) the call is repeated, with short
-    /// pauses, until the command timeout: neither reply means the command ran, so a
-    /// resharding or failover shows up as latency rather than as errors.
+    /// migrated; CLUSTERDOWN: a failover in progress; MOVED or ASK: the slot lives or is
+    /// moving elsewhere) the call is repeated, with short pauses, until the command
+    /// timeout: none of these replies means the command ran, so a resharding or failover
+    /// shows up as latency rather than as errors.
     async fn call<T, F, Fut>(&self, command: &'static str, mut attempt: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
@@ -584,14 +589,36 @@ impl RedisStore {
     }
 }
 
-/// Replies from a Cluster that mean "not executed, ask again shortly".
+/// Replies from a Cluster that mean "not executed, ask again shortly", including fred's
+/// refusal to follow a MOVED or ASK itself (see `max_redirections` in `connect`).
 fn cluster_says_retry(error: &fred::error::Error) -> bool {
     let details = error.details();
-    details.starts_with("TRYAGAIN") || details.starts_with("CLUSTERDOWN")
+    details.starts_with("TRYAGAIN")
+        || details.starts_with("CLUSTERDOWN")
+        || (*error.kind() == fred::error::ErrorKind::Routing
+            && (details.starts_with("Max attempts reached")
+                || details.starts_with("Too many redirections")))
 }
 
 fn millis_u32(duration: Duration) -> u32 {
     duration.as_millis().try_into().unwrap_or(u32::MAX)
+}
+
+/// The hash-tagged name every key of a task shares, whatever its map index; its Cluster
+/// hash slot is the task's slot. For tools and tests that look at Redis directly.
+pub fn task_hash_tag(prefix: &str, scope: &TaskScope) -> String {
+    format!("{prefix}{{t:{}}}", task_digest(scope))
+}
+
+/// A digest of the length-prefixed (dag_id, run_id, task_id): safe in a hash tag whatever
+/// characters the ids hold (a `}` would end the tag early).
+fn task_digest(scope: &TaskScope) -> String {
+    let mut hasher = Sha256::new();
+    for part in [&scope.dag_id, &scope.run_id, &scope.task_id] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hex::encode(&hasher.finalize()[..16])
 }
 
 /// One step of `task_write.lua`.
@@ -680,7 +707,12 @@ fn classify(error: fred::error::Error) -> StoreError {
         | ErrorKind::Tls => StoreError::Unavailable(message),
         // fred reports "no connection to send on" (between a drop and the reconnect) as
         // an Unknown error; it is the same outage as an IO error.
-        ErrorKind::Unknown if error.details().starts_with("Failed to route") => {
+        ErrorKind::Unknown
+            if error.details().starts_with("Failed to route")
+                || error
+                    .details()
+                    .starts_with("Too many failed write attempts") =>
+        {
             StoreError::Unavailable(message)
         }
         _ => {
@@ -915,6 +947,7 @@ mod tests {
         let unavailable = [
             Error::new(ErrorKind::IO, "Connection closed."),
             Error::new(ErrorKind::Unknown, "Failed to route command."),
+            Error::new(ErrorKind::Unknown, "Too many failed write attempts."),
             Error::new(ErrorKind::Timeout, "Request timed out."),
             Error::new(
                 ErrorKind::Unknown,

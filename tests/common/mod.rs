@@ -325,6 +325,12 @@ impl RedisCluster {
 
     /// The port of the primary serving `slot`, as a live node sees it.
     pub fn primary_of_slot(&self, slot: u16) -> u16 {
+        self.try_primary_of_slot(slot)
+            .unwrap_or_else(|| panic!("no healthy primary serves slot {slot}"))
+    }
+
+    /// The healthy primary serving `slot`, if any (none while a failover is under way).
+    pub fn try_primary_of_slot(&self, slot: u16) -> Option<u16> {
         let live = self
             .nodes
             .iter()
@@ -345,12 +351,12 @@ impl RedisCluster {
                 let (low, high) = range.split_once('-').unwrap_or((range, range));
                 if let (Ok(low), Ok(high)) = (low.parse::<u16>(), high.parse::<u16>()) {
                     if (low..=high).contains(&slot) {
-                        return port;
+                        return Some(port);
                     }
                 }
             }
         }
-        panic!("no primary serves slot {slot}: {shards}");
+        None
     }
 
     pub fn node(&mut self, port: u16) -> &mut RedisServer {
