@@ -192,3 +192,174 @@ async fn embedded_default_serves_and_stops_cleanly_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A CA and a server certificate for 127.0.0.1, made with openssl in `dir`.
+fn private_ca(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("san.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=airstate test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+    ]);
+}
+
+/// A `redis-server` that speaks only TLS; killed on drop.
+struct TlsRedis(std::process::Child);
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_speak_tls_to_a_server_signed_by_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    private_ca(dir.path());
+    let port = common::free_port();
+    let pem = |name: &str| dir.path().join(name).display().to_string();
+    let _redis = TlsRedis(
+        Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--tls-cert-file", &pem("server.pem")])
+            .args(["--tls-key-file", &pem("server.key")])
+            .args(["--tls-ca-cert-file", &pem("ca.pem")])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--dir", &dir.path().display().to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let started = Instant::now();
+    while Command::new("redis-cli")
+        .args([
+            "--tls",
+            "--cacert",
+            &pem("ca.pem"),
+            "-p",
+            &port.to_string(),
+            "ping",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "PONG")
+        .unwrap_or(true)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "TLS redis never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("rediss://127.0.0.1:{port}");
+
+    // Without the CA the certificate is not trusted: the gateway refuses to start.
+    let untrusted = Command::new(BINARY)
+        .arg("serve")
+        .env_clear()
+        .env("AIRFLOW__API_AUTH__JWT_SECRET", SECRET)
+        .env("AIRSTATE_REDIS_URL", &url)
+        .env(
+            "AIRSTATE_LISTEN",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .env("AIRSTATE_REDIS_TIMEOUT_MS", "1000")
+        .output()
+        .unwrap();
+    assert!(!untrusted.status.success());
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(stderr.contains("state store"), "{stderr}");
+
+    // Trusting the private CA through SSL_CERT_FILE, state round-trips over TLS.
+    let mut env = production_env();
+    env.retain(|(name, _)| *name != "AIRSTATE_REDIS_URL");
+    env.push(("AIRSTATE_REDIS_URL", url));
+    env.push(("SSL_CERT_FILE", pem("ca.pem")));
+    let served = serve(&env);
+    let ti = Uuid::now_v7();
+    Postgres::shared()
+        .insert_task_instance(ti, &unique("dag"), &unique("run"), "tls", -1)
+        .await;
+    let http = reqwest::Client::new();
+    let path = format!("{}/execution/store/ti/{ti}/k", served.base);
+    let put = http
+        .put(&path)
+        .bearer_auth(token_for(ti))
+        .json(&serde_json::json!({"value": "over tls"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    let got: serde_json::Value = http
+        .get(&path)
+        .bearer_auth(token_for(ti))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, serde_json::json!({"value": "over tls"}));
+}
