@@ -9,11 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::Value;
 
 use super::body::{check_key, parse_put_body};
 use super::error::{ApiError, ValidationIssue};
+use super::extensions::{condition, not_modified, with_etag, written_response};
 use super::extract::{query_params, ExecutionToken, JsonBody};
 use super::{no_content, value_response, AppState};
 use crate::auth::{Claims, WATCHER_SUBJECT};
@@ -111,10 +113,17 @@ async fn writer_of(app: &AppState, claims: &Claims) -> Result<Writer, ApiError> 
     })
 }
 
-async fn get_value(app: &AppState, asset: AssetRef, key: &str) -> Result<Response, ApiError> {
+async fn get_value(
+    app: &AppState,
+    asset: AssetRef,
+    key: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let condition = condition(headers)?;
     let asset = resolve(app, asset).await?;
     match app.store.get_asset(&asset, key).await? {
-        Some(value) => Ok(value_response(&value.json)),
+        Some(value) => Ok(not_modified(&condition, &value.version)
+            .unwrap_or_else(|| with_etag(value_response(&value.json), Some(&value.version)))),
         None => Err(ApiError::AssetKeyNotFound(key.to_owned())),
     }
 }
@@ -124,21 +133,30 @@ async fn put_value(
     claims: &Claims,
     asset: AssetRef,
     key: &str,
+    headers: &HeaderMap,
     body: &JsonBody,
 ) -> Result<Response, ApiError> {
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?;
+    let condition = condition(headers)?;
     let asset = resolve(app, asset).await?;
     let writer = writer_of(app, claims).await?;
-    app.store
-        .put_asset(&asset, key, parsed.value, &writer)
+    let written = app
+        .store
+        .put_asset_if(&asset, key, parsed.value, &writer, &condition)
         .await?;
-    Ok(no_content())
+    written_response(written, no_content())
 }
 
-async fn delete_value(app: &AppState, asset: AssetRef, key: &str) -> Result<Response, ApiError> {
+async fn delete_value(
+    app: &AppState,
+    asset: AssetRef,
+    key: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let condition = condition(headers)?;
     let asset = resolve(app, asset).await?;
-    app.store.delete_asset(&asset, key).await?;
-    Ok(no_content())
+    let written = app.store.delete_asset_if(&asset, key, &condition).await?;
+    written_response(written, no_content())
 }
 
 async fn clear_all(app: &AppState, asset: AssetRef) -> Result<Response, ApiError> {
@@ -153,28 +171,39 @@ pub async fn get<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     _token: ExecutionToken,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    get_value(&app, asset, &key.unwrap_or_default()).await
+    get_value(&app, asset, &key.unwrap_or_default(), &headers).await
 }
 
 pub async fn put<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    put_value(&app, &claims, asset, &key.unwrap_or_default(), &body).await
+    put_value(
+        &app,
+        &claims,
+        asset,
+        &key.unwrap_or_default(),
+        &headers,
+        &body,
+    )
+    .await
 }
 
 pub async fn delete<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     _token: ExecutionToken,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    delete_value(&app, asset, &key.unwrap_or_default()).await
+    delete_value(&app, asset, &key.unwrap_or_default(), &headers).await
 }
 
 pub async fn clear<const BY_URI: bool>(
@@ -207,28 +236,31 @@ pub async fn seed_get(
     State(app): State<Arc<AppState>>,
     _token: ExecutionToken,
     Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    get_value(&app, asset, &key).await
+    get_value(&app, asset, &key, &headers).await
 }
 
 pub async fn seed_put(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    put_value(&app, &claims, asset, &key, &body).await
+    put_value(&app, &claims, asset, &key, &headers, &body).await
 }
 
 pub async fn seed_delete(
     State(app): State<Arc<AppState>>,
     _token: ExecutionToken,
     Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    delete_value(&app, asset, &key).await
+    delete_value(&app, asset, &key, &headers).await
 }
 
 pub async fn seed_clear(

@@ -76,6 +76,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body over {0} bytes")]
     PayloadTooLarge(usize),
+    /// A malformed extension header (`If-Match`, `If-None-Match`).
+    #[error("bad header: {0}")]
+    BadHeader(String),
+    /// `If-Match` / `If-None-Match` did not hold; nothing was written.
+    #[error("precondition failed")]
+    PreconditionFailed,
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -198,6 +204,14 @@ impl ApiError {
                 json!(format!(
                     "Request body is larger than the limit of {limit} bytes"
                 )),
+            ),
+            BadHeader(message) => (StatusCode::BAD_REQUEST, json!(message)),
+            PreconditionFailed => (
+                StatusCode::PRECONDITION_FAILED,
+                json!({
+                    "reason": "precondition_failed",
+                    "message": "The key's current version does not satisfy If-Match / If-None-Match; nothing was changed",
+                }),
             ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -4,6 +4,7 @@
 pub mod asset;
 pub mod body;
 pub mod error;
+pub mod extensions;
 pub mod extract;
 mod observe;
 pub mod task;

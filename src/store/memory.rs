@@ -8,8 +8,10 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use super::version::new_version;
 use super::{
-    now_millis, AssetKey, EpochMillis, StateStore, StoreResult, StoredValue, TaskScope, Writer,
+    now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreResult, StoredValue, TaskScope,
+    Writer, Written,
 };
 
 type Fields = HashMap<String, StoredValue>;
@@ -43,7 +45,15 @@ fn fresh(json: &str, expires_at: Option<EpochMillis>) -> StoredValue {
         json: json.to_owned(),
         updated_at: now_millis(),
         expires_at,
+        version: new_version(),
     }
+}
+
+/// The current version of a live value, for a [`Condition`].
+fn live_version(value: Option<&StoredValue>, now: EpochMillis) -> Option<&str> {
+    value
+        .filter(|value| !value.is_expired(now))
+        .map(|value| value.version.as_str())
 }
 
 #[async_trait]
@@ -66,13 +76,14 @@ impl StateStore for MemoryStore {
         }
     }
 
-    async fn put_task(
+    async fn put_task_if(
         &self,
         scope: &TaskScope,
         key: &str,
         json: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()> {
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut tasks = self.tasks.lock().unwrap();
         let now = now_millis();
         let fields = tasks
@@ -80,20 +91,34 @@ impl StateStore for MemoryStore {
             .or_default()
             .entry(scope.map_index)
             .or_default();
+        if !condition.allows(live_version(fields.get(key), now)) {
+            return Ok(Written::PreconditionFailed);
+        }
         fields.retain(|_, value| !value.is_expired(now));
-        fields.insert(key.to_owned(), fresh(json, expires_at));
-        Ok(())
+        let value = fresh(json, expires_at);
+        let version = value.version.clone();
+        fields.insert(key.to_owned(), value);
+        Ok(Written::Applied(Some(version)))
     }
 
-    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()> {
+    async fn delete_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut tasks = self.tasks.lock().unwrap();
-        if let Some(fields) = tasks
+        let fields = tasks
             .get_mut(&task_key(scope))
-            .and_then(|indices| indices.get_mut(&scope.map_index))
-        {
+            .and_then(|indices| indices.get_mut(&scope.map_index));
+        let current = fields.as_ref().and_then(|fields| fields.get(key));
+        if !condition.allows(live_version(current, now_millis())) {
+            return Ok(Written::PreconditionFailed);
+        }
+        if let Some(fields) = fields {
             fields.remove(key);
         }
-        Ok(())
+        Ok(Written::Applied(None))
     }
 
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()> {
@@ -118,27 +143,45 @@ impl StateStore for MemoryStore {
             .map(|(value, _)| value.clone()))
     }
 
-    async fn put_asset(
+    async fn put_asset_if(
         &self,
         asset: &AssetKey,
         key: &str,
         json: &str,
         writer: &Writer,
-    ) -> StoreResult<()> {
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut assets = self.assets.lock().unwrap();
-        assets
-            .entry(asset.clone())
-            .or_default()
-            .insert(key.to_owned(), (fresh(json, None), writer.clone()));
-        Ok(())
+        let fields = assets.entry(asset.clone()).or_default();
+        let current = fields.get(key).map(|(value, _)| value);
+        if !condition.allows(live_version(current, now_millis())) {
+            return Ok(Written::PreconditionFailed);
+        }
+        let value = fresh(json, None);
+        let version = value.version.clone();
+        fields.insert(key.to_owned(), (value, writer.clone()));
+        Ok(Written::Applied(Some(version)))
     }
 
-    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
+    async fn delete_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut assets = self.assets.lock().unwrap();
-        if let Some(fields) = assets.get_mut(asset) {
+        let fields = assets.get_mut(asset);
+        let current = fields
+            .as_ref()
+            .and_then(|fields| fields.get(key))
+            .map(|(value, _)| value);
+        if !condition.allows(live_version(current, now_millis())) {
+            return Ok(Written::PreconditionFailed);
+        }
+        if let Some(fields) = fields {
             fields.remove(key);
         }
-        Ok(())
+        Ok(Written::Applied(None))
     }
 
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {

@@ -9,6 +9,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod version;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,8 @@ pub struct StoredValue {
     pub json: String,
     pub updated_at: EpochMillis,
     pub expires_at: Option<EpochMillis>,
+    /// Unique per write (see [`version`]); the HTTP layer serves it as the `ETag`.
+    pub version: String,
 }
 
 impl StoredValue {
@@ -74,6 +77,8 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+pub use version::{Condition, Written};
+
 /// The operations Airflow's `BaseStoreBackend` offers, over our scopes.
 ///
 /// Every method is idempotent, so a replayed request after a lost reply is harmless.
@@ -88,8 +93,32 @@ pub trait StateStore: Send + Sync + 'static {
         key: &str,
         json: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()>;
-    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        self.put_task_if(scope, key, json, expires_at, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()> {
+        self.delete_task_if(scope, key, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    /// [`put_task`](Self::put_task) applied only when `condition` holds for the key's
+    /// current version, checked and written in one atomic step.
+    async fn put_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        expires_at: Option<EpochMillis>,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
+    async fn delete_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
     /// Clear the scope's map index, or with `all_map_indices` every map index of the same
     /// (dag_id, run_id, task_id), atomically.
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()>;
@@ -101,8 +130,30 @@ pub trait StateStore: Send + Sync + 'static {
         key: &str,
         json: &str,
         writer: &Writer,
-    ) -> StoreResult<()>;
-    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        self.put_asset_if(asset, key, json, writer, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
+        self.delete_asset_if(asset, key, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    async fn put_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        json: &str,
+        writer: &Writer,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
+    async fn delete_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()>;
     /// The writer recorded with an asset key, if the key exists.
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>>;

@@ -26,9 +26,10 @@ use fred::types::sorted_sets::Ordering;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
+use super::version::{legacy_version, new_version};
 use super::{
-    now_millis, AssetKey, EpochMillis, StateStore, StoreError, StoreResult, StoredValue, TaskScope,
-    Writer,
+    now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
+    TaskScope, Writer, Written,
 };
 
 /// Connection settings the operator can tune.
@@ -186,8 +187,8 @@ impl RedisStore {
                     format!("{scope_key}:x"),
                     format!("{base}:r"),
                 ];
-                let next = self
-                    .run_task_write(keys, PURGE, map_index, ["", "", ""])
+                let (_, next) = self
+                    .run_task_write(keys, PURGE, map_index, ["", "", ""], &Condition::NONE)
                     .await?;
                 if next > 0 {
                     let _: i64 = self
@@ -245,7 +246,8 @@ impl RedisStore {
         key: &str,
         encoded: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()> {
+        condition: &Condition,
+    ) -> StoreResult<bool> {
         let keys = self.task_keys(scope);
         let keys = vec![keys.scope, keys.expiry, keys.registry];
         let write = Write {
@@ -259,9 +261,18 @@ impl RedisStore {
             scope.run_id.as_str(),
             scope.task_id.as_str(),
         ];
-        let next = self
-            .run_task_write(keys, write, &scope.map_index.to_string(), identity)
+        let (fields, next) = self
+            .run_task_write(
+                keys,
+                write,
+                &scope.map_index.to_string(),
+                identity,
+                condition,
+            )
             .await?;
+        if fields < 0 {
+            return Ok(false);
+        }
         if next > 0 {
             // Only scopes mixing permanent and expiring keys get here, so the key names
             // are rebuilt rather than kept around on every write.
@@ -282,19 +293,22 @@ impl RedisStore {
                 .await
                 .map_err(classify)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Runs `task_write.lua`; `identity` (dag_id, run_id, task_id) is recorded when a
     /// write creates the task's registry. Returns the scope's earliest pending expiry when
-    /// it needs the sweep index, else 0.
+    /// it needs the sweep index, else 0, after the fields left (-1: `condition` failed
+    /// and nothing was written).
     async fn run_task_write(
         &self,
         keys: Vec<String>,
         write: Write<'_>,
         map_index: &str,
         identity: [&str; 3],
-    ) -> StoreResult<i64> {
+        condition: &Condition,
+    ) -> StoreResult<(i64, i64)> {
+        let (if_match, if_none_match) = condition.to_args();
         let args: Vec<Value> = vec![
             write.op.into(),
             write.key.into(),
@@ -309,6 +323,8 @@ impl RedisStore {
             identity[0].into(),
             identity[1].into(),
             identity[2].into(),
+            if_match.into(),
+            if_none_match.into(),
         ];
         let reply: Vec<i64> = observed(
             "task_write",
@@ -317,7 +333,48 @@ impl RedisStore {
                 .evalsha_with_reload(self.pool.next(), keys, args),
         )
         .await?;
-        Ok(reply.get(1).copied().unwrap_or(0))
+        Ok((
+            reply.first().copied().unwrap_or(0),
+            reply.get(1).copied().unwrap_or(0),
+        ))
+    }
+}
+
+impl RedisStore {
+    /// Runs `asset_write.lua`; false when `condition` failed and nothing was written.
+    async fn asset_write(
+        &self,
+        op: &str,
+        key: &str,
+        encoded: String,
+        writer: String,
+        asset: &AssetKey,
+        condition: &Condition,
+    ) -> StoreResult<bool> {
+        let (values, writers) = self.asset_keys(asset);
+        let (if_match, if_none_match) = condition.to_args();
+        let args: Vec<Value> = vec![
+            op.into(),
+            key.into(),
+            encoded.into(),
+            writer.into(),
+            if_match.into(),
+            if_none_match.into(),
+        ];
+        let write = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
+            self.pool.next(),
+            vec![values, writers],
+            args,
+        );
+        Ok(observed("asset_write", write).await? == 1)
+    }
+}
+
+fn written(applied: bool, version: Option<String>) -> Written {
+    if applied {
+        Written::Applied(version)
+    } else {
+        Written::PreconditionFailed
     }
 }
 
@@ -337,12 +394,18 @@ const PURGE: Write<'static> = Write {
     expires_at: None,
 };
 
-/// `"<updated_ms>:<expires_ms or empty>:<json>"`: bookkeeping in front of the JSON text,
-/// so one `HGET` returns everything a read needs.
-fn encode(json: &str, updated_at: EpochMillis, expires_at: Option<EpochMillis>) -> String {
+/// `"<updated_ms>.<version>:<expires_ms or empty>:<json>"`: bookkeeping in front of the
+/// JSON text, so one `HGET` returns everything a read needs. Values written before
+/// versions existed lack `.<version>`; they read with a [`legacy_version`].
+fn encode(
+    json: &str,
+    updated_at: EpochMillis,
+    version: &str,
+    expires_at: Option<EpochMillis>,
+) -> String {
     match expires_at {
-        Some(at) => format!("{updated_at}:{at}:{json}"),
-        None => format!("{updated_at}::{json}"),
+        Some(at) => format!("{updated_at}.{version}:{at}:{json}"),
+        None => format!("{updated_at}.{version}::{json}"),
     }
 }
 
@@ -350,7 +413,12 @@ fn decode(raw: String) -> StoreResult<StoredValue> {
     let corrupt = || StoreError::Internal("stored value has an unknown encoding".to_owned());
     let (updated, rest) = raw.split_once(':').ok_or_else(corrupt)?;
     let (expires, json) = rest.split_once(':').ok_or_else(corrupt)?;
+    let (updated, version) = match updated.split_once('.') {
+        Some((updated, version)) => (updated, Some(version.to_owned())),
+        None => (updated, None),
+    };
     let updated_at = updated.parse().map_err(|_| corrupt())?;
+    let version = version.unwrap_or_else(|| legacy_version(updated_at));
     let expires_at = if expires.is_empty() {
         None
     } else {
@@ -363,6 +431,7 @@ fn decode(raw: String) -> StoreResult<StoredValue> {
         json,
         updated_at,
         expires_at,
+        version,
     })
 }
 
@@ -471,7 +540,7 @@ impl StateStore for RedisStore {
             let map_index = scope.map_index.to_string();
             tokio::spawn(async move {
                 if let Err(error) = store
-                    .run_task_write(keys, PURGE, &map_index, ["", "", ""])
+                    .run_task_write(keys, PURGE, &map_index, ["", "", ""], &Condition::NONE)
                     .await
                 {
                     tracing::debug!(%error, "lazy purge of expired task state failed");
@@ -482,20 +551,32 @@ impl StateStore for RedisStore {
         Ok(Some(value))
     }
 
-    async fn put_task(
+    async fn put_task_if(
         &self,
         scope: &TaskScope,
         key: &str,
         json: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()> {
-        let encoded = encode(json, now_millis(), expires_at);
-        self.task_write(scope, "set", key, &encoded, expires_at)
-            .await
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let version = new_version();
+        let encoded = encode(json, now_millis(), &version, expires_at);
+        let applied = self
+            .task_write(scope, "set", key, &encoded, expires_at, condition)
+            .await?;
+        Ok(written(applied, Some(version)))
     }
 
-    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()> {
-        self.task_write(scope, "del", key, "", None).await
+    async fn delete_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let applied = self
+            .task_write(scope, "del", key, "", None, condition)
+            .await?;
+        Ok(written(applied, None))
     }
 
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()> {
@@ -521,41 +602,30 @@ impl StateStore for RedisStore {
         raw.map(decode).transpose()
     }
 
-    async fn put_asset(
+    async fn put_asset_if(
         &self,
         asset: &AssetKey,
         key: &str,
         json: &str,
         writer: &Writer,
-    ) -> StoreResult<()> {
-        let (values, writers) = self.asset_keys(asset);
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let writer = serde_json::to_string(writer)
             .map_err(|e| StoreError::Internal(format!("cannot encode writer: {e}")))?;
-        let args: Vec<Value> = vec![
-            "set".into(),
-            key.into(),
-            encode(json, now_millis(), None).into(),
-            writer.into(),
-        ];
-        let write = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
-            self.pool.next(),
-            vec![values, writers],
-            args,
-        );
-        observed("asset_write", write).await?;
-        Ok(())
+        let version = new_version();
+        let encoded = encode(json, now_millis(), &version, None);
+        let applied = self.asset_write("set", key, encoded, writer, asset, condition);
+        Ok(written(applied.await?, Some(version)))
     }
 
-    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
-        let (values, writers) = self.asset_keys(asset);
-        let args: Vec<Value> = vec!["del".into(), key.into(), "".into(), "".into()];
-        let delete = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
-            self.pool.next(),
-            vec![values, writers],
-            args,
-        );
-        observed("asset_write", delete).await?;
-        Ok(())
+    async fn delete_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let applied = self.asset_write("del", key, String::new(), String::new(), asset, condition);
+        Ok(written(applied.await?, None))
     }
 
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
@@ -600,11 +670,24 @@ mod tests {
             ("123456789012345678901234567890", None),
             ("{\"k\": [1, 2]}", Some(5)),
         ] {
-            let decoded = decode(encode(json, 42, expires)).unwrap();
+            let decoded = decode(encode(json, 42, "00ff", expires)).unwrap();
             assert_eq!(decoded.json, json);
+            assert_eq!(decoded.version, "00ff");
             assert_eq!(decoded.updated_at, 42);
             assert_eq!(decoded.expires_at, expires);
         }
+    }
+
+    #[test]
+    fn values_from_before_versions_still_decode() {
+        let decoded = decode("42::\"a:b\"".to_owned()).unwrap();
+        assert_eq!(decoded.json, "\"a:b\"");
+        assert_eq!(decoded.version, legacy_version(42));
+        let decoded = decode("42:7:1".to_owned()).unwrap();
+        assert_eq!(
+            (decoded.expires_at, decoded.version.as_str()),
+            (Some(7), "L42")
+        );
     }
 
     #[test]
