@@ -1,12 +1,14 @@
 //! airstate's extensions beyond Airflow's API, on both stores: optimistic concurrency
-//! (ETag / If-Match / If-None-Match).
+//! (ETag / If-Match / If-None-Match) and bulk reads.
 
 mod common;
 #[macro_use]
 mod gateway;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
 
+use common::RedisServer;
 use gateway::{ti_path, unique, Backend, Gateway, Reply};
 use serde_json::{json, Value};
 
@@ -17,6 +19,9 @@ on_both_stores!(
     malformed_conditions_are_400_and_change_nothing,
     if_match_writers_exactly_one_wins_per_version,
     if_match_counter_loses_no_update_under_contention,
+    bulk_read_returns_exact_values_etags_and_missing,
+    bulk_read_of_1000_keys_is_one_call_and_one_round_trip,
+    bulk_read_validation,
 );
 
 fn enc(text: &str) -> String {
@@ -354,4 +359,266 @@ async fn if_match_counter_loses_no_update_under_contention(backend: Backend) {
     assert_eq!(total.body, json!({"value": WRITERS as i64 * EACH}));
     // Contention really happened, so the test proves the check, not luck.
     assert!(conflicts > 0, "no writer ever conflicted");
+}
+
+async fn bulk_read_returns_exact_values_etags_and_missing(backend: Backend) {
+    let gw = Gateway::start(backend).await;
+    let ti = gw.task().await;
+    let t = ti.token.as_str();
+    let base = format!("/execution/store/ti/{}", ti.id);
+    gw.put_text(&ti_path(&ti, "a"), t, r#"{"value": 1.0}"#)
+        .await;
+    gw.put_text(
+        &ti_path(&ti, "b"),
+        t,
+        r#"{"value": 123456789012345678901234567890}"#,
+    )
+    .await;
+    gw.put_text(
+        &ti_path(&ti, "x%2Cy"),
+        t,
+        r#"{"value": {"z": 1, "a": [true, null]}}"#,
+    )
+    .await;
+    let soon = (chrono::Utc::now() + chrono::Duration::milliseconds(200)).to_rfc3339();
+    gw.put(
+        &ti_path(&ti, "brief"),
+        t,
+        json!({"value": 1, "expires_at": soon}),
+    )
+    .await;
+    let etag_a = etag(&gw.get(&ti_path(&ti, "a"), t).await);
+
+    // Keys come back in the order asked, values as the exact text sent.
+    let got = gw.get(&format!("{base}?keys=b,nope,a"), t).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(
+        got.text,
+        format!(
+            r#"{{"values":{{"b":123456789012345678901234567890,"a":1.0}},"etags":{{"b":{},"a":{}}},"missing":["nope"]}}"#,
+            json!(etag(&gw.get(&ti_path(&ti, "b"), t).await)),
+            json!(etag_a)
+        )
+    );
+    // POST takes any key, commas included; repeats are answered once.
+    let posted = gw
+        .send(
+            "POST",
+            &base,
+            Some(t),
+            Some(json!({"keys": ["x,y", "a", "a"]})),
+        )
+        .await;
+    assert_eq!(posted.status, 200, "{posted:?}");
+    assert_eq!(
+        posted.body["values"],
+        json!({"x,y": {"z": 1, "a": [true, null]}, "a": 1.0})
+    );
+    assert_eq!(posted.body["missing"], json!([]));
+    // An expired key is reported missing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let reply = gw.get(&format!("{base}?keys=brief,a"), t).await;
+        if reply.body["missing"] == json!(["brief"]) {
+            assert_eq!(reply.body["values"], json!({"a": 1.0}));
+            break;
+        }
+        assert_eq!(reply.body["values"]["brief"], json!(1));
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let a = asset(&gw).await;
+    gw.put_text(&by_name(&a, "w"), t, r#"{"value": "2026-04-29"}"#)
+        .await;
+    let values = format!(
+        "/execution/store/asset/by-name/values?name={}",
+        enc(&a.name)
+    );
+    let got = gw.get(&format!("{values}&keys=w,q"), t).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.body["values"], json!({"w": "2026-04-29"}));
+    assert_eq!(got.body["missing"], json!(["q"]));
+    assert_eq!(
+        got.body["etags"]["w"],
+        json!(etag(&gw.get(&by_name(&a, "w"), t).await))
+    );
+    let posted = gw
+        .send("POST", &values, Some(t), Some(json!({"keys": ["q", "w"]})))
+        .await;
+    assert_eq!(posted.body["values"], json!({"w": "2026-04-29"}));
+}
+
+/// Counts of each Redis command run so far (`INFO commandstats`).
+fn command_counts(port: u16) -> BTreeMap<String, u64> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            let calls = rest.split(',').next()?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+async fn bulk_read_of_1000_keys_is_one_call_and_one_round_trip(backend: Backend) {
+    // A Redis of this test's own, so that its command counts are this test's alone.
+    let own = (backend == Backend::Redis).then(RedisServer::start);
+    let url = own
+        .as_ref()
+        .map(|server| server.url.clone())
+        .unwrap_or_default();
+    let gw = Gateway::start_with(backend, &[("AIRSTATE_REDIS_URL", &url)]).await;
+    let ti = gw.task().await;
+    let a = asset(&gw).await;
+    let scope = airstate::store::TaskScope {
+        dag_id: ti.dag_id.clone(),
+        run_id: ti.run_id.clone(),
+        task_id: ti.task_id.clone(),
+        map_index: -1,
+    };
+    let asset_key = airstate::store::AssetKey(
+        gw.pg
+            .client()
+            .await
+            .query_one("SELECT id FROM asset WHERE name = $1", &[&a.name])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+            .to_string(),
+    );
+    let keys: Vec<String> = (0..1000).map(|i| format!("key-{i}")).collect();
+    for (i, key) in keys.iter().enumerate().filter(|(i, _)| i % 10 != 7) {
+        gw.state
+            .store
+            .put_task(&scope, key, &i.to_string(), None)
+            .await
+            .unwrap();
+        gw.state
+            .store
+            .put_asset(
+                &asset_key,
+                key,
+                &format!("[{i}]"),
+                &airstate::store::Writer::Watcher,
+            )
+            .await
+            .unwrap();
+    }
+    let expected_missing: Vec<Value> = keys
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 == 7)
+        .map(|(_, key)| json!(key))
+        .collect();
+
+    let before = own.as_ref().map(|server| command_counts(server.port));
+    let got = gw
+        .get(
+            &format!("/execution/store/ti/{}?keys={}", ti.id, keys.join(",")),
+            &ti.token,
+        )
+        .await;
+    let after = own.as_ref().map(|server| command_counts(server.port));
+    assert_eq!(got.status, 200, "{got:?}");
+    let values = got.body["values"].as_object().unwrap();
+    assert_eq!(values.len(), 900);
+    assert_eq!(values["key-999"], json!(999));
+    assert_eq!(got.body["etags"].as_object().unwrap().len(), 900);
+    assert_eq!(got.body["missing"], Value::Array(expected_missing.clone()));
+    if let (Some(before), Some(after)) = (before, after) {
+        let ran: BTreeMap<&String, u64> = after
+            .iter()
+            .filter(|(name, _)| !["info", "zrangebyscore"].contains(&name.as_str()))
+            .map(|(name, calls)| (name, calls - before.get(name).copied().unwrap_or(0)))
+            .filter(|(_, calls)| *calls > 0)
+            .collect();
+        assert_eq!(
+            ran,
+            BTreeMap::from([(&"hmget".to_owned(), 1)]),
+            "one HMGET and nothing else"
+        );
+    }
+
+    let posted = gw
+        .send(
+            "POST",
+            &format!(
+                "/execution/store/asset/by-name/values?name={}",
+                enc(&a.name)
+            ),
+            Some(&ti.token),
+            Some(json!({ "keys": keys })),
+        )
+        .await;
+    assert_eq!(posted.status, 200, "{posted:?}");
+    assert_eq!(posted.body["values"].as_object().unwrap().len(), 900);
+    assert_eq!(posted.body["values"]["key-12"], json!([12]));
+    assert_eq!(posted.body["missing"], Value::Array(expected_missing));
+}
+
+async fn bulk_read_validation(backend: Backend) {
+    let gw = Gateway::start(backend).await;
+    let ti = gw.task().await;
+    let t = ti.token.as_str();
+    let base = format!("/execution/store/ti/{}", ti.id);
+    gw.put(&ti_path(&ti, "k"), t, json!({"value": 1})).await;
+    let no_keys = gw.get(&base, t).await;
+    assert_eq!(no_keys.status, 422, "{no_keys:?}");
+    assert_eq!(no_keys.body["detail"][0]["loc"], json!(["query", "keys"]));
+    let empty = gw.get(&format!("{base}?keys=k,,"), t).await;
+    assert_eq!(empty.status, 422);
+    assert_eq!(empty.body["detail"][0]["type"], "string_too_short");
+    let too_many: Vec<String> = (0..10_001).map(|i| i.to_string()).collect();
+    let over = gw
+        .send("POST", &base, Some(t), Some(json!({ "keys": too_many })))
+        .await;
+    assert_eq!(over.status, 422, "{over:?}");
+    for body in [
+        json!({"keys": "k"}),
+        json!({"keys": [1]}),
+        json!({}),
+        json!([]),
+    ] {
+        let bad = gw.send("POST", &base, Some(t), Some(body.clone())).await;
+        assert_eq!(bad.status, 422, "{body}: {bad:?}");
+    }
+    let not_json = gw
+        .send_raw(
+            "POST",
+            &base,
+            &[("authorization", &format!("Bearer {t}"))],
+            "{",
+        )
+        .await;
+    assert_eq!(not_json.status, 422);
+    // Another task instance's token cannot read this scope (ti:self), as for one key.
+    let other = gw.task().await;
+    assert_eq!(
+        gw.get(&format!("{base}?keys=k"), &other.token).await.status,
+        403
+    );
+    assert_eq!(
+        gw.send("GET", &format!("{base}?keys=k"), None, None)
+            .await
+            .status,
+        401
+    );
+    // An unknown asset is Airflow's asset 404.
+    let unknown = gw
+        .get(
+            "/execution/store/asset/by-name/values?name=nope-x&keys=k",
+            t,
+        )
+        .await;
+    assert_eq!(unknown.status, 404);
+    // Nothing above changed the data.
+    assert_eq!(
+        gw.get(&ti_path(&ti, "k"), t).await.body,
+        json!({"value": 1})
+    );
 }

@@ -25,13 +25,13 @@ use crate::store::{AssetKey, Writer};
 /// Which query parameter names the asset on a `/execution/store/asset/...` route; the
 /// handlers take it as a const parameter (`BY_URI`), one instance per route family.
 #[derive(Clone, Copy)]
-enum By {
+pub(crate) enum By {
     Name,
     Uri,
 }
 
 impl By {
-    fn of(by_uri: bool) -> Self {
+    pub(crate) fn of(by_uri: bool) -> Self {
         if by_uri {
             By::Uri
         } else {
@@ -49,7 +49,7 @@ impl By {
 
 /// Reads the asset (and, when `with_key`, the key) from the query, reporting every
 /// problem at once as FastAPI does.
-fn from_query(
+pub(crate) fn from_query(
     by: By,
     query: Option<&str>,
     with_key: bool,
@@ -89,7 +89,7 @@ fn from_query(
     Ok((asset, key))
 }
 
-async fn resolve(app: &AppState, asset: AssetRef) -> Result<AssetKey, ApiError> {
+pub(crate) async fn resolve(app: &AppState, asset: AssetRef) -> Result<AssetKey, ApiError> {
     match app.identity.asset(&asset).await? {
         Some(key) => Ok(key),
         None => Err(ApiError::AssetNotFound(asset)),

@@ -3,14 +3,28 @@
 //!
 //! - Optimistic concurrency: an `ETag` on every read and write of a key; `If-Match` and
 //!   `If-None-Match` on PUT and DELETE (412 when they fail), and on GET (304).
+//! - Bulk reads: many keys of a task scope or an asset in one call and one Redis round trip.
 
-use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::http::header::{CONTENT_TYPE, ETAG, IF_MATCH, IF_NONE_MATCH};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
 
-use super::error::ApiError;
+use super::asset::{from_query, resolve, By};
+use super::body::check_key;
+use super::error::{ApiError, ValidationIssue};
+use super::extract::{query_params, ExecutionToken, JsonBody, TaskCaller};
+use super::task::scope_of;
+use super::AppState;
 use crate::store::version::Tags;
-use crate::store::{Condition, Written};
+use crate::store::{Condition, StoredValue, Written};
+
+/// The most keys one bulk read may ask for.
+pub const MAX_BULK_KEYS: usize = 10_000;
 
 /// `"<version>"`: a strong entity tag.
 pub fn etag(version: &str) -> Option<HeaderValue> {
@@ -100,6 +114,180 @@ pub fn not_modified(condition: &Condition, version: &str) -> Option<Response> {
         StatusCode::NOT_MODIFIED.into_response(),
         Some(version),
     ))
+}
+
+// --- Bulk reads -------------------------------------------------------------------------
+
+/// `?keys=a,b,c`: the keys of a bulk GET (keys holding a comma need the POST form).
+fn keys_from_query(query: Option<&str>) -> Result<Vec<String>, ApiError> {
+    let params = query_params(query);
+    let Some(list) = params.get("keys") else {
+        return Err(ValidationIssue::missing(&["query", "keys"], Value::Null).into());
+    };
+    checked_keys(list.split(',').map(str::to_owned), "query")
+}
+
+/// `{"keys": ["a", "b"]}`: the keys of a bulk POST.
+fn keys_from_body(body: &JsonBody) -> Result<Vec<String>, ApiError> {
+    let parsed: Value = serde_json::from_slice(&body.bytes).map_err(|e| {
+        ValidationIssue::new("json_invalid", &["body"], "JSON decode error", json!({}))
+            .with_ctx(json!({"error": e.to_string()}))
+    })?;
+    let Some(list) = parsed.get("keys") else {
+        return Err(ValidationIssue::missing(&["body", "keys"], parsed.clone()).into());
+    };
+    let Some(items) = list.as_array() else {
+        return Err(ValidationIssue::new(
+            "list_type",
+            &["body", "keys"],
+            "Input should be a valid list",
+            list.clone(),
+        )
+        .into());
+    };
+    let mut keys = Vec::with_capacity(items.len());
+    for item in items {
+        match item.as_str() {
+            Some(key) => keys.push(key.to_owned()),
+            None => {
+                return Err(ValidationIssue::new(
+                    "string_type",
+                    &["body", "keys"],
+                    "Input should be a valid string",
+                    item.clone(),
+                )
+                .into())
+            }
+        }
+    }
+    checked_keys(keys.into_iter(), "body")
+}
+
+/// Validates each key as a single-key route would, drops repeats, enforces the limits.
+fn checked_keys(
+    keys: impl Iterator<Item = String>,
+    source: &'static str,
+) -> Result<Vec<String>, ApiError> {
+    let loc = [source, "keys"];
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut issues = Vec::new();
+    for key in keys {
+        if let Err(issue) = check_key(&key, &loc) {
+            issues.push(issue);
+        } else if seen.insert(key.clone()) {
+            out.push(key);
+        }
+    }
+    if !issues.is_empty() {
+        return Err(ApiError::Validation(issues));
+    }
+    if out.is_empty() || out.len() > MAX_BULK_KEYS {
+        return Err(ValidationIssue::new(
+            "too_long",
+            &loc,
+            format!("List should have between 1 and {MAX_BULK_KEYS} distinct keys"),
+            json!(out.len()),
+        )
+        .with_ctx(json!({"min_length": 1, "max_length": MAX_BULK_KEYS}))
+        .into());
+    }
+    Ok(out)
+}
+
+/// `{"values": {key: value, ...}, "etags": {key: "\"v\"", ...}, "missing": [key, ...]}`,
+/// values as the exact JSON text stored, keys in the order asked.
+fn bulk_response(keys: &[String], values: Vec<Option<StoredValue>>) -> Response {
+    let mut body = String::from("{\"values\":{");
+    let mut etags = String::from("\"etags\":{");
+    let mut missing = String::from("\"missing\":[");
+    let quoted = |text: &str| serde_json::to_string(text).unwrap_or_default();
+    for (key, value) in keys.iter().zip(values) {
+        let key = quoted(key);
+        match value {
+            Some(value) => {
+                if !body.ends_with('{') {
+                    body.push(',');
+                    etags.push(',');
+                }
+                body.push_str(&key);
+                body.push(':');
+                body.push_str(&value.json);
+                etags.push_str(&key);
+                etags.push(':');
+                etags.push_str(&quoted(&format!("\"{}\"", value.version)));
+            }
+            None => {
+                if !missing.ends_with('[') {
+                    missing.push(',');
+                }
+                missing.push_str(&key);
+            }
+        }
+    }
+    body.push_str("},");
+    body.push_str(&etags);
+    body.push_str("},");
+    body.push_str(&missing);
+    body.push_str("]}");
+    ([(CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `GET /execution/store/ti/{id}?keys=a,b,c`: many keys of the caller's own scope.
+pub async fn task_bulk_get(
+    State(app): State<Arc<AppState>>,
+    caller: TaskCaller,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let keys = keys_from_query(query.as_deref())?;
+    task_bulk(&app, &caller, keys).await
+}
+
+/// `POST /execution/store/ti/{id}` with `{"keys": [...]}`: any keys, commas included.
+pub async fn task_bulk_post(
+    State(app): State<Arc<AppState>>,
+    caller: TaskCaller,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let keys = keys_from_body(&body)?;
+    task_bulk(&app, &caller, keys).await
+}
+
+async fn task_bulk(
+    app: &AppState,
+    caller: &TaskCaller,
+    keys: Vec<String>,
+) -> Result<Response, ApiError> {
+    let scope = scope_of(app, caller).await?;
+    let values = app.store.get_task_many(&scope, &keys).await?;
+    Ok(bulk_response(&keys, values))
+}
+
+/// `GET /execution/store/asset/by-{name,uri}/values?name=&keys=a,b,c`.
+pub async fn asset_bulk_get<const BY_URI: bool>(
+    State(app): State<Arc<AppState>>,
+    ExecutionToken(_claims): ExecutionToken,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
+    let keys = keys_from_query(query.as_deref())?;
+    let asset = resolve(&app, asset).await?;
+    let values = app.store.get_asset_many(&asset, &keys).await?;
+    Ok(bulk_response(&keys, values))
+}
+
+/// `POST /execution/store/asset/by-{name,uri}/values?name=` with `{"keys": [...]}`.
+pub async fn asset_bulk_post<const BY_URI: bool>(
+    State(app): State<Arc<AppState>>,
+    ExecutionToken(_claims): ExecutionToken,
+    RawQuery(query): RawQuery,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
+    let keys = keys_from_body(&body)?;
+    let asset = resolve(&app, asset).await?;
+    let values = app.store.get_asset_many(&asset, &keys).await?;
+    Ok(bulk_response(&keys, values))
 }
 
 #[cfg(test)]

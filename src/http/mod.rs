@@ -57,7 +57,9 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/execution/store/ti/{task_instance_id}/", empty_key.clone())
         .route(
             "/execution/store/ti/{task_instance_id}",
-            delete(task::clear),
+            delete(task::clear)
+                .get(extensions::task_bulk_get)
+                .post(extensions::task_bulk_post),
         )
         .route(
             "/execution/store/asset/by-name/value",
@@ -78,6 +80,15 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route(
             "/execution/store/asset/by-uri/clear",
             delete(asset::clear::<true>),
+        )
+        // airstate's extensions (src/http/extensions.rs).
+        .route(
+            "/execution/store/asset/by-name/values",
+            get(extensions::asset_bulk_get::<false>).post(extensions::asset_bulk_post::<false>),
+        )
+        .route(
+            "/execution/store/asset/by-uri/values",
+            get(extensions::asset_bulk_get::<true>).post(extensions::asset_bulk_post::<true>),
         )
         // AIP-103's original paths.
         .route("/execution/state/ti/{task_instance_id}/{*key}", task_key)

@@ -22,7 +22,7 @@ fn key_of(caller: &TaskCaller) -> Result<&str, ApiError> {
     Ok(key)
 }
 
-async fn scope_of(app: &AppState, caller: &TaskCaller) -> Result<TaskScope, ApiError> {
+pub(crate) async fn scope_of(app: &AppState, caller: &TaskCaller) -> Result<TaskScope, ApiError> {
     app.identity
         .task(caller.task_instance, &caller.claims)
         .await?

@@ -76,6 +76,27 @@ impl StateStore for MemoryStore {
         }
     }
 
+    async fn get_task_many(
+        &self,
+        scope: &TaskScope,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let tasks = self.tasks.lock().unwrap();
+        let fields = tasks
+            .get(&task_key(scope))
+            .and_then(|indices| indices.get(&scope.map_index));
+        let now = now_millis();
+        Ok(keys
+            .iter()
+            .map(|key| {
+                fields
+                    .and_then(|fields| fields.get(key))
+                    .filter(|value| !value.is_expired(now))
+                    .cloned()
+            })
+            .collect())
+    }
+
     async fn put_task_if(
         &self,
         scope: &TaskScope,
@@ -141,6 +162,23 @@ impl StateStore for MemoryStore {
             .get(asset)
             .and_then(|fields| fields.get(key))
             .map(|(value, _)| value.clone()))
+    }
+
+    async fn get_asset_many(
+        &self,
+        asset: &AssetKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let assets = self.assets.lock().unwrap();
+        let fields = assets.get(asset);
+        Ok(keys
+            .iter()
+            .map(|key| {
+                fields
+                    .and_then(|fields| fields.get(key))
+                    .map(|(value, _)| value.clone())
+            })
+            .collect())
     }
 
     async fn put_asset_if(

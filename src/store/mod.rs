@@ -86,6 +86,13 @@ pub use version::{Condition, Written};
 pub trait StateStore: Send + Sync + 'static {
     /// A value that is present and not expired; an expired one is never returned.
     async fn get_task(&self, scope: &TaskScope, key: &str) -> StoreResult<Option<StoredValue>>;
+    /// Many keys of one scope in one round trip, in the order asked; `None` for a key that
+    /// is missing or expired.
+    async fn get_task_many(
+        &self,
+        scope: &TaskScope,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>>;
     /// Upsert. `expires_at: None` makes the key permanent, removing an earlier expiry.
     async fn put_task(
         &self,
@@ -124,6 +131,12 @@ pub trait StateStore: Send + Sync + 'static {
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()>;
 
     async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>>;
+    /// Many keys of one asset in one round trip, in the order asked; `None` for a missing key.
+    async fn get_asset_many(
+        &self,
+        asset: &AssetKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>>;
     async fn put_asset(
         &self,
         asset: &AssetKey,

@@ -370,6 +370,27 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// One `HMGET`, decoded; `None` for a missing field.
+    async fn hmget(&self, hash: &str, keys: &[String]) -> StoreResult<Vec<Option<StoredValue>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<String>> =
+            observed("hmget", self.pool.hmget(hash, keys.to_vec())).await?;
+        if raw.len() != keys.len() {
+            return Err(StoreError::Internal(format!(
+                "HMGET of {} fields returned {}",
+                keys.len(),
+                raw.len()
+            )));
+        }
+        raw.into_iter()
+            .map(|value| value.map(decode).transpose())
+            .collect()
+    }
+}
+
 fn written(applied: bool, version: Option<String>) -> Written {
     if applied {
         Written::Applied(version)
@@ -551,6 +572,23 @@ impl StateStore for RedisStore {
         Ok(Some(value))
     }
 
+    async fn get_task_many(
+        &self,
+        scope: &TaskScope,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let scope_key = self.task_keys(scope).scope;
+        let now = now_millis();
+        // Expired keys read as missing; reclaiming them is left to the next write or
+        // single-key read, so a bulk read stays one HMGET.
+        Ok(self
+            .hmget(&scope_key, keys)
+            .await?
+            .into_iter()
+            .map(|value| value.filter(|value| !value.is_expired(now)))
+            .collect())
+    }
+
     async fn put_task_if(
         &self,
         scope: &TaskScope,
@@ -600,6 +638,15 @@ impl StateStore for RedisStore {
         let (values, _) = self.asset_keys(asset);
         let raw: Option<String> = observed("hget", self.pool.hget(&values, key)).await?;
         raw.map(decode).transpose()
+    }
+
+    async fn get_asset_many(
+        &self,
+        asset: &AssetKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let (values, _) = self.asset_keys(asset);
+        self.hmget(&values, keys).await
     }
 
     async fn put_asset_if(
