@@ -37,6 +37,16 @@ pub struct Config {
     pub auth: AuthSettings,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// airstate's extensions beyond Airflow's API.
+    pub extensions: ExtensionSettings,
+}
+
+/// Settings of the extensions beyond Airflow's API (README, "Beyond Airflow").
+#[derive(Debug, Clone, Default)]
+pub struct ExtensionSettings {
+    /// A task may use an asset's state only if the metastore registers it as an inlet or
+    /// outlet of that asset.
+    pub asset_registration_check: bool,
 }
 
 /// Every variable read, with its default, for `--help` and the README.
@@ -115,6 +125,12 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "AIRSTATE_LOG_FORMAT",
         "json, or text on a terminal",
         "log line format: json | text",
+    ),
+    // airstate's extensions beyond Airflow's API.
+    (
+        "AIRSTATE_ASSET_REGISTRATION_CHECK",
+        "false",
+        "true: a task may use only assets it declares as inlet/outlet",
     ),
     (
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
@@ -304,6 +320,19 @@ impl Config {
             ));
         }
 
+        // airstate's extensions beyond Airflow's API.
+        let asset_registration_check = env.parse("AIRSTATE_ASSET_REGISTRATION_CHECK", false)?;
+        if asset_registration_check && identity != IdentityMode::Metastore {
+            return Err(error(
+                "AIRSTATE_ASSET_REGISTRATION_CHECK",
+                "needs Airflow's metastore (AIRSTATE_IDENTITY=metastore): the inlet and outlet \
+                 references live there",
+            ));
+        }
+        let extensions = ExtensionSettings {
+            asset_registration_check,
+        };
+
         Ok(Config {
             listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             redis,
@@ -314,6 +343,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(
                 env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS", 20u64)?,
             ),
+            extensions,
         })
     }
 }
@@ -387,6 +417,9 @@ mod tests {
             ("AIRFLOW__API_AUTH__JWT_LEEWAY", "-1"),
             ("AIRFLOW__API_AUTH__JWT_ALGORITHM", "none"),
             ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "mysql://db/airflow"),
+            ("AIRSTATE_ASSET_REGISTRATION_CHECK", "yes"),
+            // Asked for without a metastore to check against.
+            ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true"),
         ] {
             let err = config(&[SECRET, (var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");

@@ -56,9 +56,11 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let auth = auth::Authenticator::new(&config.auth)?;
     auth.spawn_refresh(config.auth.jwks_refresh);
     let identity: Arc<dyn IdentityResolver> = match (config.identity, &config.metastore) {
-        (IdentityMode::Metastore, Some(settings)) => {
-            Arc::new(MetastoreResolver::new(settings).map_err(StartError::Identity)?)
-        }
+        (IdentityMode::Metastore, Some(settings)) => Arc::new(
+            MetastoreResolver::new(settings)
+                .map_err(StartError::Identity)?
+                .with_registration_check(config.extensions.asset_registration_check),
+        ),
         _ => Arc::new(ClaimsResolver),
     };
     let store: Arc<dyn StateStore> = match &config.redis {

@@ -89,11 +89,34 @@ pub(crate) fn from_query(
     Ok((asset, key))
 }
 
-pub(crate) async fn resolve(app: &AppState, asset: AssetRef) -> Result<AssetKey, ApiError> {
-    match app.identity.asset(&asset).await? {
-        Some(key) => Ok(key),
-        None => Err(ApiError::AssetNotFound(asset)),
+/// The asset's store key, once the caller may use it: the asset must be active, and with
+/// `AIRSTATE_ASSET_REGISTRATION_CHECK` the token's task must be registered with it as an
+/// inlet or outlet. Watcher tokens (the all-zero subject) belong to no task and pass.
+pub(crate) async fn resolve(
+    app: &AppState,
+    claims: &Claims,
+    asset: AssetRef,
+) -> Result<AssetKey, ApiError> {
+    let Some(key) = app.identity.asset(&asset).await? else {
+        return Err(ApiError::AssetNotFound(asset));
+    };
+    if !app.identity.checks_asset_registration() || claims.subject == WATCHER_SUBJECT {
+        return Ok(key);
     }
+    let scope = app
+        .identity
+        .task(claims.subject, claims)
+        .await?
+        .ok_or(ApiError::TaskInstanceNotFound(claims.subject))?;
+    if app.identity.task_uses_asset(&scope, &key).await? {
+        return Ok(key);
+    }
+    metrics::counter!("airstate_asset_registration_denied_total").increment(1);
+    Err(ApiError::AssetNotRegistered {
+        dag_id: scope.dag_id,
+        task_id: scope.task_id,
+        asset,
+    })
 }
 
 async fn writer_of(app: &AppState, claims: &Claims) -> Result<Writer, ApiError> {
@@ -115,12 +138,13 @@ async fn writer_of(app: &AppState, claims: &Claims) -> Result<Writer, ApiError> 
 
 async fn get_value(
     app: &AppState,
+    claims: &Claims,
     asset: AssetRef,
     key: &str,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let condition = condition(headers)?;
-    let asset = resolve(app, asset).await?;
+    let asset = resolve(app, claims, asset).await?;
     match app.store.get_asset(&asset, key).await? {
         Some(value) => Ok(not_modified(&condition, &value.version)
             .unwrap_or_else(|| with_etag(value_response(&value.json), Some(&value.version)))),
@@ -138,7 +162,7 @@ async fn put_value(
 ) -> Result<Response, ApiError> {
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?;
     let condition = condition(headers)?;
-    let asset = resolve(app, asset).await?;
+    let asset = resolve(app, claims, asset).await?;
     let writer = writer_of(app, claims).await?;
     let written = app
         .store
@@ -149,18 +173,19 @@ async fn put_value(
 
 async fn delete_value(
     app: &AppState,
+    claims: &Claims,
     asset: AssetRef,
     key: &str,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let condition = condition(headers)?;
-    let asset = resolve(app, asset).await?;
+    let asset = resolve(app, claims, asset).await?;
     let written = app.store.delete_asset_if(&asset, key, &condition).await?;
     written_response(written, no_content())
 }
 
-async fn clear_all(app: &AppState, asset: AssetRef) -> Result<Response, ApiError> {
-    let asset = resolve(app, asset).await?;
+async fn clear_all(app: &AppState, claims: &Claims, asset: AssetRef) -> Result<Response, ApiError> {
+    let asset = resolve(app, claims, asset).await?;
     app.store.clear_asset(&asset).await?;
     Ok(no_content())
 }
@@ -169,12 +194,12 @@ async fn clear_all(app: &AppState, asset: AssetRef) -> Result<Response, ApiError
 
 pub async fn get<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    get_value(&app, asset, &key.unwrap_or_default(), &headers).await
+    get_value(&app, &claims, asset, &key.unwrap_or_default(), &headers).await
 }
 
 pub async fn put<const BY_URI: bool>(
@@ -198,21 +223,21 @@ pub async fn put<const BY_URI: bool>(
 
 pub async fn delete<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    delete_value(&app, asset, &key.unwrap_or_default(), &headers).await
+    delete_value(&app, &claims, asset, &key.unwrap_or_default(), &headers).await
 }
 
 pub async fn clear<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
-    clear_all(&app, asset).await
+    clear_all(&app, &claims, asset).await
 }
 
 // --- AIP-103 original: /execution/state/asset/{name}[/{key}] --------------------------
@@ -234,12 +259,12 @@ fn from_path(name: String, key: Option<&str>) -> Result<AssetRef, ApiError> {
 
 pub async fn seed_get(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    get_value(&app, asset, &key, &headers).await
+    get_value(&app, &claims, asset, &key, &headers).await
 }
 
 pub async fn seed_put(
@@ -255,19 +280,19 @@ pub async fn seed_put(
 
 pub async fn seed_delete(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    delete_value(&app, asset, &key, &headers).await
+    delete_value(&app, &claims, asset, &key, &headers).await
 }
 
 pub async fn seed_clear(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, None)?;
-    clear_all(&app, asset).await
+    clear_all(&app, &claims, asset).await
 }

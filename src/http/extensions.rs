@@ -266,12 +266,12 @@ async fn task_bulk(
 /// `GET /execution/store/asset/by-{name,uri}/values?name=&keys=a,b,c`.
 pub async fn asset_bulk_get<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    ExecutionToken(_claims): ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
     let keys = keys_from_query(query.as_deref())?;
-    let asset = resolve(&app, asset).await?;
+    let asset = resolve(&app, &claims, asset).await?;
     let values = app.store.get_asset_many(&asset, &keys).await?;
     Ok(bulk_response(&keys, values))
 }
@@ -279,13 +279,13 @@ pub async fn asset_bulk_get<const BY_URI: bool>(
 /// `POST /execution/store/asset/by-{name,uri}/values?name=` with `{"keys": [...]}`.
 pub async fn asset_bulk_post<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    ExecutionToken(_claims): ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
     let keys = keys_from_body(&body)?;
-    let asset = resolve(&app, asset).await?;
+    let asset = resolve(&app, &claims, asset).await?;
     let values = app.store.get_asset_many(&asset, &keys).await?;
     Ok(bulk_response(&keys, values))
 }
