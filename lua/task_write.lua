@@ -8,7 +8,9 @@
 --                          dag_id / run_id / task_id (for listing and clear-all)
 -- ARGV: op ("set" | "del" | "purge"), key, encoded value, expires_ms or "",
 --       now_ms, map_index, dag_id, run_id, task_id,
---       if-match and if-none-match ("" when absent, "*", or ",v1,v2,")
+--       if-match and if-none-match ("" when absent, "*", or ",v1,v2,"),
+--       change channel ("" for none): a set or an actual delete is published there as
+--       "s<map_index>:<key bytes>:<key><encoded value>" / "d<map_index>:<key bytes>:<key>"
 -- Returns {-1, 0} when the precondition fails (nothing written), else
 -- {fields left, earliest pending expiry}; the expiry is 0 unless the scope mixes
 -- expiring and permanent keys, the one case key-level expiry cannot cover: the caller
@@ -46,9 +48,13 @@ if (op == 'set' or op == 'del') and (if_match ~= '' or if_none_match ~= '') then
   end
 end
 
+local channel = ARGV[12] or ''
 if op == 'set' then
   fresh_registry = redis.call('EXISTS', registry) == 0
   redis.call('HSET', scope, key, ARGV[3])
+  if channel ~= '' then
+    redis.call('PUBLISH', channel, 's' .. ARGV[6] .. ':' .. #key .. ':' .. key .. ARGV[3])
+  end
   if ARGV[4] == '' then
     redis.call('ZREM', expiry, key)
   else
@@ -58,7 +64,9 @@ if op == 'set' then
     redis.call('HSET', registry, 'dag_id', ARGV[7], 'run_id', ARGV[8], 'task_id', ARGV[9])
   end
 elseif op == 'del' then
-  redis.call('HDEL', scope, key)
+  if redis.call('HDEL', scope, key) == 1 and channel ~= '' then
+    redis.call('PUBLISH', channel, 'd' .. ARGV[6] .. ':' .. #key .. ':' .. key)
+  end
   redis.call('ZREM', expiry, key)
 end
 

@@ -4,15 +4,20 @@
 //! - Optimistic concurrency: an `ETag` on every read and write of a key; `If-Match` and
 //!   `If-None-Match` on PUT and DELETE (412 when they fail), and on GET (304).
 //! - Bulk reads: many keys of a task scope or an asset in one call and one Redis round trip.
+//! - Change streams: the same routes with `Accept: text/event-stream` stream Server-Sent
+//!   Events for every set, delete and clear.
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
-use axum::http::header::{CONTENT_TYPE, ETAG, IF_MATCH, IF_NONE_MATCH};
+use axum::http::header::{ACCEPT, CONTENT_TYPE, ETAG, IF_MATCH, IF_NONE_MATCH};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
 
 use super::asset::{from_query, resolve, By};
 use super::body::check_key;
@@ -20,6 +25,7 @@ use super::error::{ApiError, ValidationIssue};
 use super::extract::{query_params, ExecutionToken, JsonBody, TaskCaller};
 use super::task::scope_of;
 use super::AppState;
+use crate::store::events::{Change, Delivery, Watch};
 use crate::store::version::Tags;
 use crate::store::{Condition, StoredValue, Written};
 
@@ -233,12 +239,20 @@ fn bulk_response(keys: &[String], values: Vec<Option<StoredValue>>) -> Response 
     ([(CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// `GET /execution/store/ti/{id}?keys=a,b,c`: many keys of the caller's own scope.
+/// `GET /execution/store/ti/{id}?keys=a,b,c`: many keys of the caller's own scope; with
+/// `Accept: text/event-stream`, the scope's change stream (`keys` then optional, a filter).
 pub async fn task_bulk_get(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if wants_event_stream(&headers) {
+        let filter = key_filter(query.as_deref())?;
+        let scope = scope_of(&app, &caller).await?;
+        let watch = app.store.watch_task(&scope).await?;
+        return Ok(event_stream(&app, watch, filter, caller.claims.expires_at));
+    }
     let keys = keys_from_query(query.as_deref())?;
     task_bulk(&app, &caller, keys).await
 }
@@ -268,8 +282,15 @@ pub async fn asset_bulk_get<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
+    if wants_event_stream(&headers) {
+        let filter = key_filter(query.as_deref())?;
+        let asset = resolve(&app, &claims, asset).await?;
+        let watch = app.store.watch_asset(&asset).await?;
+        return Ok(event_stream(&app, watch, filter, claims.expires_at));
+    }
     let keys = keys_from_query(query.as_deref())?;
     let asset = resolve(&app, &claims, asset).await?;
     let values = app.store.get_asset_many(&asset, &keys).await?;
@@ -288,6 +309,154 @@ pub async fn asset_bulk_post<const BY_URI: bool>(
     let asset = resolve(&app, &claims, asset).await?;
     let values = app.store.get_asset_many(&asset, &keys).await?;
     Ok(bulk_response(&keys, values))
+}
+
+// --- Change streams -----------------------------------------------------------------------
+
+/// Whether the client asked for Server-Sent Events.
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|media| {
+            media
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("text/event-stream")
+        })
+}
+
+/// `?keys=` on a stream: only events of these keys (and clears) are sent.
+fn key_filter(query: Option<&str>) -> Result<Option<HashSet<String>>, ApiError> {
+    if !query_params(query).contains_key("keys") {
+        return Ok(None);
+    }
+    Ok(Some(keys_from_query(query)?.into_iter().collect()))
+}
+
+struct Stream {
+    watch: Watch,
+    filter: Option<HashSet<String>>,
+    /// The token's expiry: the stream ends there, and the client reconnects with a new one.
+    expires: tokio::time::Instant,
+    started: bool,
+    done: bool,
+}
+
+/// The SSE response: `ready` once events are flowing, then `set` / `delete` / `clear`;
+/// it ends with `lagged` (events were lost: re-read and reconnect), `expired` (the token
+/// expired) or `shutdown`. Idle streams get a keep-alive comment every heartbeat.
+fn event_stream(
+    app: &AppState,
+    watch: Watch,
+    filter: Option<HashSet<String>>,
+    token_expires_at: i64,
+) -> Response {
+    let left = (token_expires_at - chrono::Utc::now().timestamp()).max(0) as u64;
+    let state = Stream {
+        watch,
+        filter,
+        expires: tokio::time::Instant::now() + std::time::Duration::from_secs(left),
+        started: false,
+        done: false,
+    };
+    metrics::gauge!("airstate_change_streams").increment(1.0);
+    let events = futures_util::stream::unfold(state, |mut state| async move {
+        let event = next_event(&mut state).await?;
+        Some((Ok::<_, Infallible>(event), state))
+    });
+    let keep_alive = KeepAlive::new().interval(app.extensions.change_stream_heartbeat);
+    let mut response = Sse::new(events).keep_alive(keep_alive).into_response();
+    // Tell proxies such as nginx not to buffer the stream.
+    response.headers_mut().insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    response
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        metrics::gauge!("airstate_change_streams").decrement(1.0);
+    }
+}
+
+async fn next_event(state: &mut Stream) -> Option<SseEvent> {
+    if state.done {
+        return None;
+    }
+    if !state.started {
+        state.started = true;
+        return Some(SseEvent::default().event("ready").data("{}"));
+    }
+    let ending =
+        |name: &'static str, data: String| Some(SseEvent::default().event(name).data(data));
+    loop {
+        let closed = async {
+            loop {
+                if *state.watch.closed.borrow_and_update() {
+                    return;
+                }
+                if state.watch.closed.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let received = tokio::select! {
+            _ = closed => {
+                state.done = true;
+                return ending("shutdown", "{}".into());
+            }
+            _ = tokio::time::sleep_until(state.expires) => {
+                state.done = true;
+                return ending("expired", "{}".into());
+            }
+            received = state.watch.deliveries.recv() => received,
+        };
+        let event = match received {
+            Ok(Delivery::Event(event)) => event,
+            Ok(Delivery::Lost) => {
+                state.done = true;
+                return ending("lagged", "{\"missed\":null}".into());
+            }
+            Err(RecvError::Lagged(missed)) => {
+                state.done = true;
+                return ending("lagged", format!("{{\"missed\":{missed}}}"));
+            }
+            Err(RecvError::Closed) => return None,
+        };
+        if !event.concerns(state.watch.map_index) {
+            continue;
+        }
+        let quoted = |text: &str| serde_json::to_string(text).unwrap_or_default();
+        let wanted = |key: &str| state.filter.as_ref().is_none_or(|keys| keys.contains(key));
+        let (name, data) = match &event.change {
+            Change::Set { key, json, version } if wanted(key) => (
+                "set",
+                format!(
+                    "{{\"key\":{},\"value\":{json},\"etag\":{}}}",
+                    quoted(key),
+                    quoted(&format!("\"{version}\""))
+                ),
+            ),
+            Change::Delete { key } if wanted(key) => {
+                ("delete", format!("{{\"key\":{}}}", quoted(key)))
+            }
+            Change::Clear => (
+                "clear",
+                format!(
+                    "{{\"all_map_indices\":{}}}",
+                    event.map_index.is_none() && state.watch.map_index.is_some()
+                ),
+            ),
+            _ => continue,
+        };
+        return Some(SseEvent::default().event(name).data(data));
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ pub struct AppState {
     /// Set on SIGTERM so `/ready` turns the replica out of the Service before it stops.
     pub shutting_down: AtomicBool,
     pub ready_timeout: Duration,
+    /// airstate's extensions beyond Airflow's API.
+    pub extensions: crate::config::ExtensionSettings,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use super::events::{Change, Delivery, Event, EventHub, Watch};
 use super::version::new_version;
 use super::{
     now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreResult, StoredValue, TaskScope,
@@ -20,16 +21,46 @@ type AssetFields = HashMap<String, (StoredValue, Writer)>;
 /// (dag_id, run_id, task_id): the unit that clear-all wipes.
 type TaskKey = (String, String, String);
 
-#[derive(Default)]
 pub struct MemoryStore {
     tasks: Mutex<HashMap<TaskKey, HashMap<i64, Fields>>>,
     assets: Mutex<HashMap<AssetKey, AssetFields>>,
+    events: EventHub,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            tasks: Mutex::default(),
+            assets: Mutex::default(),
+            events: EventHub::new(super::redis::DEFAULT_EVENT_BUFFER),
+        }
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Buffers `buffer` change events per watcher.
+    pub fn with_event_buffer(self, buffer: usize) -> Self {
+        self.events.set_capacity(buffer);
+        self
+    }
+
+    /// Delivers a change; called with the data's lock held, so events keep write order.
+    fn publish(&self, channel: &str, map_index: Option<i64>, change: Change) {
+        let event = Event { map_index, change };
+        self.events.deliver(channel, Delivery::Event(event.into()));
+    }
+}
+
+fn task_channel(scope: &TaskScope) -> String {
+    format!("t:{}\0{}\0{}", scope.dag_id, scope.run_id, scope.task_id)
+}
+
+fn asset_channel(asset: &AssetKey) -> String {
+    format!("a:{}", asset.0)
 }
 
 fn task_key(scope: &TaskScope) -> TaskKey {
@@ -119,6 +150,12 @@ impl StateStore for MemoryStore {
         let value = fresh(json, expires_at);
         let version = value.version.clone();
         fields.insert(key.to_owned(), value);
+        let change = Change::Set {
+            key: key.to_owned(),
+            json: json.to_owned(),
+            version: version.clone(),
+        };
+        self.publish(&task_channel(scope), Some(scope.map_index), change);
         Ok(Written::Applied(Some(version)))
     }
 
@@ -137,7 +174,12 @@ impl StateStore for MemoryStore {
             return Ok(Written::PreconditionFailed);
         }
         if let Some(fields) = fields {
-            fields.remove(key);
+            if fields.remove(key).is_some() {
+                let change = Change::Delete {
+                    key: key.to_owned(),
+                };
+                self.publish(&task_channel(scope), Some(scope.map_index), change);
+            }
         }
         Ok(Written::Applied(None))
     }
@@ -153,6 +195,8 @@ impl StateStore for MemoryStore {
                 tasks.remove(&key);
             }
         }
+        let map_index = (!all_map_indices).then_some(scope.map_index);
+        self.publish(&task_channel(scope), map_index, Change::Clear);
         Ok(())
     }
 
@@ -198,6 +242,12 @@ impl StateStore for MemoryStore {
         let value = fresh(json, None);
         let version = value.version.clone();
         fields.insert(key.to_owned(), (value, writer.clone()));
+        let change = Change::Set {
+            key: key.to_owned(),
+            json: json.to_owned(),
+            version: version.clone(),
+        };
+        self.publish(&asset_channel(asset), None, change);
         Ok(Written::Applied(Some(version)))
     }
 
@@ -217,14 +267,36 @@ impl StateStore for MemoryStore {
             return Ok(Written::PreconditionFailed);
         }
         if let Some(fields) = fields {
-            fields.remove(key);
+            if fields.remove(key).is_some() {
+                let change = Change::Delete {
+                    key: key.to_owned(),
+                };
+                self.publish(&asset_channel(asset), None, change);
+            }
         }
         Ok(Written::Applied(None))
     }
 
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
-        self.assets.lock().unwrap().remove(asset);
+        let mut assets = self.assets.lock().unwrap();
+        if assets.remove(asset).is_some() {
+            self.publish(&asset_channel(asset), None, Change::Clear);
+        }
         Ok(())
+    }
+
+    async fn watch_task(&self, scope: &TaskScope) -> StoreResult<Watch> {
+        self.events
+            .watch(task_channel(scope), Some(scope.map_index))
+            .await
+    }
+
+    async fn watch_asset(&self, asset: &AssetKey) -> StoreResult<Watch> {
+        self.events.watch(asset_channel(asset), None).await
+    }
+
+    fn close_watches(&self) {
+        self.events.close();
     }
 
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>> {

@@ -7,6 +7,7 @@
 //! Values cross this boundary as the JSON text the client sent: the store never parses
 //! or re-serialises them, which is what keeps big integers and `1.0` intact.
 
+pub mod events;
 pub mod memory;
 pub mod redis;
 pub mod version;
@@ -170,6 +171,14 @@ pub trait StateStore: Send + Sync + 'static {
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()>;
     /// The writer recorded with an asset key, if the key exists.
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>>;
+
+    /// Change events of a task scope's keys (the watch follows `scope.map_index`, and
+    /// clears of every map index), from the moment this returns.
+    async fn watch_task(&self, scope: &TaskScope) -> StoreResult<events::Watch>;
+    /// Change events of an asset's keys, from the moment this returns.
+    async fn watch_asset(&self, asset: &AssetKey) -> StoreResult<events::Watch>;
+    /// Ends every change stream and refuses new ones (shutdown).
+    fn close_watches(&self);
 
     /// Whether the backend answers; drives `/ready`.
     async fn ping(&self) -> StoreResult<()>;

@@ -8,6 +8,7 @@
 //! | `{t:<digest>}:<map_index>:x` | zset | that scope's expiring keys, scored by expiry |
 //! | `{t:<digest>}:r` | hash | the map indices holding state, and the readable identity |
 //! | `{a:<asset>}:v` / `{a:<asset>}:w` | hash | an asset's values / who wrote each |
+//! | `ev:{t:<digest>}` / `ev:{a:<asset>}` | pub/sub channel | change events (`events`) |
 //!
 //! `<digest>` hashes the length-prefixed (dag_id, run_id, task_id), so every map index of
 //! a task shares one Cluster slot whatever characters the ids hold; that is what lets one
@@ -26,6 +27,7 @@ use fred::types::sorted_sets::Ordering;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
+use super::events::{parse_message, Change, Event, EventHub, RedisSubscriptions, Watch};
 use super::version::{legacy_version, new_version};
 use super::{
     now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
@@ -43,11 +45,14 @@ pub struct RedisSettings {
     pub sweep_interval: Duration,
 }
 
-/// Lua scripts, kept as files under `lua/` and compiled in, loaded by name.
+/// Lua scripts, kept as files under `lua/` and compiled in, loaded by name; and the
+/// change-event hub, which every handle of a store shares the same way.
 struct Scripts {
     task_write: Script,
     task_clear: Script,
     asset_write: Script,
+    asset_clear: Script,
+    events: EventHub,
 }
 
 impl Scripts {
@@ -56,13 +61,23 @@ impl Scripts {
             task_write: Script::from_lua(include_str!("../../lua/task_write.lua")),
             task_clear: Script::from_lua(include_str!("../../lua/task_clear.lua")),
             asset_write: Script::from_lua(include_str!("../../lua/asset_write.lua")),
+            asset_clear: Script::from_lua(include_str!("../../lua/asset_clear.lua")),
+            events: EventHub::new(DEFAULT_EVENT_BUFFER),
         }
     }
 
-    fn all(&self) -> [&Script; 3] {
-        [&self.task_write, &self.task_clear, &self.asset_write]
+    fn all(&self) -> [&Script; 4] {
+        [
+            &self.task_write,
+            &self.task_clear,
+            &self.asset_write,
+            &self.asset_clear,
+        ]
     }
 }
+
+/// Events buffered per watcher and channel unless configured.
+pub const DEFAULT_EVENT_BUFFER: usize = 256;
 
 pub struct RedisStore {
     pool: Pool,
@@ -309,6 +324,11 @@ impl RedisStore {
         condition: &Condition,
     ) -> StoreResult<(i64, i64)> {
         let (if_match, if_none_match) = condition.to_args();
+        // Only writes are published; a purge of expired keys is not a change anyone made.
+        let channel = match keys.first() {
+            Some(scope_key) if write.op != PURGE.op => task_channel(scope_key),
+            _ => String::new(),
+        };
         let args: Vec<Value> = vec![
             write.op.into(),
             write.key.into(),
@@ -325,6 +345,7 @@ impl RedisStore {
             identity[2].into(),
             if_match.into(),
             if_none_match.into(),
+            channel.into(),
         ];
         let reply: Vec<i64> = observed(
             "task_write",
@@ -360,6 +381,7 @@ impl RedisStore {
             writer.into(),
             if_match.into(),
             if_none_match.into(),
+            self.asset_channel(asset).into(),
         ];
         let write = self.scripts.asset_write.evalsha_with_reload::<i64, _, _>(
             self.pool.next(),
@@ -388,6 +410,87 @@ impl RedisStore {
         raw.into_iter()
             .map(|value| value.map(decode).transpose())
             .collect()
+    }
+}
+
+/// The change channel of a task: `<prefix>ev:{t:<digest>}`, shared by its map indices.
+/// Derived from a scope key (`<prefix>{t:<digest>}:<map_index>`), so purges and writes
+/// need no extra arguments.
+fn task_channel(scope_key: &str) -> String {
+    match scope_key.rfind("{t:") {
+        Some(tag) => {
+            let base = scope_key
+                .rsplit_once(':')
+                .map_or(scope_key, |(base, _)| base);
+            format!("{}ev:{}", &scope_key[..tag], &base[tag..])
+        }
+        None => String::new(),
+    }
+}
+
+/// A published change message (see `events::parse_message`) as an event.
+fn decode_event(message: &str) -> Option<Event> {
+    let (map_index, op, key, rest) = parse_message(message)?;
+    let change = match op {
+        's' => {
+            let value = decode(rest.to_owned()).ok()?;
+            Change::Set {
+                key: key?.to_owned(),
+                json: value.json,
+                version: value.version,
+            }
+        }
+        'd' => Change::Delete {
+            key: key?.to_owned(),
+        },
+        'c' => Change::Clear,
+        _ => return None,
+    };
+    Some(Event { map_index, change })
+}
+
+impl RedisStore {
+    fn asset_channel(&self, asset: &AssetKey) -> String {
+        format!("{}ev:{{a:{}}}", self.prefix, asset.0)
+    }
+
+    /// Starts the change streams: one subscriber connection, its buffers `buffer` events
+    /// per watcher. Until called, watching is refused (writes publish regardless).
+    pub async fn enable_change_streams(
+        &self,
+        settings: &RedisSettings,
+        buffer: usize,
+    ) -> StoreResult<()> {
+        let config = Config::from_url(&settings.url)
+            .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
+        let timeout = settings.command_timeout;
+        let subscriber = Builder::from_config(config)
+            .with_performance_config(|perf| perf.default_command_timeout = timeout)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = timeout;
+                conn.internal_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build_subscriber_client()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        subscriber
+            .init()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.scripts.events.set_capacity(buffer);
+        RedisSubscriptions::spawn(subscriber, self.scripts.events.clone(), decode_event);
+        Ok(())
+    }
+
+    fn hub(&self) -> StoreResult<&EventHub> {
+        let hub = &self.scripts.events;
+        if hub.has_upstream() {
+            Ok(hub)
+        } else {
+            Err(StoreError::Internal(
+                "change streams are not started".into(),
+            ))
+        }
     }
 }
 
@@ -631,7 +734,30 @@ impl StateStore for RedisStore {
             args,
         );
         observed("task_clear", clear).await?;
+        // Not atomic with the clear (task_clear.lua stays as it is): the event follows it.
+        let channel = task_channel(&format!("{}{}", keys.base, scope.map_index));
+        let message = if all_map_indices {
+            "c:".to_owned()
+        } else {
+            format!("c{}:", scope.map_index)
+        };
+        let _: i64 = observed("publish", self.pool.next().publish(channel, message)).await?;
         Ok(())
+    }
+
+    async fn watch_task(&self, scope: &TaskScope) -> StoreResult<Watch> {
+        let keys = self.task_keys(scope);
+        self.hub()?
+            .watch(task_channel(&keys.scope), Some(scope.map_index))
+            .await
+    }
+
+    async fn watch_asset(&self, asset: &AssetKey) -> StoreResult<Watch> {
+        self.hub()?.watch(self.asset_channel(asset), None).await
+    }
+
+    fn close_watches(&self) {
+        self.scripts.events.close();
     }
 
     async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>> {
@@ -677,8 +803,14 @@ impl StateStore for RedisStore {
 
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
         let (values, writers) = self.asset_keys(asset);
-        // Both keys share the asset's hash tag, so one UNLINK is atomic on a Cluster too.
-        let _: i64 = observed("unlink", self.pool.unlink(vec![values, writers])).await?;
+        // Both keys share the asset's hash tag, so the script is atomic on a Cluster too.
+        let args: Vec<Value> = vec![self.asset_channel(asset).into()];
+        let clear = self.scripts.asset_clear.evalsha_with_reload::<i64, _, _>(
+            self.pool.next(),
+            vec![values, writers],
+            args,
+        );
+        observed("asset_clear", clear).await?;
         Ok(())
     }
 
@@ -735,6 +867,24 @@ mod tests {
             (decoded.expires_at, decoded.version.as_str()),
             (Some(7), "L42")
         );
+    }
+
+    #[test]
+    fn change_channels_and_events() {
+        assert_eq!(task_channel("p:{t:ab12}:-1"), "p:ev:{t:ab12}");
+        assert_eq!(task_channel("{t:ab12}:3"), "ev:{t:ab12}");
+        let set = decode_event(&format!("s-1:3:k:v{}", encode("1.0", 5, "0a", None))).unwrap();
+        assert_eq!(set.map_index, Some(-1));
+        assert_eq!(
+            set.change,
+            Change::Set {
+                key: "k:v".into(),
+                json: "1.0".into(),
+                version: "0a".into()
+            }
+        );
+        assert_eq!(decode_event("c:").unwrap().change, Change::Clear);
+        assert_eq!(decode_event("x:"), None);
     }
 
     #[test]
