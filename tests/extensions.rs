@@ -567,9 +567,21 @@ async fn bulk_read_validation(backend: Backend) {
     let t = ti.token.as_str();
     let base = format!("/execution/store/ti/{}", ti.id);
     gw.put(&ti_path(&ti, "k"), t, json!({"value": 1})).await;
+    // Without `keys` (or an event-stream Accept) the clear path answers GET as Airflow
+    // does: 405.
     let no_keys = gw.get(&base, t).await;
-    assert_eq!(no_keys.status, 422, "{no_keys:?}");
-    assert_eq!(no_keys.body["detail"][0]["loc"], json!(["query", "keys"]));
+    assert_eq!(
+        (no_keys.status, no_keys.body),
+        (405, json!({"detail": "Method Not Allowed"}))
+    );
+    let asset_no_keys = gw
+        .get("/execution/store/asset/by-name/values?name=x", t)
+        .await;
+    assert_eq!(asset_no_keys.status, 422, "{asset_no_keys:?}");
+    assert_eq!(
+        asset_no_keys.body["detail"][0]["loc"],
+        json!(["query", "keys"])
+    );
     let empty = gw.get(&format!("{base}?keys=k,,"), t).await;
     assert_eq!(empty.status, 422);
     assert_eq!(empty.body["detail"][0]["type"], "string_too_short");

@@ -253,6 +253,11 @@ pub async fn task_bulk_get(
         let watch = app.store.watch_task(&scope).await?;
         return Ok(event_stream(&app, watch, filter, caller.claims.expires_at));
     }
+    // Without `keys` this is the request Airflow answers 405 (the path only clears), and
+    // so does airstate: the extension is only for clients that ask for it.
+    if !query_params(query.as_deref()).contains_key("keys") {
+        return Err(ApiError::MethodNotAllowed);
+    }
     let keys = keys_from_query(query.as_deref())?;
     task_bulk(&app, &caller, keys).await
 }
