@@ -451,3 +451,50 @@ async fn events_cross_gateway_processes_and_end_on_shutdown() {
         set("after", json!(true))
     );
 }
+
+/// With Redis down a stream cannot start (503, like any request); a stream open while the
+/// subscriber connection drops and comes back is told events may be lost, and ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subscription_ends_streams_and_redis_down_is_a_503() {
+    let mut redis = RedisServer::start();
+    let gw = Gateway::start_with(Backend::Redis, &[("AIRSTATE_REDIS_URL", &redis.url)]).await;
+    let ti = gw.task().await;
+    let path = format!("/execution/store/ti/{}", ti.id);
+    let mut events = Events::open(&gw.base, &path, &ti.token).await;
+
+    let other = gw.task().await;
+    redis.stop();
+    // A channel nobody watches yet needs Redis to subscribe.
+    let refused = gw
+        .http
+        .get(format!("{}/execution/store/ti/{}", gw.base, other.id))
+        .bearer_auth(&other.token)
+        .header("accept", "text/event-stream")
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    redis.restart();
+    assert_eq!(
+        events.next().await,
+        Some(("lagged".into(), json!({"missed": null})))
+    );
+    assert_eq!(events.next().await, None);
+    // Once reconnected, new streams work again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let put = gw
+            .put(&ti_path(&ti, "k"), &ti.token, json!({"value": 1}))
+            .await;
+        if put.status == 204 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis never came back: {put:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut again = Events::open(&gw.base, &path, &ti.token).await;
+    gw.put(&ti_path(&ti, "k"), &ti.token, json!({"value": 2}))
+        .await;
+    assert_eq!(without_etag(again.next().await), set("k", json!(2)));
+}

@@ -167,12 +167,11 @@ impl EventHub {
             upstream
                 .send(Upstream::Subscribe(channel, reply))
                 .map_err(|_| StoreError::Unavailable("change stream subscriber stopped".into()))?;
-            let outcome = confirmed
-                .await
-                .map_err(|_| StoreError::Unavailable("change stream subscriber stopped".into()))?;
-            // From here on the subscriber counts this watcher, so the guard must uncount it.
+            confirmed.await.map_err(|_| {
+                StoreError::Unavailable("change stream subscriber stopped".into())
+            })??;
+            // The subscriber counts this watcher now, so the guard must uncount it.
             guard.upstream = true;
-            outcome?;
         }
         Ok(Watch {
             deliveries,
@@ -296,6 +295,11 @@ impl RedisSubscriptions {
                         } else {
                             Ok(())
                         };
+                        if outcome.is_err() {
+                            // Not subscribed: this watcher is not counted, and the next
+                            // one tries again.
+                            counts.remove(&channel);
+                        }
                         let _ = reply.send(outcome);
                     }
                     Upstream::Unsubscribe(channel) => {
