@@ -634,3 +634,65 @@ async fn bulk_read_validation(backend: Backend) {
         json!({"value": 1})
     );
 }
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// A value stored before versions existed (`<updated_ms>::<json>`) reads with a version
+/// derived from its write time, which If-Match honours until the next write replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_from_before_versions_get_a_legacy_etag() {
+    let gw = Gateway::start(Backend::Redis).await;
+    let port = RedisServer::shared().port;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "old");
+    gw.put(&path, &ti.token, json!({"value": "new"})).await;
+    let scope = redis_cli(
+        port,
+        &["--scan", "--pattern", &format!("{}{{t:*}}:-1", gw.prefix)],
+    );
+    assert_eq!(scope.lines().count(), 1, "{scope:?}");
+    redis_cli(port, &["HSET", &scope, "old", "1700000000123::\"old\""]);
+
+    let got = gw.get(&path, &ti.token).await;
+    assert_eq!(got.body, json!({"value": "old"}));
+    assert_eq!(etag(&got), "\"L1700000000123\"");
+    let stale = call(
+        &gw,
+        "PUT",
+        &path,
+        &ti.token,
+        &[("if-match", "\"L1700000000124\"")],
+        Some(json!({"value": 0})),
+    )
+    .await;
+    assert_eq!(stale.status, 412);
+    let moved = call(
+        &gw,
+        "PUT",
+        &path,
+        &ti.token,
+        &[("if-match", "\"L1700000000123\"")],
+        Some(json!({"value": 1})),
+    )
+    .await;
+    assert_eq!(moved.status, 204, "{moved:?}");
+    assert_ne!(etag(&moved), "\"L1700000000123\"");
+    let again = call(
+        &gw,
+        "PUT",
+        &path,
+        &ti.token,
+        &[("if-match", "\"L1700000000123\"")],
+        Some(json!({"value": 2})),
+    )
+    .await;
+    assert_eq!(again.status, 412);
+    assert_eq!(gw.get(&path, &ti.token).await.body, json!({"value": 1}));
+}
