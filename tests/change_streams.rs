@@ -409,7 +409,7 @@ async fn events_cross_gateway_processes_and_end_on_shutdown() {
     assert_eq!(without_etag(asset_on_a.next().await), set("w", json!(7)));
     assert_eq!(without_etag(asset_on_b.next().await), set("w", json!(7)));
     // Idle streams get keep-alive comments.
-    on_b.raw_until("\n:", Duration::from_secs(5)).await;
+    on_b.raw_until(":\n\n", Duration::from_secs(5)).await;
 
     // SIGTERM to B: its streams end with a shutdown event, and B exits long before the
     // 30 s grace period it would otherwise wait out for open streams.
