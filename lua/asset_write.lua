@@ -1,14 +1,47 @@
 -- Set or delete one key of an asset together with the record of who wrote it.
 --
--- KEYS[1] asset values hash   field = state key, value = "<updated_ms>::<json>"
+-- KEYS[1] asset values hash   field = state key, value = "<updated_ms>.<version>::<json>"
+--                             (values written before versions existed lack ".<version>")
 -- KEYS[2] asset writers hash  field = state key, value = writer record (JSON)
--- ARGV: op ("set" | "del"), key, encoded value, writer record
+-- ARGV: op ("set" | "del"), key, encoded value, writer record,
+--       if-match and if-none-match ("" when absent, "*", or ",v1,v2,"),
+--       change channel ("" for none): published "s:<key bytes>:<key><encoded value>" or,
+--       when a key was deleted, "d:<key bytes>:<key>"
+-- Returns 0 when the precondition fails (nothing written), else 1.
 local values, writers = KEYS[1], KEYS[2]
+local if_match, if_none_match = ARGV[5] or '', ARGV[6] or ''
+if if_match ~= '' or if_none_match ~= '' then
+  local current = nil
+  local raw = redis.call('HGET', values, ARGV[2])
+  if raw then
+    local head = string.match(raw, '^([^:]*):')
+    if head then
+      local dot = string.find(head, '.', 1, true)
+      current = dot and string.sub(head, dot + 1) or ('L' .. head)
+    end
+  end
+  local function listed(tags)
+    return tags == '*' or string.find(tags, ',' .. current .. ',', 1, true) ~= nil
+  end
+  if if_match ~= '' and (current == nil or not listed(if_match)) then
+    return 0
+  end
+  if if_none_match ~= '' and current ~= nil and listed(if_none_match) then
+    return 0
+  end
+end
+local channel, key = ARGV[7] or '', ARGV[2]
 if ARGV[1] == 'set' then
-  redis.call('HSET', values, ARGV[2], ARGV[3])
-  redis.call('HSET', writers, ARGV[2], ARGV[4])
+  redis.call('HSET', values, key, ARGV[3])
+  redis.call('HSET', writers, key, ARGV[4])
+  if channel ~= '' then
+    redis.call('PUBLISH', channel, 's:' .. #key .. ':' .. key .. ARGV[3])
+  end
 else
-  redis.call('HDEL', values, ARGV[2])
-  redis.call('HDEL', writers, ARGV[2])
+  local removed = redis.call('HDEL', values, key)
+  redis.call('HDEL', writers, key)
+  if removed == 1 and channel ~= '' then
+    redis.call('PUBLISH', channel, 'd:' .. #key .. ':' .. key)
+  end
 end
 return 1

@@ -1,13 +1,18 @@
 -- Set, delete or just tidy one key of a task scope, keeping the scope's expiry
 -- bookkeeping consistent in the same atomic step. Safe to run twice.
 --
--- KEYS[1] scope hash       field = state key, value = "<updated_ms>:<expires_ms>:<json>"
+-- KEYS[1] scope hash       field = state key, value = "<updated_ms>.<version>:<expires_ms>:<json>"
+--                          (values written before versions existed lack ".<version>")
 -- KEYS[2] expiry zset      member = state key, score = expires_ms (expiring keys only)
 -- KEYS[3] registry hash    "m<map_index>" per map index holding state, plus the readable
 --                          dag_id / run_id / task_id (for listing and clear-all)
 -- ARGV: op ("set" | "del" | "purge"), key, encoded value, expires_ms or "",
---       now_ms, map_index, dag_id, run_id, task_id
--- Returns {fields left, earliest pending expiry}; the expiry is 0 unless the scope mixes
+--       now_ms, map_index, dag_id, run_id, task_id,
+--       if-match and if-none-match ("" when absent, "*", or ",v1,v2,"),
+--       change channel ("" for none): a set or an actual delete is published there as
+--       "s<map_index>:<key bytes>:<key><encoded value>" / "d<map_index>:<key bytes>:<key>"
+-- Returns {-1, 0} when the precondition fails (nothing written), else
+-- {fields left, earliest pending expiry}; the expiry is 0 unless the scope mixes
 -- expiring and permanent keys, the one case key-level expiry cannot cover: the caller
 -- then lists the scope in the sweep index so its expired keys are reclaimed untouched.
 --
@@ -19,9 +24,37 @@ local op, key, now = ARGV[1], ARGV[2], ARGV[5]
 local index_field = 'm' .. ARGV[6]
 local fresh_registry = false
 
+-- Optimistic concurrency: the key's current version (nil if absent or expired) must
+-- satisfy If-Match / If-None-Match before anything is written.
+local if_match, if_none_match = ARGV[10] or '', ARGV[11] or ''
+if (op == 'set' or op == 'del') and (if_match ~= '' or if_none_match ~= '') then
+  local current = nil
+  local raw = redis.call('HGET', scope, key)
+  if raw then
+    local head, expires = string.match(raw, '^([^:]*):([^:]*):')
+    if head and (expires == '' or tonumber(expires) > tonumber(now)) then
+      local dot = string.find(head, '.', 1, true)
+      current = dot and string.sub(head, dot + 1) or ('L' .. head)
+    end
+  end
+  local function listed(tags)
+    return tags == '*' or string.find(tags, ',' .. current .. ',', 1, true) ~= nil
+  end
+  if if_match ~= '' and (current == nil or not listed(if_match)) then
+    return {-1, 0}
+  end
+  if if_none_match ~= '' and current ~= nil and listed(if_none_match) then
+    return {-1, 0}
+  end
+end
+
+local channel = ARGV[12] or ''
 if op == 'set' then
   fresh_registry = redis.call('EXISTS', registry) == 0
   redis.call('HSET', scope, key, ARGV[3])
+  if channel ~= '' then
+    redis.call('PUBLISH', channel, 's' .. ARGV[6] .. ':' .. #key .. ':' .. key .. ARGV[3])
+  end
   if ARGV[4] == '' then
     redis.call('ZREM', expiry, key)
   else
@@ -31,7 +64,9 @@ if op == 'set' then
     redis.call('HSET', registry, 'dag_id', ARGV[7], 'run_id', ARGV[8], 'task_id', ARGV[9])
   end
 elseif op == 'del' then
-  redis.call('HDEL', scope, key)
+  if redis.call('HDEL', scope, key) == 1 and channel ~= '' then
+    redis.call('PUBLISH', channel, 'd' .. ARGV[6] .. ':' .. #key .. ':' .. key)
+  end
   redis.call('ZREM', expiry, key)
 end
 

@@ -37,6 +37,30 @@ pub struct Config {
     pub auth: AuthSettings,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// airstate's extensions beyond Airflow's API.
+    pub extensions: ExtensionSettings,
+}
+
+/// Settings of the extensions beyond Airflow's API (README, "Beyond Airflow").
+#[derive(Debug, Clone)]
+pub struct ExtensionSettings {
+    /// A task may use an asset's state only if the metastore registers it as an inlet or
+    /// outlet of that asset.
+    pub asset_registration_check: bool,
+    /// Change streams: events buffered per watcher before it is told it lagged.
+    pub change_stream_buffer: usize,
+    /// Change streams: how often an idle stream gets a keep-alive comment.
+    pub change_stream_heartbeat: Duration,
+}
+
+impl Default for ExtensionSettings {
+    fn default() -> Self {
+        Self {
+            asset_registration_check: false,
+            change_stream_buffer: 256,
+            change_stream_heartbeat: Duration::from_secs(15),
+        }
+    }
 }
 
 /// Every variable read, with its default, for `--help` and the README.
@@ -135,6 +159,22 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "AIRSTATE_LOG_FORMAT",
         "json, or text on a terminal",
         "log line format: json | text",
+    ),
+    // airstate's extensions beyond Airflow's API.
+    (
+        "AIRSTATE_ASSET_REGISTRATION_CHECK",
+        "false",
+        "true: a task may use only assets it declares as inlet/outlet",
+    ),
+    (
+        "AIRSTATE_CHANGE_STREAM_BUFFER",
+        "256",
+        "change events buffered per stream before it lags",
+    ),
+    (
+        "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
+        "15",
+        "keep-alive interval of idle change streams",
     ),
     (
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
@@ -319,6 +359,42 @@ impl Config {
             ));
         }
 
+        // airstate's extensions beyond Airflow's API.
+        let asset_registration_check = env.parse("AIRSTATE_ASSET_REGISTRATION_CHECK", false)?;
+        if asset_registration_check && identity != IdentityMode::Metastore {
+            return Err(error(
+                "AIRSTATE_ASSET_REGISTRATION_CHECK",
+                "needs Airflow's metastore (AIRSTATE_IDENTITY=metastore): the inlet and outlet \
+                 references live there",
+            ));
+        }
+        let defaults = ExtensionSettings::default();
+        let change_stream_buffer = env.parse(
+            "AIRSTATE_CHANGE_STREAM_BUFFER",
+            defaults.change_stream_buffer,
+        )?;
+        if !(1..=1_000_000).contains(&change_stream_buffer) {
+            return Err(error(
+                "AIRSTATE_CHANGE_STREAM_BUFFER",
+                "must be between 1 and 1000000",
+            ));
+        }
+        let heartbeat = env.parse(
+            "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
+            defaults.change_stream_heartbeat.as_secs(),
+        )?;
+        if heartbeat == 0 {
+            return Err(error(
+                "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
+                "must be at least 1",
+            ));
+        }
+        let extensions = ExtensionSettings {
+            asset_registration_check,
+            change_stream_buffer,
+            change_stream_heartbeat: Duration::from_secs(heartbeat),
+        };
+
         Ok(Config {
             listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             redis,
@@ -329,6 +405,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(
                 env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS", 20u64)?,
             ),
+            extensions,
         })
     }
 }
@@ -416,6 +493,11 @@ mod tests {
             ("AIRFLOW__API_AUTH__JWT_LEEWAY", "-1"),
             ("AIRFLOW__API_AUTH__JWT_ALGORITHM", "none"),
             ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "mysql://db/airflow"),
+            ("AIRSTATE_ASSET_REGISTRATION_CHECK", "yes"),
+            // Asked for without a metastore to check against.
+            ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true"),
+            ("AIRSTATE_CHANGE_STREAM_BUFFER", "0"),
+            ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
         ] {
             let err = config(&[SECRET, (var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");

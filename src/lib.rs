@@ -56,14 +56,21 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let auth = auth::Authenticator::new(&config.auth)?;
     auth.spawn_refresh(config.auth.jwks_refresh);
     let identity: Arc<dyn IdentityResolver> = match (config.identity, &config.metastore) {
-        (IdentityMode::Metastore, Some(settings)) => {
-            Arc::new(MetastoreResolver::new(settings).map_err(StartError::Identity)?)
-        }
+        (IdentityMode::Metastore, Some(settings)) => Arc::new(
+            MetastoreResolver::new(settings)
+                .map_err(StartError::Identity)?
+                .with_registration_check(config.extensions.asset_registration_check),
+        ),
         _ => Arc::new(ClaimsResolver),
     };
+    let buffer = config.extensions.change_stream_buffer;
     let store: Arc<dyn StateStore> = match &config.redis {
-        Some(settings) => Arc::new(RedisStore::connect(settings).await?),
-        None => Arc::new(MemoryStore::new()),
+        Some(settings) => {
+            let store = RedisStore::connect(settings).await?;
+            store.enable_change_streams(settings, buffer).await?;
+            Arc::new(store)
+        }
+        None => Arc::new(MemoryStore::new().with_event_buffer(buffer)),
     };
     tracing::info!(store = %store.describe(), identity = %identity.describe(), keys = %auth.describe(), "airstate configured");
     if config.redis.is_none() {
@@ -75,6 +82,7 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         auth,
         shutting_down: AtomicBool::new(false),
         ready_timeout: Duration::from_secs(2),
+        extensions: config.extensions.clone(),
     }))
 }
 
@@ -97,6 +105,8 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         shutdown_state.shutting_down.store(true, Ordering::Relaxed);
+        // Change streams never finish on their own: end them so the drain can.
+        shutdown_state.store.close_watches();
         tracing::info!("shutting down: draining in-flight requests");
         let _ = drained_tx.send(());
     });

@@ -9,11 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::Value;
 
 use super::body::{check_key, parse_put_body};
 use super::error::{ApiError, ValidationIssue};
+use super::extensions::{condition, not_modified, with_etag, written_response};
 use super::extract::{query_params, ExecutionToken, JsonBody};
 use super::{no_content, value_response, AppState};
 use crate::auth::{Claims, WATCHER_SUBJECT};
@@ -23,13 +25,13 @@ use crate::store::{AssetKey, Writer};
 /// Which query parameter names the asset on a `/execution/store/asset/...` route; the
 /// handlers take it as a const parameter (`BY_URI`), one instance per route family.
 #[derive(Clone, Copy)]
-enum By {
+pub(crate) enum By {
     Name,
     Uri,
 }
 
 impl By {
-    fn of(by_uri: bool) -> Self {
+    pub(crate) fn of(by_uri: bool) -> Self {
         if by_uri {
             By::Uri
         } else {
@@ -47,7 +49,7 @@ impl By {
 
 /// Reads the asset (and, when `with_key`, the key) from the query, reporting every
 /// problem at once as FastAPI does.
-fn from_query(
+pub(crate) fn from_query(
     by: By,
     query: Option<&str>,
     with_key: bool,
@@ -87,11 +89,34 @@ fn from_query(
     Ok((asset, key))
 }
 
-async fn resolve(app: &AppState, asset: AssetRef) -> Result<AssetKey, ApiError> {
-    match app.identity.asset(&asset).await? {
-        Some(key) => Ok(key),
-        None => Err(ApiError::AssetNotFound(asset)),
+/// The asset's store key, once the caller may use it: the asset must be active, and with
+/// `AIRSTATE_ASSET_REGISTRATION_CHECK` the token's task must be registered with it as an
+/// inlet or outlet. Watcher tokens (the all-zero subject) belong to no task and pass.
+pub(crate) async fn resolve(
+    app: &AppState,
+    claims: &Claims,
+    asset: AssetRef,
+) -> Result<AssetKey, ApiError> {
+    let Some(key) = app.identity.asset(&asset).await? else {
+        return Err(ApiError::AssetNotFound(asset));
+    };
+    if !app.identity.checks_asset_registration() || claims.subject == WATCHER_SUBJECT {
+        return Ok(key);
     }
+    let scope = app
+        .identity
+        .task(claims.subject, claims)
+        .await?
+        .ok_or(ApiError::TaskInstanceNotFound(claims.subject))?;
+    if app.identity.task_uses_asset(&scope, &key).await? {
+        return Ok(key);
+    }
+    metrics::counter!("airstate_asset_registration_denied_total").increment(1);
+    Err(ApiError::AssetNotRegistered {
+        dag_id: scope.dag_id,
+        task_id: scope.task_id,
+        asset,
+    })
 }
 
 async fn writer_of(app: &AppState, claims: &Claims) -> Result<Writer, ApiError> {
@@ -111,10 +136,18 @@ async fn writer_of(app: &AppState, claims: &Claims) -> Result<Writer, ApiError> 
     })
 }
 
-async fn get_value(app: &AppState, asset: AssetRef, key: &str) -> Result<Response, ApiError> {
-    let asset = resolve(app, asset).await?;
+async fn get_value(
+    app: &AppState,
+    claims: &Claims,
+    asset: AssetRef,
+    key: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let condition = condition(headers)?;
+    let asset = resolve(app, claims, asset).await?;
     match app.store.get_asset(&asset, key).await? {
-        Some(value) => Ok(value_response(&value.json)),
+        Some(value) => Ok(not_modified(&condition, &value.version)
+            .unwrap_or_else(|| with_etag(value_response(&value.json), Some(&value.version)))),
         None => Err(ApiError::AssetKeyNotFound(key.to_owned())),
     }
 }
@@ -124,25 +157,35 @@ async fn put_value(
     claims: &Claims,
     asset: AssetRef,
     key: &str,
+    headers: &HeaderMap,
     body: &JsonBody,
 ) -> Result<Response, ApiError> {
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?;
-    let asset = resolve(app, asset).await?;
+    let condition = condition(headers)?;
+    let asset = resolve(app, claims, asset).await?;
     let writer = writer_of(app, claims).await?;
-    app.store
-        .put_asset(&asset, key, parsed.value, &writer)
+    let written = app
+        .store
+        .put_asset_if(&asset, key, parsed.value, &writer, &condition)
         .await?;
-    Ok(no_content())
+    written_response(written, no_content())
 }
 
-async fn delete_value(app: &AppState, asset: AssetRef, key: &str) -> Result<Response, ApiError> {
-    let asset = resolve(app, asset).await?;
-    app.store.delete_asset(&asset, key).await?;
-    Ok(no_content())
+async fn delete_value(
+    app: &AppState,
+    claims: &Claims,
+    asset: AssetRef,
+    key: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let condition = condition(headers)?;
+    let asset = resolve(app, claims, asset).await?;
+    let written = app.store.delete_asset_if(&asset, key, &condition).await?;
+    written_response(written, no_content())
 }
 
-async fn clear_all(app: &AppState, asset: AssetRef) -> Result<Response, ApiError> {
-    let asset = resolve(app, asset).await?;
+async fn clear_all(app: &AppState, claims: &Claims, asset: AssetRef) -> Result<Response, ApiError> {
+    let asset = resolve(app, claims, asset).await?;
     app.store.clear_asset(&asset).await?;
     Ok(no_content())
 }
@@ -151,39 +194,50 @@ async fn clear_all(app: &AppState, asset: AssetRef) -> Result<Response, ApiError
 
 pub async fn get<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    get_value(&app, asset, &key.unwrap_or_default()).await
+    get_value(&app, &claims, asset, &key.unwrap_or_default(), &headers).await
 }
 
 pub async fn put<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    put_value(&app, &claims, asset, &key.unwrap_or_default(), &body).await
+    put_value(
+        &app,
+        &claims,
+        asset,
+        &key.unwrap_or_default(),
+        &headers,
+        &body,
+    )
+    .await
 }
 
 pub async fn delete<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    delete_value(&app, asset, &key.unwrap_or_default()).await
+    delete_value(&app, &claims, asset, &key.unwrap_or_default(), &headers).await
 }
 
 pub async fn clear<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
-    clear_all(&app, asset).await
+    clear_all(&app, &claims, asset).await
 }
 
 // --- AIP-103 original: /execution/state/asset/{name}[/{key}] --------------------------
@@ -205,37 +259,40 @@ fn from_path(name: String, key: Option<&str>) -> Result<AssetRef, ApiError> {
 
 pub async fn seed_get(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    get_value(&app, asset, &key).await
+    get_value(&app, &claims, asset, &key, &headers).await
 }
 
 pub async fn seed_put(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    put_value(&app, &claims, asset, &key, &body).await
+    put_value(&app, &claims, asset, &key, &headers, &body).await
 }
 
 pub async fn seed_delete(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    delete_value(&app, asset, &key).await
+    delete_value(&app, &claims, asset, &key, &headers).await
 }
 
 pub async fn seed_clear(
     State(app): State<Arc<AppState>>,
-    _token: ExecutionToken,
+    ExecutionToken(claims): ExecutionToken,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, None)?;
-    clear_all(&app, asset).await
+    clear_all(&app, &claims, asset).await
 }

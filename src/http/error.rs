@@ -76,6 +76,20 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body over {0} bytes")]
     PayloadTooLarge(usize),
+    /// `AIRSTATE_ASSET_REGISTRATION_CHECK`: the task is neither an inlet nor an outlet of
+    /// the asset.
+    #[error("task not registered with the asset")]
+    AssetNotRegistered {
+        dag_id: String,
+        task_id: String,
+        asset: AssetRef,
+    },
+    /// A malformed extension header (`If-Match`, `If-None-Match`).
+    #[error("bad header: {0}")]
+    BadHeader(String),
+    /// `If-Match` / `If-None-Match` did not hold; nothing was written.
+    #[error("precondition failed")]
+    PreconditionFailed,
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -198,6 +212,37 @@ impl ApiError {
                 json!(format!(
                     "Request body is larger than the limit of {limit} bytes"
                 )),
+            ),
+            AssetNotRegistered {
+                dag_id,
+                task_id,
+                asset,
+            } => {
+                let (field, value) = match asset {
+                    AssetRef::Name(name) => ("name", name),
+                    AssetRef::Uri(uri) => ("uri", uri),
+                };
+                (
+                    StatusCode::FORBIDDEN,
+                    json!({
+                        "reason": "asset_not_registered",
+                        "message": format!(
+                            "Task {} of DAG {} is not registered with the asset with {field}={} \
+                             as an inlet or outlet",
+                            python_repr(task_id),
+                            python_repr(dag_id),
+                            python_repr(value)
+                        ),
+                    }),
+                )
+            }
+            BadHeader(message) => (StatusCode::BAD_REQUEST, json!(message)),
+            PreconditionFailed => (
+                StatusCode::PRECONDITION_FAILED,
+                json!({
+                    "reason": "precondition_failed",
+                    "message": "The key's current version does not satisfy If-Match / If-None-Match; nothing was changed",
+                }),
             ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -4,6 +4,7 @@
 pub mod asset;
 pub mod body;
 pub mod error;
+pub mod extensions;
 pub mod extract;
 mod observe;
 pub mod task;
@@ -35,6 +36,8 @@ pub struct AppState {
     /// Set on SIGTERM so `/ready` turns the replica out of the Service before it stops.
     pub shutting_down: AtomicBool,
     pub ready_timeout: Duration,
+    /// airstate's extensions beyond Airflow's API.
+    pub extensions: crate::config::ExtensionSettings,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.
@@ -56,7 +59,9 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/execution/store/ti/{task_instance_id}/", empty_key.clone())
         .route(
             "/execution/store/ti/{task_instance_id}",
-            delete(task::clear),
+            delete(task::clear)
+                .get(extensions::task_bulk_get)
+                .post(extensions::task_bulk_post),
         )
         .route(
             "/execution/store/asset/by-name/value",
@@ -77,6 +82,15 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route(
             "/execution/store/asset/by-uri/clear",
             delete(asset::clear::<true>),
+        )
+        // airstate's extensions (src/http/extensions.rs).
+        .route(
+            "/execution/store/asset/by-name/values",
+            get(extensions::asset_bulk_get::<false>).post(extensions::asset_bulk_post::<false>),
+        )
+        .route(
+            "/execution/store/asset/by-uri/values",
+            get(extensions::asset_bulk_get::<true>).post(extensions::asset_bulk_post::<true>),
         )
         // AIP-103's original paths.
         .route("/execution/state/ti/{task_instance_id}/{*key}", task_key)

@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::body::{check_key, parse_bool_param, parse_put_body};
 use super::error::ApiError;
+use super::extensions::{condition, not_modified, with_etag, written_response};
 use super::extract::{query_params, JsonBody, TaskCaller};
 use super::{no_content, value_response, AppState};
 use crate::store::TaskScope;
@@ -20,7 +22,7 @@ fn key_of(caller: &TaskCaller) -> Result<&str, ApiError> {
     Ok(key)
 }
 
-async fn scope_of(app: &AppState, caller: &TaskCaller) -> Result<TaskScope, ApiError> {
+pub(crate) async fn scope_of(app: &AppState, caller: &TaskCaller) -> Result<TaskScope, ApiError> {
     app.identity
         .task(caller.task_instance, &caller.claims)
         .await?
@@ -30,11 +32,14 @@ async fn scope_of(app: &AppState, caller: &TaskCaller) -> Result<TaskScope, ApiE
 pub async fn get(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_of(&caller)?;
+    let condition = condition(&headers)?;
     let scope = scope_of(&app, &caller).await?;
     match app.store.get_task(&scope, key).await? {
-        Some(value) => Ok(value_response(&value.json)),
+        Some(value) => Ok(not_modified(&condition, &value.version)
+            .unwrap_or_else(|| with_etag(value_response(&value.json), Some(&value.version)))),
         None => Err(ApiError::TaskKeyNotFound(key.to_owned())),
     }
 }
@@ -42,25 +47,30 @@ pub async fn get(
 pub async fn put(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
+    headers: HeaderMap,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let key = key_of(&caller)?;
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, true)?;
+    let condition = condition(&headers)?;
     let scope = scope_of(&app, &caller).await?;
-    app.store
-        .put_task(&scope, key, parsed.value, parsed.expires_at)
+    let written = app
+        .store
+        .put_task_if(&scope, key, parsed.value, parsed.expires_at, &condition)
         .await?;
-    Ok(no_content())
+    written_response(written, no_content())
 }
 
 pub async fn delete(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_of(&caller)?;
+    let condition = condition(&headers)?;
     let scope = scope_of(&app, &caller).await?;
-    app.store.delete_task(&scope, key).await?;
-    Ok(no_content())
+    let written = app.store.delete_task_if(&scope, key, &condition).await?;
+    written_response(written, no_content())
 }
 
 /// Airflow 3.3's clear: only the caller's own map index; `all_map_indices` is ignored.

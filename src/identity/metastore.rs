@@ -34,6 +34,9 @@ pub struct MetastoreResolver {
     pool: Pool,
     tasks: Cache<Uuid, TaskScope>,
     assets: Cache<AssetRef, AssetKey>,
+    /// (asset id, dag_id, task_id) pairs found registered; refusals are not cached.
+    registrations: Cache<(i32, String, String), ()>,
+    registration_check: bool,
     display: String,
 }
 
@@ -48,6 +51,11 @@ const TASK_SQL: &str = "SELECT dag_id, run_id, task_id, map_index FROM task_inst
 // Only active assets resolve, as in Airflow: an `asset_active` row with the same name and URI.
 const ASSET_BY_NAME_SQL: &str = "SELECT a.id FROM asset a \
      JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.name = $1 LIMIT 1";
+// A task may use an asset it reads (inlet) or writes (outlet).
+const REGISTRATION_SQL: &str = "SELECT 1 FROM task_inlet_asset_reference \
+     WHERE asset_id = $1 AND dag_id = $2 AND task_id = $3 \
+     UNION ALL SELECT 1 FROM task_outlet_asset_reference \
+     WHERE asset_id = $1 AND dag_id = $2 AND task_id = $3 LIMIT 1";
 const ASSET_BY_URI_SQL: &str = "SELECT a.id FROM asset a \
      JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.uri = $1 LIMIT 1";
 
@@ -91,8 +99,43 @@ impl MetastoreResolver {
             pool,
             tasks: bounded_cache(settings),
             assets: bounded_cache(settings),
+            registrations: bounded_cache(settings),
+            registration_check: false,
             display,
         })
+    }
+
+    /// Turns on the asset registration check (`AIRSTATE_ASSET_REGISTRATION_CHECK`).
+    pub fn with_registration_check(mut self, enabled: bool) -> Self {
+        self.registration_check = enabled;
+        self
+    }
+
+    /// Whether (asset, dag, task) is registered, straight from the metastore.
+    async fn query_registration(
+        &self,
+        asset_id: i32,
+        dag_id: &str,
+        task_id: &str,
+    ) -> Result<bool, IdentityError> {
+        let unavailable = |e: &dyn std::fmt::Display| IdentityError::Unavailable(e.to_string());
+        let query = async {
+            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+            let statement = client
+                .prepare_cached(REGISTRATION_SQL)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            client
+                .query_opt(&statement, &[&asset_id, &dag_id, &task_id])
+                .await
+                .map_err(|e| unavailable(&e))
+        };
+        let span = tracing::info_span!(
+            "metastore.query",
+            otel.kind = "client",
+            db.system = "postgresql"
+        );
+        Ok(query.instrument(span).await?.is_some())
     }
 
     async fn query_one<T>(
@@ -170,6 +213,34 @@ impl IdentityResolver for MetastoreResolver {
     async fn asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError> {
         let span = tracing::info_span!("identity.asset", cache = tracing::field::Empty);
         self.resolve_asset(asset).instrument(span).await
+    }
+
+    fn checks_asset_registration(&self) -> bool {
+        self.registration_check
+    }
+
+    async fn task_uses_asset(
+        &self,
+        scope: &TaskScope,
+        asset: &AssetKey,
+    ) -> Result<bool, IdentityError> {
+        // Metastore asset keys are Airflow's integer asset ids.
+        let Ok(asset_id) = asset.0.parse::<i32>() else {
+            return Ok(false);
+        };
+        let key = (asset_id, scope.dag_id.clone(), scope.task_id.clone());
+        if self.registrations.get(&key).await.is_some() {
+            cache_outcome("registration", true);
+            return Ok(true);
+        }
+        cache_outcome("registration", false);
+        let registered = self
+            .query_registration(asset_id, &scope.dag_id, &scope.task_id)
+            .await?;
+        if registered {
+            self.registrations.insert(key, ()).await;
+        }
+        Ok(registered)
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {

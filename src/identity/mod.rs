@@ -36,6 +36,19 @@ pub trait IdentityResolver: Send + Sync + 'static {
     async fn task(&self, ti: Uuid, claims: &Claims) -> Result<Option<TaskScope>, IdentityError>;
     /// The store key of an active asset; `None` when no active asset matches.
     async fn asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError>;
+    /// Whether asset state is limited to the tasks registered with the asset (airstate's
+    /// opt-in `AIRSTATE_ASSET_REGISTRATION_CHECK`).
+    fn checks_asset_registration(&self) -> bool {
+        false
+    }
+    /// Whether the task `scope` is registered with `asset` as an inlet or an outlet.
+    async fn task_uses_asset(
+        &self,
+        _scope: &TaskScope,
+        _asset: &AssetKey,
+    ) -> Result<bool, IdentityError> {
+        Ok(true)
+    }
     /// Whether the identity source answers; drives `/ready`.
     async fn ping(&self) -> Result<(), IdentityError>;
     fn describe(&self) -> String;

@@ -8,8 +8,11 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use super::events::{Change, Delivery, Event, EventHub, Watch};
+use super::version::new_version;
 use super::{
-    now_millis, AssetKey, EpochMillis, StateStore, StoreResult, StoredValue, TaskScope, Writer,
+    now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreResult, StoredValue, TaskScope,
+    Writer, Written,
 };
 
 type Fields = HashMap<String, StoredValue>;
@@ -18,16 +21,46 @@ type AssetFields = HashMap<String, (StoredValue, Writer)>;
 /// (dag_id, run_id, task_id): the unit that clear-all wipes.
 type TaskKey = (String, String, String);
 
-#[derive(Default)]
 pub struct MemoryStore {
     tasks: Mutex<HashMap<TaskKey, HashMap<i64, Fields>>>,
     assets: Mutex<HashMap<AssetKey, AssetFields>>,
+    events: EventHub,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            tasks: Mutex::default(),
+            assets: Mutex::default(),
+            events: EventHub::new(super::redis::DEFAULT_EVENT_BUFFER),
+        }
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Buffers `buffer` change events per watcher.
+    pub fn with_event_buffer(self, buffer: usize) -> Self {
+        self.events.set_capacity(buffer);
+        self
+    }
+
+    /// Delivers a change; called with the data's lock held, so events keep write order.
+    fn publish(&self, channel: &str, map_index: Option<i64>, change: Change) {
+        let event = Event { map_index, change };
+        self.events.deliver(channel, Delivery::Event(event.into()));
+    }
+}
+
+fn task_channel(scope: &TaskScope) -> String {
+    format!("t:{}\0{}\0{}", scope.dag_id, scope.run_id, scope.task_id)
+}
+
+fn asset_channel(asset: &AssetKey) -> String {
+    format!("a:{}", asset.0)
 }
 
 fn task_key(scope: &TaskScope) -> TaskKey {
@@ -43,7 +76,15 @@ fn fresh(json: &str, expires_at: Option<EpochMillis>) -> StoredValue {
         json: json.to_owned(),
         updated_at: now_millis(),
         expires_at,
+        version: new_version(),
     }
+}
+
+/// The current version of a live value, for a [`Condition`].
+fn live_version(value: Option<&StoredValue>, now: EpochMillis) -> Option<&str> {
+    value
+        .filter(|value| !value.is_expired(now))
+        .map(|value| value.version.as_str())
 }
 
 #[async_trait]
@@ -66,13 +107,35 @@ impl StateStore for MemoryStore {
         }
     }
 
-    async fn put_task(
+    async fn get_task_many(
+        &self,
+        scope: &TaskScope,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let tasks = self.tasks.lock().unwrap();
+        let fields = tasks
+            .get(&task_key(scope))
+            .and_then(|indices| indices.get(&scope.map_index));
+        let now = now_millis();
+        Ok(keys
+            .iter()
+            .map(|key| {
+                fields
+                    .and_then(|fields| fields.get(key))
+                    .filter(|value| !value.is_expired(now))
+                    .cloned()
+            })
+            .collect())
+    }
+
+    async fn put_task_if(
         &self,
         scope: &TaskScope,
         key: &str,
         json: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()> {
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut tasks = self.tasks.lock().unwrap();
         let now = now_millis();
         let fields = tasks
@@ -80,20 +143,45 @@ impl StateStore for MemoryStore {
             .or_default()
             .entry(scope.map_index)
             .or_default();
+        if !condition.allows(live_version(fields.get(key), now)) {
+            return Ok(Written::PreconditionFailed);
+        }
         fields.retain(|_, value| !value.is_expired(now));
-        fields.insert(key.to_owned(), fresh(json, expires_at));
-        Ok(())
+        let value = fresh(json, expires_at);
+        let version = value.version.clone();
+        fields.insert(key.to_owned(), value);
+        let change = Change::Set {
+            key: key.to_owned(),
+            json: json.to_owned(),
+            version: version.clone(),
+        };
+        self.publish(&task_channel(scope), Some(scope.map_index), change);
+        Ok(Written::Applied(Some(version)))
     }
 
-    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()> {
+    async fn delete_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut tasks = self.tasks.lock().unwrap();
-        if let Some(fields) = tasks
+        let fields = tasks
             .get_mut(&task_key(scope))
-            .and_then(|indices| indices.get_mut(&scope.map_index))
-        {
-            fields.remove(key);
+            .and_then(|indices| indices.get_mut(&scope.map_index));
+        let current = fields.as_ref().and_then(|fields| fields.get(key));
+        if !condition.allows(live_version(current, now_millis())) {
+            return Ok(Written::PreconditionFailed);
         }
-        Ok(())
+        if let Some(fields) = fields {
+            if fields.remove(key).is_some() {
+                let change = Change::Delete {
+                    key: key.to_owned(),
+                };
+                self.publish(&task_channel(scope), Some(scope.map_index), change);
+            }
+        }
+        Ok(Written::Applied(None))
     }
 
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()> {
@@ -107,6 +195,8 @@ impl StateStore for MemoryStore {
                 tasks.remove(&key);
             }
         }
+        let map_index = (!all_map_indices).then_some(scope.map_index);
+        self.publish(&task_channel(scope), map_index, Change::Clear);
         Ok(())
     }
 
@@ -118,32 +208,95 @@ impl StateStore for MemoryStore {
             .map(|(value, _)| value.clone()))
     }
 
-    async fn put_asset(
+    async fn get_asset_many(
+        &self,
+        asset: &AssetKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let assets = self.assets.lock().unwrap();
+        let fields = assets.get(asset);
+        Ok(keys
+            .iter()
+            .map(|key| {
+                fields
+                    .and_then(|fields| fields.get(key))
+                    .map(|(value, _)| value.clone())
+            })
+            .collect())
+    }
+
+    async fn put_asset_if(
         &self,
         asset: &AssetKey,
         key: &str,
         json: &str,
         writer: &Writer,
-    ) -> StoreResult<()> {
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut assets = self.assets.lock().unwrap();
-        assets
-            .entry(asset.clone())
-            .or_default()
-            .insert(key.to_owned(), (fresh(json, None), writer.clone()));
-        Ok(())
+        let fields = assets.entry(asset.clone()).or_default();
+        let current = fields.get(key).map(|(value, _)| value);
+        if !condition.allows(live_version(current, now_millis())) {
+            return Ok(Written::PreconditionFailed);
+        }
+        let value = fresh(json, None);
+        let version = value.version.clone();
+        fields.insert(key.to_owned(), (value, writer.clone()));
+        let change = Change::Set {
+            key: key.to_owned(),
+            json: json.to_owned(),
+            version: version.clone(),
+        };
+        self.publish(&asset_channel(asset), None, change);
+        Ok(Written::Applied(Some(version)))
     }
 
-    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
+    async fn delete_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let mut assets = self.assets.lock().unwrap();
-        if let Some(fields) = assets.get_mut(asset) {
-            fields.remove(key);
+        let fields = assets.get_mut(asset);
+        let current = fields
+            .as_ref()
+            .and_then(|fields| fields.get(key))
+            .map(|(value, _)| value);
+        if !condition.allows(live_version(current, now_millis())) {
+            return Ok(Written::PreconditionFailed);
+        }
+        if let Some(fields) = fields {
+            if fields.remove(key).is_some() {
+                let change = Change::Delete {
+                    key: key.to_owned(),
+                };
+                self.publish(&asset_channel(asset), None, change);
+            }
+        }
+        Ok(Written::Applied(None))
+    }
+
+    async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
+        let mut assets = self.assets.lock().unwrap();
+        if assets.remove(asset).is_some() {
+            self.publish(&asset_channel(asset), None, Change::Clear);
         }
         Ok(())
     }
 
-    async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
-        self.assets.lock().unwrap().remove(asset);
-        Ok(())
+    async fn watch_task(&self, scope: &TaskScope) -> StoreResult<Watch> {
+        self.events
+            .watch(task_channel(scope), Some(scope.map_index))
+            .await
+    }
+
+    async fn watch_asset(&self, asset: &AssetKey) -> StoreResult<Watch> {
+        self.events.watch(asset_channel(asset), None).await
+    }
+
+    fn close_watches(&self) {
+        self.events.close();
     }
 
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>> {

@@ -7,8 +7,10 @@
 //! Values cross this boundary as the JSON text the client sent: the store never parses
 //! or re-serialises them, which is what keeps big integers and `1.0` intact.
 
+pub mod events;
 pub mod memory;
 pub mod redis;
+pub mod version;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,8 @@ pub struct StoredValue {
     pub json: String,
     pub updated_at: EpochMillis,
     pub expires_at: Option<EpochMillis>,
+    /// Unique per write (see [`version`]); the HTTP layer serves it as the `ETag`.
+    pub version: String,
 }
 
 impl StoredValue {
@@ -74,6 +78,8 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+pub use version::{Condition, Written};
+
 /// The operations Airflow's `BaseStoreBackend` offers, over our scopes.
 ///
 /// Every method is idempotent, so a replayed request after a lost reply is harmless.
@@ -81,6 +87,13 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait StateStore: Send + Sync + 'static {
     /// A value that is present and not expired; an expired one is never returned.
     async fn get_task(&self, scope: &TaskScope, key: &str) -> StoreResult<Option<StoredValue>>;
+    /// Many keys of one scope in one round trip, in the order asked; `None` for a key that
+    /// is missing or expired.
+    async fn get_task_many(
+        &self,
+        scope: &TaskScope,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>>;
     /// Upsert. `expires_at: None` makes the key permanent, removing an earlier expiry.
     async fn put_task(
         &self,
@@ -88,24 +101,84 @@ pub trait StateStore: Send + Sync + 'static {
         key: &str,
         json: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()>;
-    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        self.put_task_if(scope, key, json, expires_at, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()> {
+        self.delete_task_if(scope, key, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    /// [`put_task`](Self::put_task) applied only when `condition` holds for the key's
+    /// current version, checked and written in one atomic step.
+    async fn put_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        expires_at: Option<EpochMillis>,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
+    async fn delete_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
     /// Clear the scope's map index, or with `all_map_indices` every map index of the same
     /// (dag_id, run_id, task_id), atomically.
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()>;
 
     async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>>;
+    /// Many keys of one asset in one round trip, in the order asked; `None` for a missing key.
+    async fn get_asset_many(
+        &self,
+        asset: &AssetKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>>;
     async fn put_asset(
         &self,
         asset: &AssetKey,
         key: &str,
         json: &str,
         writer: &Writer,
-    ) -> StoreResult<()>;
-    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        self.put_asset_if(asset, key, json, writer, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
+        self.delete_asset_if(asset, key, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+    async fn put_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        json: &str,
+        writer: &Writer,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
+    async fn delete_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written>;
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()>;
     /// The writer recorded with an asset key, if the key exists.
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>>;
+
+    /// Change events of a task scope's keys (the watch follows `scope.map_index`, and
+    /// clears of every map index), from the moment this returns.
+    async fn watch_task(&self, scope: &TaskScope) -> StoreResult<events::Watch>;
+    /// Change events of an asset's keys, from the moment this returns.
+    async fn watch_asset(&self, asset: &AssetKey) -> StoreResult<events::Watch>;
+    /// Ends every change stream and refuses new ones (shutdown).
+    fn close_watches(&self);
 
     /// Whether the backend answers; drives `/ready`.
     async fn ping(&self) -> StoreResult<()>;

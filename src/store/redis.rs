@@ -8,6 +8,7 @@
 //! | `{t:<digest>}:<map_index>:x` | zset | that scope's expiring keys, scored by expiry |
 //! | `{t:<digest>}:r` | hash | the map indices holding state, and the readable identity |
 //! | `{a:<asset>}:v` / `{a:<asset>}:w` | hash | an asset's values / who wrote each |
+//! | `ev:{t:<digest>}` / `ev:{a:<asset>}` | pub/sub channel | change events (`events`) |
 //!
 //! `<digest>` hashes the length-prefixed (dag_id, run_id, task_id), so every map index of
 //! a task shares one Cluster slot whatever characters the ids hold; that is what lets one
@@ -29,9 +30,11 @@ use fred::util::redis_keyslot;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
+use super::events::{parse_message, Change, Event, EventHub, RedisSubscriptions, Watch};
+use super::version::{legacy_version, new_version};
 use super::{
-    now_millis, AssetKey, EpochMillis, StateStore, StoreError, StoreResult, StoredValue, TaskScope,
-    Writer,
+    now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
+    TaskScope, Writer, Written,
 };
 
 /// Connection settings the operator can tune.
@@ -138,11 +141,14 @@ fn fred_url(url: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Lua scripts, kept as files under `lua/` and compiled in, loaded by name.
+/// Lua scripts, kept as files under `lua/` and compiled in, loaded by name; and the
+/// change-event hub, which every handle of a store shares the same way.
 struct Scripts {
     task_write: Script,
     task_clear: Script,
     asset_write: Script,
+    asset_clear: Script,
+    events: EventHub,
 }
 
 impl Scripts {
@@ -151,13 +157,23 @@ impl Scripts {
             task_write: Script::from_lua(include_str!("../../lua/task_write.lua")),
             task_clear: Script::from_lua(include_str!("../../lua/task_clear.lua")),
             asset_write: Script::from_lua(include_str!("../../lua/asset_write.lua")),
+            asset_clear: Script::from_lua(include_str!("../../lua/asset_clear.lua")),
+            events: EventHub::new(DEFAULT_EVENT_BUFFER),
         }
     }
 
-    fn all(&self) -> [&Script; 3] {
-        [&self.task_write, &self.task_clear, &self.asset_write]
+    fn all(&self) -> [&Script; 4] {
+        [
+            &self.task_write,
+            &self.task_clear,
+            &self.asset_write,
+            &self.asset_clear,
+        ]
     }
 }
+
+/// Events buffered per watcher and channel unless configured.
+pub const DEFAULT_EVENT_BUFFER: usize = 256;
 
 pub struct RedisStore {
     pool: Pool,
@@ -355,8 +371,8 @@ impl RedisStore {
                     format!("{scope_key}:x"),
                     format!("{base}:r"),
                 ];
-                let next = self
-                    .run_task_write(keys, PURGE, map_index, ["", "", ""])
+                let (_, next) = self
+                    .run_task_write(keys, PURGE, map_index, ["", "", ""], &Condition::NONE)
                     .await?;
                 if next > 0 {
                     let _: i64 = self
@@ -409,7 +425,8 @@ impl RedisStore {
         key: &str,
         encoded: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()> {
+        condition: &Condition,
+    ) -> StoreResult<bool> {
         let keys = self.task_keys(scope);
         let keys = vec![keys.scope, keys.expiry, keys.registry];
         let write = Write {
@@ -423,9 +440,18 @@ impl RedisStore {
             scope.run_id.as_str(),
             scope.task_id.as_str(),
         ];
-        let next = self
-            .run_task_write(keys, write, &scope.map_index.to_string(), identity)
+        let (fields, next) = self
+            .run_task_write(
+                keys,
+                write,
+                &scope.map_index.to_string(),
+                identity,
+                condition,
+            )
             .await?;
+        if fields < 0 {
+            return Ok(false);
+        }
         if next > 0 {
             // Only scopes mixing permanent and expiring keys get here, so the key names
             // are rebuilt rather than kept around on every write.
@@ -446,19 +472,27 @@ impl RedisStore {
                 .await
                 .map_err(classify)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Runs `task_write.lua`; `identity` (dag_id, run_id, task_id) is recorded when a
     /// write creates the task's registry. Returns the scope's earliest pending expiry when
-    /// it needs the sweep index, else 0.
+    /// it needs the sweep index, else 0, after the fields left (-1: `condition` failed
+    /// and nothing was written).
     async fn run_task_write(
         &self,
         keys: Vec<String>,
         write: Write<'_>,
         map_index: &str,
         identity: [&str; 3],
-    ) -> StoreResult<i64> {
+        condition: &Condition,
+    ) -> StoreResult<(i64, i64)> {
+        let (if_match, if_none_match) = condition.to_args();
+        // Only writes are published; a purge of expired keys is not a change anyone made.
+        let channel = match keys.first() {
+            Some(scope_key) if write.op != PURGE.op => task_channel(scope_key),
+            _ => String::new(),
+        };
         let args: Vec<Value> = vec![
             write.op.into(),
             write.key.into(),
@@ -473,6 +507,9 @@ impl RedisStore {
             identity[0].into(),
             identity[1].into(),
             identity[2].into(),
+            if_match.into(),
+            if_none_match.into(),
+            channel.into(),
         ];
         // A purge changes nothing a client was promised, so it never waits for replicas.
         let client = if write.op == PURGE.op {
@@ -486,10 +523,170 @@ impl RedisStore {
                 script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
             })
             .await?;
-        self.confirm(&client, &keys[0]).await?;
-        Ok(reply.get(1).copied().unwrap_or(0))
+        let fields = reply.first().copied().unwrap_or(0);
+        // A refused condition wrote nothing: there is nothing to confirm.
+        if fields >= 0 {
+            self.confirm(&client, &keys[0]).await?;
+        }
+        Ok((fields, reply.get(1).copied().unwrap_or(0)))
+    }
+}
+
+impl RedisStore {
+    /// Runs `asset_write.lua`; false when `condition` failed and nothing was written.
+    async fn asset_write(
+        &self,
+        op: &str,
+        key: &str,
+        encoded: String,
+        writer: String,
+        asset: &AssetKey,
+        condition: &Condition,
+    ) -> StoreResult<bool> {
+        let (values, writers) = self.asset_keys(asset);
+        let (if_match, if_none_match) = condition.to_args();
+        let args: Vec<Value> = vec![
+            op.into(),
+            key.into(),
+            encoded.into(),
+            writer.into(),
+            if_match.into(),
+            if_none_match.into(),
+            self.asset_channel(asset).into(),
+        ];
+        let keys = vec![values, writers];
+        let client = self.write_client().await?;
+        let script = &self.scripts.asset_write;
+        let applied: i64 = self
+            .call("asset_write", || {
+                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
+            })
+            .await?;
+        if applied == 1 {
+            self.confirm(&client, &keys[0]).await?;
+        }
+        Ok(applied == 1)
+    }
+}
+
+impl RedisStore {
+    /// One `HMGET`, decoded; `None` for a missing field.
+    async fn hmget(&self, hash: &str, keys: &[String]) -> StoreResult<Vec<Option<StoredValue>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<String>> = self
+            .call("hmget", || self.pool.hmget(hash, keys.to_vec()))
+            .await?;
+        if raw.len() != keys.len() {
+            return Err(StoreError::Internal(format!(
+                "HMGET of {} fields returned {}",
+                keys.len(),
+                raw.len()
+            )));
+        }
+        raw.into_iter()
+            .map(|value| value.map(decode).transpose())
+            .collect()
+    }
+}
+
+/// The change channel of a task: `<prefix>ev:{t:<digest>}`, shared by its map indices.
+/// Derived from a scope key (`<prefix>{t:<digest>}:<map_index>`), so purges and writes
+/// need no extra arguments.
+fn task_channel(scope_key: &str) -> String {
+    match scope_key.rfind("{t:") {
+        Some(tag) => {
+            let base = scope_key
+                .rsplit_once(':')
+                .map_or(scope_key, |(base, _)| base);
+            format!("{}ev:{}", &scope_key[..tag], &base[tag..])
+        }
+        None => String::new(),
+    }
+}
+
+/// A published change message (see `events::parse_message`) as an event.
+fn decode_event(message: &str) -> Option<Event> {
+    let (map_index, op, key, rest) = parse_message(message)?;
+    let change = match op {
+        's' => {
+            let value = decode(rest.to_owned()).ok()?;
+            Change::Set {
+                key: key?.to_owned(),
+                json: value.json,
+                version: value.version,
+            }
+        }
+        'd' => Change::Delete {
+            key: key?.to_owned(),
+        },
+        'c' => Change::Clear,
+        _ => return None,
+    };
+    Some(Event { map_index, change })
+}
+
+impl RedisStore {
+    fn asset_channel(&self, asset: &AssetKey) -> String {
+        format!("{}ev:{{a:{}}}", self.prefix, asset.0)
     }
 
+    /// Starts the change streams: one subscriber connection, its buffers `buffer` events
+    /// per watcher. Until called, watching is refused (writes publish regardless).
+    pub async fn enable_change_streams(
+        &self,
+        settings: &RedisSettings,
+        buffer: usize,
+    ) -> StoreResult<()> {
+        let config = client_config(&settings.url)
+            .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
+        let timeout = settings.command_timeout;
+        let (first_pause, longest_pause) = settings.reconnect;
+        let subscriber = Builder::from_config(config)
+            .with_performance_config(|perf| perf.default_command_timeout = timeout)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = timeout;
+                conn.internal_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                millis_u32(first_pause),
+                millis_u32(longest_pause),
+                2,
+            ))
+            .build_subscriber_client()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        subscriber
+            .init()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.scripts.events.set_capacity(buffer);
+        RedisSubscriptions::spawn(subscriber, self.scripts.events.clone(), decode_event);
+        Ok(())
+    }
+
+    fn hub(&self) -> StoreResult<&EventHub> {
+        let hub = &self.scripts.events;
+        if hub.has_upstream() {
+            Ok(hub)
+        } else {
+            Err(StoreError::Internal(
+                "change streams are not started".into(),
+            ))
+        }
+    }
+}
+
+fn written(applied: bool, version: Option<String>) -> Written {
+    if applied {
+        Written::Applied(version)
+    } else {
+        Written::PreconditionFailed
+    }
+}
+
+impl RedisStore {
     /// Runs one Redis call in a client span, recording its latency and errors.
     ///
     /// While a Cluster answers "try again" (TRYAGAIN: a multi-key call on a slot being
@@ -576,19 +773,6 @@ impl RedisStore {
     }
 }
 
-impl RedisStore {
-    async fn write_asset(&self, keys: Vec<String>, args: Vec<Value>) -> StoreResult<()> {
-        let client = self.write_client().await?;
-        let script = &self.scripts.asset_write;
-        let _: i64 = self
-            .call("asset_write", || {
-                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
-            })
-            .await?;
-        self.confirm(&client, &keys[0]).await
-    }
-}
-
 /// Replies from a Cluster that mean "not executed, ask again shortly", including fred's
 /// refusal to follow a MOVED or ASK itself (see `max_redirections` in `connect`).
 fn cluster_says_retry(error: &fred::error::Error) -> bool {
@@ -637,12 +821,18 @@ const PURGE: Write<'static> = Write {
     expires_at: None,
 };
 
-/// `"<updated_ms>:<expires_ms or empty>:<json>"`: bookkeeping in front of the JSON text,
-/// so one `HGET` returns everything a read needs.
-fn encode(json: &str, updated_at: EpochMillis, expires_at: Option<EpochMillis>) -> String {
+/// `"<updated_ms>.<version>:<expires_ms or empty>:<json>"`: bookkeeping in front of the
+/// JSON text, so one `HGET` returns everything a read needs. Values written before
+/// versions existed lack `.<version>`; they read with a [`legacy_version`].
+fn encode(
+    json: &str,
+    updated_at: EpochMillis,
+    version: &str,
+    expires_at: Option<EpochMillis>,
+) -> String {
     match expires_at {
-        Some(at) => format!("{updated_at}:{at}:{json}"),
-        None => format!("{updated_at}::{json}"),
+        Some(at) => format!("{updated_at}.{version}:{at}:{json}"),
+        None => format!("{updated_at}.{version}::{json}"),
     }
 }
 
@@ -650,7 +840,12 @@ fn decode(raw: String) -> StoreResult<StoredValue> {
     let corrupt = || StoreError::Internal("stored value has an unknown encoding".to_owned());
     let (updated, rest) = raw.split_once(':').ok_or_else(corrupt)?;
     let (expires, json) = rest.split_once(':').ok_or_else(corrupt)?;
+    let (updated, version) = match updated.split_once('.') {
+        Some((updated, version)) => (updated, Some(version.to_owned())),
+        None => (updated, None),
+    };
     let updated_at = updated.parse().map_err(|_| corrupt())?;
+    let version = version.unwrap_or_else(|| legacy_version(updated_at));
     let expires_at = if expires.is_empty() {
         None
     } else {
@@ -663,6 +858,7 @@ fn decode(raw: String) -> StoreResult<StoredValue> {
         json,
         updated_at,
         expires_at,
+        version,
     })
 }
 
@@ -762,7 +958,7 @@ impl StateStore for RedisStore {
             let map_index = scope.map_index.to_string();
             tokio::spawn(async move {
                 if let Err(error) = store
-                    .run_task_write(keys, PURGE, &map_index, ["", "", ""])
+                    .run_task_write(keys, PURGE, &map_index, ["", "", ""], &Condition::NONE)
                     .await
                 {
                     tracing::debug!(%error, "lazy purge of expired task state failed");
@@ -773,30 +969,62 @@ impl StateStore for RedisStore {
         Ok(Some(value))
     }
 
-    async fn put_task(
+    async fn get_task_many(
+        &self,
+        scope: &TaskScope,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let scope_key = self.task_keys(scope).scope;
+        let now = now_millis();
+        // Expired keys read as missing; reclaiming them is left to the next write or
+        // single-key read, so a bulk read stays one HMGET.
+        Ok(self
+            .hmget(&scope_key, keys)
+            .await?
+            .into_iter()
+            .map(|value| value.filter(|value| !value.is_expired(now)))
+            .collect())
+    }
+
+    async fn put_task_if(
         &self,
         scope: &TaskScope,
         key: &str,
         json: &str,
         expires_at: Option<EpochMillis>,
-    ) -> StoreResult<()> {
-        let encoded = encode(json, now_millis(), expires_at);
-        self.task_write(scope, "set", key, &encoded, expires_at)
-            .await
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let version = new_version();
+        let encoded = encode(json, now_millis(), &version, expires_at);
+        let applied = self
+            .task_write(scope, "set", key, &encoded, expires_at, condition)
+            .await?;
+        Ok(written(applied, Some(version)))
     }
 
-    async fn delete_task(&self, scope: &TaskScope, key: &str) -> StoreResult<()> {
-        self.task_write(scope, "del", key, "", None).await
+    async fn delete_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let applied = self
+            .task_write(scope, "del", key, "", None, condition)
+            .await?;
+        Ok(written(applied, None))
     }
 
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()> {
         let keys = self.task_keys(scope);
         let script = &self.scripts.task_clear;
+        // The script publishes the clear to change streams, atomically with it.
+        let channel = task_channel(&keys.scope);
         if !all_map_indices {
             let args: Vec<Value> = vec![
                 "one".into(),
                 keys.base.as_str().into(),
                 scope.map_index.into(),
+                channel.as_str().into(),
             ];
             let declared = vec![keys.registry, keys.scope, keys.expiry];
             let client = self.write_client().await?;
@@ -812,7 +1040,11 @@ impl StateStore for RedisStore {
         // keys already moved, which would break the clear's atomicity. The registry is
         // read first to name them; the script refuses (-1) if it grew meanwhile.
         let own = scope.map_index.to_string();
-        let args: Vec<Value> = vec!["all".into(), keys.base.as_str().into()];
+        let args: Vec<Value> = vec![
+            "all".into(),
+            keys.base.as_str().into(),
+            channel.as_str().into(),
+        ];
         for _ in 0..CLEAR_ALL_ATTEMPTS {
             let fields: Vec<String> = self
                 .call("hkeys", || self.pool.hkeys(keys.registry.as_str()))
@@ -843,6 +1075,21 @@ impl StateStore for RedisStore {
         ))
     }
 
+    async fn watch_task(&self, scope: &TaskScope) -> StoreResult<Watch> {
+        let keys = self.task_keys(scope);
+        self.hub()?
+            .watch(task_channel(&keys.scope), Some(scope.map_index))
+            .await
+    }
+
+    async fn watch_asset(&self, asset: &AssetKey) -> StoreResult<Watch> {
+        self.hub()?.watch(self.asset_channel(asset), None).await
+    }
+
+    fn close_watches(&self) {
+        self.scripts.events.close();
+    }
+
     async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>> {
         let (values, _) = self.asset_keys(asset);
         let raw: Option<String> = self
@@ -851,43 +1098,54 @@ impl StateStore for RedisStore {
         raw.map(decode).transpose()
     }
 
-    async fn put_asset(
+    async fn get_asset_many(
+        &self,
+        asset: &AssetKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let (values, _) = self.asset_keys(asset);
+        self.hmget(&values, keys).await
+    }
+
+    async fn put_asset_if(
         &self,
         asset: &AssetKey,
         key: &str,
         json: &str,
         writer: &Writer,
-    ) -> StoreResult<()> {
-        let (values, writers) = self.asset_keys(asset);
+        condition: &Condition,
+    ) -> StoreResult<Written> {
         let writer = serde_json::to_string(writer)
             .map_err(|e| StoreError::Internal(format!("cannot encode writer: {e}")))?;
-        let args: Vec<Value> = vec![
-            "set".into(),
-            key.into(),
-            encode(json, now_millis(), None).into(),
-            writer.into(),
-        ];
-        self.write_asset(vec![values, writers], args).await
+        let version = new_version();
+        let encoded = encode(json, now_millis(), &version, None);
+        let applied = self.asset_write("set", key, encoded, writer, asset, condition);
+        Ok(written(applied.await?, Some(version)))
     }
 
-    async fn delete_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<()> {
-        let (values, writers) = self.asset_keys(asset);
-        let args: Vec<Value> = vec!["del".into(), key.into(), "".into(), "".into()];
-        self.write_asset(vec![values, writers], args).await
+    async fn delete_asset_if(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let applied = self.asset_write("del", key, String::new(), String::new(), asset, condition);
+        Ok(written(applied.await?, None))
     }
 
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
         let (values, writers) = self.asset_keys(asset);
-        // Both keys share the asset's hash tag, so one UNLINK is atomic on a Cluster too.
+        // Both keys share the asset's hash tag, so the script is atomic on a Cluster too.
+        let args: Vec<Value> = vec![self.asset_channel(asset).into()];
+        let keys = vec![values, writers];
         let client = self.write_client().await?;
+        let script = &self.scripts.asset_clear;
         let _: i64 = self
-            .call("unlink", || {
-                client
-                    .client()
-                    .unlink(vec![values.as_str(), writers.as_str()])
+            .call("asset_clear", || {
+                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
             })
             .await?;
-        self.confirm(&client, &values).await
+        self.confirm(&client, &keys[0]).await
     }
 
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>> {
@@ -927,11 +1185,42 @@ mod tests {
             ("123456789012345678901234567890", None),
             ("{\"k\": [1, 2]}", Some(5)),
         ] {
-            let decoded = decode(encode(json, 42, expires)).unwrap();
+            let decoded = decode(encode(json, 42, "00ff", expires)).unwrap();
             assert_eq!(decoded.json, json);
+            assert_eq!(decoded.version, "00ff");
             assert_eq!(decoded.updated_at, 42);
             assert_eq!(decoded.expires_at, expires);
         }
+    }
+
+    #[test]
+    fn values_from_before_versions_still_decode() {
+        let decoded = decode("42::\"a:b\"".to_owned()).unwrap();
+        assert_eq!(decoded.json, "\"a:b\"");
+        assert_eq!(decoded.version, legacy_version(42));
+        let decoded = decode("42:7:1".to_owned()).unwrap();
+        assert_eq!(
+            (decoded.expires_at, decoded.version.as_str()),
+            (Some(7), "L42")
+        );
+    }
+
+    #[test]
+    fn change_channels_and_events() {
+        assert_eq!(task_channel("p:{t:ab12}:-1"), "p:ev:{t:ab12}");
+        assert_eq!(task_channel("{t:ab12}:3"), "ev:{t:ab12}");
+        let set = decode_event(&format!("s-1:3:k:v{}", encode("1.0", 5, "0a", None))).unwrap();
+        assert_eq!(set.map_index, Some(-1));
+        assert_eq!(
+            set.change,
+            Change::Set {
+                key: "k:v".into(),
+                json: "1.0".into(),
+                version: "0a".into()
+            }
+        );
+        assert_eq!(decode_event("c:").unwrap().change, Change::Clear);
+        assert_eq!(decode_event("x:"), None);
     }
 
     #[test]

@@ -1,0 +1,379 @@
+//! Change events: every set, delete and clear of a task scope's or an asset's keys, fanned
+//! out to this process's watchers (the SSE change streams).
+//!
+//! Events travel on channels: one per asset, and one per task shared by all its map
+//! indices (an event names its map index; a clear of every map index names none), so a
+//! clear of all map indices is one message. With Redis, the write scripts `PUBLISH` in the
+//! same atomic step as the write, and one subscriber connection per process (see
+//! [`RedisSubscriptions`]) subscribes to a channel while at least one local watcher wants
+//! it; that is what makes a write through any replica reach watchers on every replica.
+//! The in-memory store delivers straight to its hub.
+//!
+//! Buffers are bounded: each channel holds at most `capacity` undelivered events per
+//! watcher; a watcher that falls further behind is told it lagged (and its stream ends).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use super::{StoreError, StoreResult};
+
+/// One change to a task scope or an asset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Set {
+        key: String,
+        /// The JSON text exactly as stored.
+        json: String,
+        version: String,
+    },
+    Delete {
+        key: String,
+    },
+    Clear,
+}
+
+/// A change, with the map index it happened at (task channels only; `None` on an asset
+/// channel, or for a clear of every map index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub map_index: Option<i64>,
+    pub change: Change,
+}
+
+impl Event {
+    /// Whether a watcher of `map_index` (`None`: an asset watcher) should see this event.
+    pub fn concerns(&self, map_index: Option<i64>) -> bool {
+        self.map_index.is_none() || self.map_index == map_index
+    }
+}
+
+/// What a channel delivers: an event, or word that events were lost upstream.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Event(Arc<Event>),
+    /// The process's own subscription fell behind (or reconnected); events may be missing.
+    Lost,
+}
+
+/// Requests to the one task that owns the Redis subscriber connection.
+pub enum Upstream {
+    /// A watcher wants `channel`; the reply comes once Redis confirms the subscription.
+    Subscribe(String, oneshot::Sender<StoreResult<()>>),
+    /// A watcher of `channel` left.
+    Unsubscribe(String),
+}
+
+struct HubInner {
+    channels: Mutex<HashMap<String, broadcast::Sender<Delivery>>>,
+    capacity: AtomicUsize,
+    closed: watch::Sender<bool>,
+    upstream: Mutex<Option<mpsc::UnboundedSender<Upstream>>>,
+}
+
+/// This process's fan-out of events to watchers, per channel.
+#[derive(Clone)]
+pub struct EventHub {
+    inner: Arc<HubInner>,
+}
+
+/// One watcher's view of a channel. Dropping it ends the watch (and, for the last local
+/// watcher of a channel, the Redis subscription).
+pub struct Watch {
+    pub deliveries: broadcast::Receiver<Delivery>,
+    /// Turns `true` when the process shuts down: the stream should end.
+    pub closed: watch::Receiver<bool>,
+    /// Which map index this watcher follows (`None` for an asset).
+    pub map_index: Option<i64>,
+    _guard: Guard,
+}
+
+struct Guard {
+    hub: Arc<HubInner>,
+    channel: String,
+    upstream: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut channels = self.hub.channels.lock().unwrap();
+        if channels
+            .get(&self.channel)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            channels.remove(&self.channel);
+        }
+        if self.upstream {
+            if let Some(upstream) = self.hub.upstream.lock().unwrap().as_ref() {
+                let _ = upstream.send(Upstream::Unsubscribe(self.channel.clone()));
+            }
+        }
+    }
+}
+
+impl EventHub {
+    /// A hub whose channels buffer at most `capacity` events per watcher.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                channels: Mutex::new(HashMap::new()),
+                capacity: AtomicUsize::new(capacity.max(1)),
+                closed: watch::channel(false).0,
+                upstream: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Sets the per-watcher buffer of channels opened from now on.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.inner
+            .capacity
+            .store(capacity.max(1), Ordering::Relaxed);
+    }
+
+    /// Routes subscriptions to a Redis subscriber task (see [`RedisSubscriptions`]).
+    pub fn set_upstream(&self, upstream: mpsc::UnboundedSender<Upstream>) {
+        *self.inner.upstream.lock().unwrap() = Some(upstream);
+    }
+
+    pub fn has_upstream(&self) -> bool {
+        self.inner.upstream.lock().unwrap().is_some()
+    }
+
+    /// Starts watching `channel`; returns once events on it will be delivered.
+    pub async fn watch(&self, channel: String, map_index: Option<i64>) -> StoreResult<Watch> {
+        if *self.inner.closed.borrow() {
+            return Err(StoreError::Unavailable("shutting down".into()));
+        }
+        let deliveries = {
+            let mut channels = self.inner.channels.lock().unwrap();
+            channels
+                .entry(channel.clone())
+                .or_insert_with(|| {
+                    broadcast::channel(self.inner.capacity.load(Ordering::Relaxed)).0
+                })
+                .subscribe()
+        };
+        let upstream = self.inner.upstream.lock().unwrap().clone();
+        let mut guard = Guard {
+            hub: self.inner.clone(),
+            channel: channel.clone(),
+            upstream: false,
+        };
+        if let Some(upstream) = upstream {
+            let (reply, confirmed) = oneshot::channel();
+            upstream
+                .send(Upstream::Subscribe(channel, reply))
+                .map_err(|_| StoreError::Unavailable("change stream subscriber stopped".into()))?;
+            confirmed.await.map_err(|_| {
+                StoreError::Unavailable("change stream subscriber stopped".into())
+            })??;
+            // The subscriber counts this watcher now, so the guard must uncount it.
+            guard.upstream = true;
+        }
+        Ok(Watch {
+            deliveries,
+            closed: self.inner.closed.subscribe(),
+            map_index,
+            _guard: guard,
+        })
+    }
+
+    /// Delivers to this process's watchers of `channel`, if any.
+    pub fn deliver(&self, channel: &str, delivery: Delivery) {
+        if let Some(sender) = self.inner.channels.lock().unwrap().get(channel) {
+            let _ = sender.send(delivery);
+        }
+    }
+
+    /// Tells every watcher that events may have been lost.
+    pub fn deliver_lost_everywhere(&self) {
+        for sender in self.inner.channels.lock().unwrap().values() {
+            let _ = sender.send(Delivery::Lost);
+        }
+    }
+
+    /// Ends every stream (on shutdown), and refuses new ones.
+    pub fn close(&self) {
+        self.inner.closed.send_replace(true);
+    }
+
+    /// Local channels with at least one watcher.
+    pub fn watched_channels(&self) -> usize {
+        self.inner.channels.lock().unwrap().len()
+    }
+}
+
+/// `<op><map_index>:<key bytes>:<key><encoded value>`: the message the write scripts
+/// publish (`op` is `s`et, `d`elete or `c`lear; clear has no key and an empty map index
+/// when it covers every map index). Returns the event and, for a set, the encoded value
+/// for the caller to decode.
+pub fn parse_message(message: &str) -> Option<(Option<i64>, char, Option<&str>, &str)> {
+    let op = message.chars().next()?;
+    let rest = &message[op.len_utf8()..];
+    let (index, rest) = rest.split_once(':')?;
+    let map_index = if index.is_empty() {
+        None
+    } else {
+        Some(index.parse().ok()?)
+    };
+    if op == 'c' {
+        return Some((map_index, op, None, ""));
+    }
+    let (length, rest) = rest.split_once(':')?;
+    let length: usize = length.parse().ok()?;
+    let key = rest.get(..length)?;
+    Some((map_index, op, Some(key), &rest[length..]))
+}
+
+/// Owns the Redis subscriber connection: subscribes to a channel for its first local
+/// watcher and unsubscribes after its last, in request order, and feeds every message to
+/// the hub. `decode` turns a message into an event.
+pub struct RedisSubscriptions;
+
+impl RedisSubscriptions {
+    pub fn spawn(
+        subscriber: fred::clients::SubscriberClient,
+        hub: EventHub,
+        decode: fn(&str) -> Option<Event>,
+    ) {
+        use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+        let (requests, mut incoming) = mpsc::unbounded_channel();
+        hub.set_upstream(requests);
+        // Redelivers subscriptions after a reconnect; events during the gap are lost, and
+        // watchers are told so.
+        let _resubscribe = subscriber.manage_subscriptions();
+        let mut reconnects = subscriber.reconnect_rx();
+        let lost_hub = hub.clone();
+        tokio::spawn(async move {
+            while reconnects.recv().await.is_ok() {
+                lost_hub.deliver_lost_everywhere();
+            }
+        });
+        let mut messages = subscriber.message_rx();
+        let message_hub = hub.clone();
+        tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(message) => {
+                        let Some(text) = message.value.as_str() else {
+                            continue;
+                        };
+                        match decode(&text) {
+                            Some(event) => message_hub.deliver(
+                                &message.channel.to_string(),
+                                Delivery::Event(event.into()),
+                            ),
+                            None => tracing::warn!(
+                                channel = %message.channel,
+                                "unreadable change event; ignored"
+                            ),
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "change stream subscriber lagged");
+                        message_hub.deliver_lost_everywhere();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            while let Some(request) = incoming.recv().await {
+                match request {
+                    Upstream::Subscribe(channel, reply) => {
+                        let count = counts.entry(channel.clone()).or_default();
+                        *count += 1;
+                        let outcome = if *count == 1 {
+                            subscriber
+                                .subscribe(channel.as_str())
+                                .await
+                                .map_err(|e| StoreError::Unavailable(e.to_string()))
+                        } else {
+                            Ok(())
+                        };
+                        if outcome.is_err() {
+                            // Not subscribed: this watcher is not counted, and the next
+                            // one tries again.
+                            counts.remove(&channel);
+                        }
+                        let _ = reply.send(outcome);
+                    }
+                    Upstream::Unsubscribe(channel) => {
+                        let Some(count) = counts.get_mut(&channel) else {
+                            continue;
+                        };
+                        *count -= 1;
+                        if *count == 0 {
+                            counts.remove(&channel);
+                            if let Err(error) = subscriber.unsubscribe(channel.as_str()).await {
+                                tracing::debug!(%error, "unsubscribe failed");
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = subscriber.quit().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse() {
+        assert_eq!(
+            parse_message("s3:4:a:b:1.x::\"v\""),
+            Some((Some(3), 's', Some("a:b:"), "1.x::\"v\""))
+        );
+        assert_eq!(
+            parse_message("d-1:2:ké"),
+            None,
+            "byte length 2 cuts 'é' in half"
+        );
+        assert_eq!(
+            parse_message("d-1:3:ké"),
+            Some((Some(-1), 'd', Some("ké"), ""))
+        );
+        assert_eq!(parse_message("c:"), Some((None, 'c', None, "")));
+        assert_eq!(parse_message("c7:"), Some((Some(7), 'c', None, "")));
+        for bad in ["", "s", "sx:1:a", "s1:9:a", "s:1"] {
+            assert_eq!(parse_message(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn watchers_get_their_channel_and_lagging_is_bounded() {
+        let hub = EventHub::new(2);
+        let mut watch = hub.watch("a".into(), None).await.unwrap();
+        let event = |key: &str| {
+            Delivery::Event(Arc::new(Event {
+                map_index: None,
+                change: Change::Delete { key: key.into() },
+            }))
+        };
+        hub.deliver("b", event("other channel"));
+        hub.deliver("a", event("k"));
+        match watch.deliveries.recv().await.unwrap() {
+            Delivery::Event(e) => assert_eq!(e.change, Change::Delete { key: "k".into() }),
+            Delivery::Lost => panic!("lost"),
+        }
+        for key in ["1", "2", "3"] {
+            hub.deliver("a", event(key));
+        }
+        assert!(matches!(
+            watch.deliveries.recv().await,
+            Err(broadcast::error::RecvError::Lagged(1))
+        ));
+        assert_eq!(hub.watched_channels(), 1);
+        drop(watch);
+        assert_eq!(hub.watched_channels(), 0);
+        hub.close();
+        assert!(hub.watch("a".into(), None).await.is_err());
+    }
+}
