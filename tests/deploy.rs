@@ -329,6 +329,18 @@ fn sentinel_and_cluster_urls() {
         env_value(&cluster, "AIRSTATE_REDIS_URL").unwrap()["value"],
         "redis-cluster://redis-cluster-0.redis:6379,redis-cluster-1.redis:6379,redis-cluster-2.redis:6379"
     );
+    let tls = yaml_documents(&render("cluster-values.yaml", &["redis.tls=true"]).unwrap());
+    let tls_url = env_value(&tls, "AIRSTATE_REDIS_URL").unwrap()["value"].clone();
+    assert!(tls_url.as_str().unwrap().starts_with("rediss-cluster://"));
+    // Every URL the chart renders is one the gateway itself accepts, with the password
+    // Kubernetes splices in.
+    for documents in [&sentinel, &cluster, &tls] {
+        let url = env_value(documents, "AIRSTATE_REDIS_URL").unwrap()["value"]
+            .as_str()
+            .unwrap()
+            .replace("$(REDIS_PASSWORD)", "s3cret");
+        airstate::store::redis::client_config(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
 }
 
 #[test]

@@ -59,10 +59,11 @@ existing one (by default the official Airflow chart's "<release>-jwt-secret"). *
 expanded by Kubernetes from the env var defined before it. */}}
 {{- define "airstate.redisUrl" -}}
 {{- $auth := ternary ":$(REDIS_PASSWORD)@" "" (ne .Values.redis.existingSecret "") }}
+{{- $scheme := ternary "rediss" "redis" .Values.redis.tls }}
 {{- if .Values.redis.sentinel.hosts }}
-{{- printf "redis-sentinel://%s%s/%s" $auth (join "," .Values.redis.sentinel.hosts) .Values.redis.sentinel.serviceName }}
+{{- printf "%s-sentinel://%s%s/%s" $scheme $auth (join "," .Values.redis.sentinel.hosts) .Values.redis.sentinel.serviceName }}
 {{- else if .Values.redis.cluster.nodes }}
-{{- printf "redis-cluster://%s%s" $auth (join "," .Values.redis.cluster.nodes) }}
+{{- printf "%s-cluster://%s%s" $scheme $auth (join "," .Values.redis.cluster.nodes) }}
 {{- else }}
 {{- $url := .Values.redis.url }}
 {{- if .Values.redis.tls }}{{- $url = replace "redis://" "rediss://" $url }}{{- end }}
