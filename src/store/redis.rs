@@ -255,17 +255,17 @@ impl RedisStore {
             .with_connection_config(|conn| {
                 conn.connection_timeout = timeout;
                 conn.internal_command_timeout = timeout;
-                // fred 10.1 counts a Cluster redirection (MOVED, ASK) as a write attempt,
-                // so one attempt turns every redirect into an error. Replays are safe:
-                // the scripts are idempotent, and fred never writes or replays a command
-                // whose caller has timed out, so no write lands after its 503.
-                conn.max_command_attempts = 3;
-                // fred 10.1 answers an ASK by writing ASKING on a pipelined connection
-                // and taking the next frame as its reply, stealing another command's
-                // reply and shifting every later one on that connection. With no
-                // redirections allowed, fred still re-syncs its slot map on MOVED, and
-                // hands both MOVED and ASK back to `call`, which retries: the command then
-                // goes to the slot's owner, once a migrating slot has settled.
+                // One attempt: a command is never replayed after a reconnect. A replayed
+                // conditional write whose first run succeeded would answer 412 for the
+                // caller's own write. The caller gets a 503 and retries instead.
+                conn.max_command_attempts = 1;
+                // No redirections followed by fred itself. fred 10.1 answers an ASK by
+                // writing ASKING on a pipelined connection and taking the next frame as
+                // its reply, which steals another command's reply and shifts every later
+                // one on that connection. It also counts each redirect as a write attempt.
+                // With none allowed, fred still re-syncs its slot map on MOVED, and hands
+                // MOVED and ASK back to `call`, which retries: the command then goes to the
+                // slot's owner, once a migrating slot has settled.
                 conn.max_redirections = 0;
                 // Bounded queue: past it, fail fast rather than grow without limit.
                 conn.max_command_buffer_len = 10_000;
