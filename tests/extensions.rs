@@ -8,7 +8,7 @@ mod gateway;
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 
-use common::RedisServer;
+use common::{redis_cli, RedisServer};
 use gateway::{ti_path, unique, Backend, Gateway, Reply};
 use serde_json::{json, Value};
 
@@ -633,15 +633,6 @@ async fn bulk_read_validation(backend: Backend) {
         gw.get(&ti_path(&ti, "k"), t).await.body,
         json!({"value": 1})
     );
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// A value stored before versions existed (`<updated_ms>::<json>`) reads with a version

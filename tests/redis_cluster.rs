@@ -120,23 +120,29 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Task instances for 40 map indices of one new task (41 keys in one slot, so moving the
+/// slot takes a while), each holding `key` = its map index.
+async fn task_with_40_map_indices(gw: &Gateway, key: &str) -> Vec<Ti> {
+    let (dag, run) = (unique("dag"), unique("run"));
+    let mut tis = Vec::new();
+    for index in 0..40 {
+        let ti = gw.task_at(&dag, &run, "task", index).await;
+        let put = gw
+            .put(&ti_path(&ti, key), &ti.token, json!({"value": index}))
+            .await;
+        assert_eq!(put.status, 204, "{put:?}");
+        tis.push(ti);
+    }
+    tis
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_a_slot_under_load_is_transparent() {
     let _serial = SERIAL.lock().await;
     let cluster = RedisCluster::start();
     // The timeout bounds how long a write may wait out the migration of its slot.
     let gw = gateway_on(&cluster, &[("AIRSTATE_REDIS_TIMEOUT_MS", "5000")]).await;
-    let (dag, run) = (unique("dag"), unique("run"));
-    // 40 map indices of one task: 41 keys in one slot, so the migration takes a while.
-    let mut tis = Vec::new();
-    for index in 0..40 {
-        let ti = gw.task_at(&dag, &run, "task", index).await;
-        let put = gw
-            .put(&ti_path(&ti, "seed"), &ti.token, json!({"value": index}))
-            .await;
-        assert_eq!(put.status, 204);
-        tis.push(ti);
-    }
+    let mut tis = task_with_40_map_indices(&gw, "seed").await;
     let slot = slot_of_task(&cluster, &gw, &tis[0]);
     let target = other_primary(&cluster, slot);
     let seeds: Vec<Ti> = tis.split_off(8);
@@ -196,16 +202,7 @@ async fn clear_all_during_a_migration_is_all_or_nothing() {
     let _serial = SERIAL.lock().await;
     let cluster = RedisCluster::start();
     let gw = gateway_on(&cluster, &[("AIRSTATE_REDIS_TIMEOUT_MS", "3000")]).await;
-    let (dag, run) = (unique("dag"), unique("run"));
-    let mut tis = Vec::new();
-    for index in 0..40 {
-        let ti = gw.task_at(&dag, &run, "task", index).await;
-        let put = gw
-            .put(&ti_path(&ti, "k"), &ti.token, json!({"value": index}))
-            .await;
-        assert_eq!(put.status, 204);
-        tis.push(ti);
-    }
+    let tis = task_with_40_map_indices(&gw, "k").await;
     let slot = slot_of_task(&cluster, &gw, &tis[0]);
     let target = other_primary(&cluster, slot);
     let migration = tokio::task::spawn_blocking(move || {
