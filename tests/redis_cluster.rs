@@ -333,3 +333,48 @@ async fn a_killed_primary_fails_over_and_confirmed_writes_survive() {
         "no write was refused: the kill was not exercised"
     );
 }
+
+/// fred 10.1 has an open report of a client that keeps targeting a failed primary
+/// (fred#363). Here the killed primary stays dead: writes must move to the promoted
+/// replica with nothing but the cluster's own failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_promotion_while_the_old_primary_stays_dead() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start();
+    let gw = gateway_on(&cluster, &[("AIRSTATE_REDIS_TIMEOUT_MS", "1000")]).await;
+    let mut tis = Vec::new();
+    for _ in 0..12 {
+        tis.push(gw.task().await);
+    }
+    let primaries: Vec<u16> = tis
+        .iter()
+        .map(|ti| cluster.primary_of_slot(slot_of_task(&cluster, &gw, ti)))
+        .collect();
+    let victim = primaries[0];
+    let on_victim: Vec<usize> = (0..tis.len()).filter(|i| primaries[*i] == victim).collect();
+    let load = WriteLoad::start(gw.clone(), tis, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cluster.node(victim).stop();
+    let killed = Instant::now();
+    let recovered = load
+        .wait_for_success_after(&on_victim, killed, Duration::from_secs(30))
+        .await
+        .map(|at| at - killed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (acked, refused, lost) = load.stop_and_verify().await;
+    println!(
+        "cluster failover, old primary left dead, no WAIT: {} of 12 writers on :{victim}; \
+         acknowledged again {recovered:?} after the kill; {acked} acknowledged, {refused} \
+         refused, {lost} lost (async replication)",
+        on_victim.len()
+    );
+    assert!(
+        recovered.is_some(),
+        "writes never moved to the promoted replica"
+    );
+    assert!(refused > 0, "the kill was not exercised");
+    assert!(cluster
+        .nodes
+        .iter()
+        .all(|n| n.port != victim || !n.is_running()));
+}
