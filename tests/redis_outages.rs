@@ -266,3 +266,56 @@ async fn confirmed_writes_are_on_the_replica_or_refused() {
          replica resynced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_still_loading_its_data_is_a_503_then_serves_it() {
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start_with_args(&["--enable-debug-command", "yes"]);
+    let gw = gateway_on(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "500")]).await;
+    let ti = gw.task().await;
+    let saved = gw
+        .put(
+            &ti_path(&ti, "saved"),
+            &ti.token,
+            json!({"value": "in the rdb"}),
+        )
+        .await;
+    assert_eq!(saved.status, 204, "{saved:?}");
+    // A dataset big enough that loading it takes seconds, saved, then a crash.
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            redis_cli(
+                server.port,
+                &["DEBUG", "POPULATE", "3000000", "filler", "100"]
+            ),
+            "OK"
+        );
+        assert_eq!(redis_cli(server.port, &["SAVE"]), "OK");
+        server.restart_without_waiting();
+    });
+    let restarted = Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut saw_loading = false;
+    let read = loop {
+        let read = gw.get(&ti_path(&ti, "saved"), &ti.token).await;
+        if read.status == 200 {
+            break read;
+        }
+        *statuses.entry(read.status).or_insert(0) += 1;
+        assert_eq!(read.status, 503, "{read:?}");
+        assert_eq!(read.header("retry-after"), Some("1"));
+        saw_loading |= redis_cli(server.port, &["PING"]).starts_with("LOADING");
+        assert!(
+            restarted.elapsed() < Duration::from_secs(60),
+            "never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "LOADING: answers while Redis loaded 3M keys: {statuses:?}; first read served {:?} \
+         after the restart",
+        restarted.elapsed()
+    );
+    assert!(saw_loading, "the test never met Redis while it was loading");
+    assert_eq!(read.body, json!({"value": "in the rdb"}));
+}

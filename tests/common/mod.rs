@@ -196,6 +196,15 @@ impl RedisServer {
 
     /// Starts it again on the same port and directory.
     pub fn restart(&mut self) {
+        self.restart_without_waiting();
+        let port = self.port;
+        wait_until("redis-server", Duration::from_secs(20), || {
+            redis_pings(port)
+        });
+    }
+
+    /// Starts it again without waiting for it to answer (it may still be loading).
+    pub fn restart_without_waiting(&mut self) {
         self.stop();
         let child = Command::new("redis-server")
             .args(&self.args)
@@ -205,10 +214,6 @@ impl RedisServer {
             .spawn()
             .expect("redis-server on PATH");
         self.child = Some(child);
-        let port = self.port;
-        wait_until("redis-server", Duration::from_secs(20), || {
-            redis_pings(port)
-        });
     }
 }
 
