@@ -513,7 +513,7 @@ impl RedisStore {
         ];
         // A purge changes nothing a client was promised, so it never waits for replicas.
         let client = if write.op == PURGE.op {
-            WriteClient::Shared(self.pool.next())
+            WriteClient::Shared(self.pool.next_connected())
         } else {
             self.write_client().await?
         };
@@ -735,7 +735,8 @@ impl RedisStore {
     /// borrowed for this write alone.
     async fn write_client(&self) -> StoreResult<WriteClient<'_>> {
         let Some(confirmed) = &self.confirmed else {
-            return Ok(WriteClient::Shared(self.pool.next()));
+            // A pooled client that is reconnecting would hold the write until it is back.
+            return Ok(WriteClient::Shared(self.pool.next_connected()));
         };
         tokio::time::timeout(self.command_timeout, confirmed.clients.clone().acquire())
             .await
