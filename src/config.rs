@@ -39,7 +39,31 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// airstate's extensions beyond Airflow's API.
     pub extensions: ExtensionSettings,
+    pub admin: AdminSettings,
 }
+
+/// The admin API (`/admin/v1/...`, README "Admin API").
+#[derive(Clone, Default)]
+pub struct AdminSettings {
+    /// The bearer token operators present; `None` turns the admin routes off (404).
+    pub token: Option<String>,
+    /// Airflow's `[state_store] max_value_storage_bytes`: admin writes of a larger value are
+    /// refused (422); 0 means no limit. The Execution API does not apply it, as in Airflow.
+    pub max_value_bytes: usize,
+}
+
+// The token is a secret: never printed with the rest of the configuration.
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("max_value_bytes", &self.max_value_bytes)
+            .finish()
+    }
+}
+
+/// Shortest admin token accepted: a guessable one would open every task's state.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
 /// Settings of the extensions beyond Airflow's API (README, "Beyond Airflow").
 #[derive(Debug, Clone)]
@@ -159,6 +183,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "AIRSTATE_LOG_FORMAT",
         "json, or text on a terminal",
         "log line format: json | text",
+    ),
+    (
+        "AIRSTATE_ADMIN_TOKEN",
+        "(unset: admin API off)",
+        "bearer token of the admin API (/admin/v1), at least 32 characters; from a Secret",
+    ),
+    (
+        "AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES",
+        "65535",
+        "largest value the admin API stores (422 above); 0 = no limit",
     ),
     // airstate's extensions beyond Airflow's API.
     (
@@ -395,7 +429,26 @@ impl Config {
             change_stream_heartbeat: Duration::from_secs(heartbeat),
         };
 
+        // A token mounted from a Secret file often ends in a newline.
+        let admin_token = env
+            .text("AIRSTATE_ADMIN_TOKEN")
+            .map(|token| token.trim().to_owned());
+        if let Some(token) = &admin_token {
+            if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                return Err(error(
+                    "AIRSTATE_ADMIN_TOKEN",
+                    &format!("must be at least {MIN_ADMIN_TOKEN_CHARS} characters"),
+                ));
+            }
+        }
+        let admin = AdminSettings {
+            token: admin_token,
+            max_value_bytes: env
+                .parse("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", 65535usize)?,
+        };
+
         Ok(Config {
+            admin,
             listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             redis,
             identity,

@@ -83,6 +83,7 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         shutting_down: AtomicBool::new(false),
         ready_timeout: Duration::from_secs(2),
         extensions: config.extensions.clone(),
+        admin: config.admin.clone(),
     }))
 }
 

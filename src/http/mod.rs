@@ -1,6 +1,7 @@
 //! The HTTP surface: routes, the middleware Airflow's API server puts around them
 //! (API version header, correlation id, JWT and token refresh), and health endpoints.
 
+pub mod admin;
 pub mod asset;
 pub mod body;
 pub mod error;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub ready_timeout: Duration,
     /// airstate's extensions beyond Airflow's API.
     pub extensions: crate::config::ExtensionSettings,
+    pub admin: crate::config::AdminSettings,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.
@@ -111,12 +113,21 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
 
-    Router::new()
+    let mut app = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .merge(execution)
-        .fallback(|| async { ApiError::RouteNotFound })
+        .merge(execution);
+    // Without an admin credential the admin surface does not exist (404), rather than
+    // existing and refusing everyone.
+    if state.admin.token.is_some() {
+        app = app.merge(
+            admin::router()
+                .layer(DefaultBodyLimit::max(max_body_bytes))
+                .layer(Extension(BodyLimit(max_body_bytes))),
+        );
+    }
+    app.fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
