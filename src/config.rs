@@ -270,40 +270,7 @@ impl Config {
     /// Reads configuration through `lookup`, so tests need not touch the process env.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let redis = match env.text("AIRSTATE_REDIS_URL") {
-            None => None,
-            Some(url) => {
-                crate::store::redis::client_config(&url)
-                    .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?;
-                let key_prefix = env
-                    .text("AIRSTATE_KEY_PREFIX")
-                    .unwrap_or_else(|| "airstate:".to_owned());
-                if key_prefix.contains(['{', '}']) {
-                    return Err(error(
-                        "AIRSTATE_KEY_PREFIX",
-                        "must not contain { or }: they would change the Cluster hash slot",
-                    ));
-                }
-                Some(RedisSettings {
-                    url,
-                    key_prefix,
-                    // fred pipelines every command of a connection; few connections batch
-                    // more per syscall. One per core measured fastest (BENCHMARKS.md).
-                    pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", cores())?,
-                    command_timeout: Duration::from_millis(
-                        env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
-                    ),
-                    sweep_interval: Duration::from_secs(
-                        env.parse("AIRSTATE_SWEEP_INTERVAL_SECONDS", 60u64)?.max(1),
-                    ),
-                    reconnect: reconnect_pauses(&env)?,
-                    wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
-                    wait_timeout: Duration::from_millis(
-                        env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
-                    ),
-                })
-            }
-        };
+        let redis = redis_settings(&env)?;
 
         let database = env.text("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN");
         let identity = match env.text("AIRSTATE_IDENTITY").as_deref() {
@@ -461,6 +428,51 @@ impl Config {
             extensions,
         })
     }
+}
+
+/// The Redis settings alone, for the tools that need no JWT key (`airstate export` and
+/// `import`); `None` when `AIRSTATE_REDIS_URL` is unset.
+pub fn redis_from_lookup(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<RedisSettings>, ConfigError> {
+    redis_settings(&Env(&lookup))
+}
+
+fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
+    Ok(match env.text("AIRSTATE_REDIS_URL") {
+        None => None,
+        Some(url) => {
+            crate::store::redis::client_config(&url)
+                .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?;
+            let key_prefix = env
+                .text("AIRSTATE_KEY_PREFIX")
+                .unwrap_or_else(|| "airstate:".to_owned());
+            if key_prefix.contains(['{', '}']) {
+                return Err(error(
+                    "AIRSTATE_KEY_PREFIX",
+                    "must not contain { or }: they would change the Cluster hash slot",
+                ));
+            }
+            Some(RedisSettings {
+                url,
+                key_prefix,
+                // fred pipelines every command of a connection; few connections batch
+                // more per syscall. One per core measured fastest (BENCHMARKS.md).
+                pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", cores())?,
+                command_timeout: Duration::from_millis(
+                    env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
+                ),
+                sweep_interval: Duration::from_secs(
+                    env.parse("AIRSTATE_SWEEP_INTERVAL_SECONDS", 60u64)?.max(1),
+                ),
+                reconnect: reconnect_pauses(env)?,
+                wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
+                wait_timeout: Duration::from_millis(
+                    env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
+                ),
+            })
+        }
+    })
 }
 
 /// The reconnect backoff: exponential from the first pause to the longest, retried for

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod migrate;
 pub mod store;
 pub mod telemetry;
 

@@ -208,6 +208,13 @@ fn byte_offset(text: &str, error: &serde_json::Error) -> usize {
     line_start + error.column().saturating_sub(1)
 }
 
+/// The Execution API's rules for a value, for JSON text that did not come in a request
+/// (`airstate import`): one JSON value, not `null`, finite numbers only.
+pub fn check_value_text(text: &str) -> Result<(), String> {
+    let raw: &RawValue = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    check_value(raw).map_err(|issue| issue.msg)
+}
+
 /// `null` is refused (Airflow: "value cannot be null"), and so is a non-finite number
 /// anywhere in the value: Airflow answers 500 for a top-level one and stores a nested one
 /// that later breaks every read.
