@@ -23,6 +23,7 @@ use super::asset::{from_query, By};
 use super::body::{check_key, parse_bool_param, parse_patch_body, parse_put_body};
 use super::error::{ApiError, ValidationIssue};
 use super::extract::{query_params, JsonBody};
+use super::openapi::RouteServed;
 use super::{no_content, AppState};
 use crate::auth::AuthError;
 use crate::store::version::Tags;
@@ -39,8 +40,8 @@ const PATCH_ATTEMPTS: usize = 3;
 
 pub fn router() -> Router<Arc<AppState>> {
     let router = Router::new()
-        .route(TASK_PATH, get(task_list).delete(task_clear))
-        .route(
+        .served(TASK_PATH, get(task_list).delete(task_clear))
+        .served(
             &format!("{TASK_PATH}/{{*key}}"),
             get(task_get)
                 .put(task_put)
@@ -56,11 +57,11 @@ fn asset_routes<const BY_URI: bool>(
     prefix: &str,
 ) -> Router<Arc<AppState>> {
     router
-        .route(
+        .served(
             prefix,
             get(asset_list::<BY_URI>).delete(asset_clear::<BY_URI>),
         )
-        .route(
+        .served(
             &format!("{prefix}/value"),
             get(asset_get::<BY_URI>)
                 .put(asset_put::<BY_URI>)

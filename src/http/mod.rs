@@ -8,6 +8,7 @@ pub mod error;
 pub mod extensions;
 pub mod extract;
 mod observe;
+pub mod openapi;
 pub mod task;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,7 @@ use crate::identity::IdentityResolver;
 use crate::store::StateStore;
 use error::{ApiError, ValidationIssue};
 use extract::{AuthOutcome, BodyLimit};
+use openapi::RouteServed;
 
 /// Shared by every request; cheap to clone behind an `Arc`.
 pub struct AppState {
@@ -54,69 +56,70 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .delete(task::empty_key);
     let execution = Router::new()
         // Airflow 3.3 Execution API.
-        .route(
+        .served(
             "/execution/store/ti/{task_instance_id}/{*key}",
             task_key.clone(),
         )
-        .route("/execution/store/ti/{task_instance_id}/", empty_key.clone())
-        .route(
+        .served("/execution/store/ti/{task_instance_id}/", empty_key.clone())
+        .served(
             "/execution/store/ti/{task_instance_id}",
             delete(task::clear)
                 .get(extensions::task_bulk_get)
                 .post(extensions::task_bulk_post),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-name/value",
             get(asset::get::<false>)
                 .put(asset::put::<false>)
                 .delete(asset::delete::<false>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-name/clear",
             delete(asset::clear::<false>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-uri/value",
             get(asset::get::<true>)
                 .put(asset::put::<true>)
                 .delete(asset::delete::<true>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-uri/clear",
             delete(asset::clear::<true>),
         )
         // airstate's extensions (src/http/extensions.rs).
-        .route(
+        .served(
             "/execution/store/asset/by-name/values",
             get(extensions::asset_bulk_get::<false>).post(extensions::asset_bulk_post::<false>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-uri/values",
             get(extensions::asset_bulk_get::<true>).post(extensions::asset_bulk_post::<true>),
         )
         // AIP-103's original paths.
-        .route("/execution/state/ti/{task_instance_id}/{*key}", task_key)
-        .route("/execution/state/ti/{task_instance_id}/", empty_key)
-        .route(
+        .served("/execution/state/ti/{task_instance_id}/{*key}", task_key)
+        .served("/execution/state/ti/{task_instance_id}/", empty_key)
+        .served(
             "/execution/state/ti/{task_instance_id}",
             delete(task::clear_seed),
         )
-        .route(
+        .served(
             "/execution/state/asset/{name}/{*key}",
             get(asset::seed_get)
                 .put(asset::seed_put)
                 .delete(asset::seed_delete),
         )
-        .route("/execution/state/asset/{name}", delete(asset::seed_clear))
+        .served("/execution/state/asset/{name}", delete(asset::seed_clear))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(api_version))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
 
     let mut app = Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .served("/health", get(health))
+        .served("/ready", get(ready))
+        .served("/metrics", get(metrics))
+        .served("/openapi.json", get(openapi_document))
         .merge(execution);
     // Without an admin credential the admin surface does not exist (404), rather than
     // existing and refusing everyone.
@@ -230,6 +233,11 @@ fn parse_version_date(text: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The OpenAPI document of what this replica serves (admin routes only when enabled).
+async fn openapi_document(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(openapi::document(app.admin.token.is_some()))
 }
 
 /// Liveness: the process answers. Never tied to Redis, so a Redis outage does not get
