@@ -563,6 +563,8 @@ mod tests {
             ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true"),
             ("AIRSTATE_CHANGE_STREAM_BUFFER", "0"),
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
+            ("AIRSTATE_ADMIN_TOKEN", "too-short"),
+            ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "-1"),
         ] {
             let err = config(&[SECRET, (var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");
@@ -574,6 +576,26 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.variable, "AIRSTATE_KEY_PREFIX");
+    }
+
+    #[test]
+    fn admin_api_settings() {
+        let off = config(&[SECRET]).unwrap();
+        assert!(off.admin.token.is_none());
+        assert_eq!(off.admin.max_value_bytes, 65535);
+        let token = "t".repeat(MIN_ADMIN_TOKEN_CHARS);
+        let on = config(&[
+            SECRET,
+            ("AIRSTATE_ADMIN_TOKEN", &format!("{token}\n")),
+            ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "0"),
+        ])
+        .unwrap();
+        assert_eq!(on.admin.token.as_deref(), Some(token.as_str()));
+        assert_eq!(on.admin.max_value_bytes, 0);
+        assert!(
+            !format!("{on:?}").contains(&token),
+            "the token is never printed"
+        );
     }
 
     #[test]
