@@ -18,6 +18,7 @@ on_every_store!(
     admin_and_task_credentials_never_cross,
     value_size_limit_applies_to_admin_writes_only,
     bad_input_is_refused_and_leaves_data_unharmed,
+    admin_writes_are_announced_on_change_streams,
 );
 
 const ADMIN: &str = "admin-token-0123456789abcdef0123456789abcdef";
@@ -466,4 +467,69 @@ async fn bad_input_is_refused_and_leaves_data_unharmed(backend: Backend) {
     let kept = admin(&gw, "GET", &path, None).await;
     assert_eq!(kept.body["value"], "original");
     assert_eq!(kept.body["expires_at"], Value::Null);
+}
+
+async fn next_change(
+    watch: &mut airstate::store::events::Watch,
+) -> airstate::store::events::Change {
+    use airstate::store::events::Delivery;
+    loop {
+        let delivery =
+            tokio::time::timeout(std::time::Duration::from_secs(5), watch.deliveries.recv())
+                .await
+                .expect("a change event within 5 s")
+                .expect("an open channel");
+        if let Delivery::Event(event) = delivery {
+            if event.concerns(watch.map_index) {
+                return event.change.clone();
+            }
+        }
+    }
+}
+
+/// Admin writes go through the store's own operations: watchers hear them, and a PATCH
+/// gives the key a new version (ETag) as any write does.
+async fn admin_writes_are_announced_on_change_streams(backend: Backend) {
+    use airstate::store::events::Change;
+    let gw = start(backend).await;
+    let ti = gw.task().await;
+    let own = scope(&ti, -1);
+    let mut watch = gw.state.store.watch_task(&own).await.unwrap();
+    let path = task_key(&ti, "k", -1);
+    assert_eq!(
+        admin(&gw, "PUT", &path, Some(r#"{"value": 1.0}"#))
+            .await
+            .status,
+        204
+    );
+    let Change::Set { key, json, version } = next_change(&mut watch).await else {
+        panic!("expected a set");
+    };
+    assert_eq!((key.as_str(), json.as_str()), ("k", "1.0"));
+    assert_eq!(
+        admin(&gw, "PATCH", &path, Some(r#"{"value": 2}"#))
+            .await
+            .status,
+        204
+    );
+    let Change::Set {
+        version: patched, ..
+    } = next_change(&mut watch).await
+    else {
+        panic!("expected a set");
+    };
+    assert_ne!(
+        patched, version,
+        "a PATCH is a write with a version of its own"
+    );
+    assert_eq!(admin(&gw, "DELETE", &path, None).await.status, 204);
+    assert_eq!(
+        next_change(&mut watch).await,
+        Change::Delete { key: "k".into() }
+    );
+    assert_eq!(
+        admin(&gw, "DELETE", &task_base(&ti), None).await.status,
+        204
+    );
+    assert_eq!(next_change(&mut watch).await, Change::Clear);
 }
