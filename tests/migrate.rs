@@ -437,4 +437,29 @@ fn the_cli_exports_and_imports_with_a_summary() {
     assert!(stderr.contains("exported 0 task keys"), "{stderr}");
     // Not a terminal: no progress line, only the summary.
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    // On a terminal (util-linux `script` gives it one), a progress line comes first.
+    let dir_out = dir.path().join("out.jsonl");
+    let command = format!(
+        "{} export --output {}",
+        env!("CARGO_BIN_EXE_airstate"),
+        dir_out.display()
+    );
+    let output = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("AIRSTATE_REDIS_URL", &server.url)
+        .env("AIRSTATE_KEY_PREFIX", &prefix)
+        .output()
+        .expect("util-linux script");
+    let terminal = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{terminal}");
+    assert!(terminal.contains("\rexported 1 keys"), "{terminal:?}");
+    assert!(
+        terminal.contains("airstate: exported 0 task keys"),
+        "{terminal:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&dir_out).unwrap(),
+        std::fs::read_to_string(&file).unwrap()
+    );
 }
