@@ -3,7 +3,8 @@
 -- KEYS[1] asset values hash   field = state key, value = "<updated_ms>.<version>::<json>"
 --                             (values written before versions existed lack ".<version>")
 -- KEYS[2] asset writers hash  field = state key, value = writer record (JSON)
--- ARGV: op ("set" | "del"), key, encoded value, writer record,
+-- ARGV: op ("set" | "del"), key, encoded value, writer record ("" on a set: no writer,
+--       as an imported row Airflow stored without one),
 --       if-match and if-none-match ("" when absent, "*", or ",v1,v2,"),
 --       change channel ("" for none): published "s:<key bytes>:<key><encoded value>" or,
 --       when a key was deleted, "d:<key bytes>:<key>"
@@ -33,7 +34,11 @@ end
 local channel, key = ARGV[7] or '', ARGV[2]
 if ARGV[1] == 'set' then
   redis.call('HSET', values, key, ARGV[3])
-  redis.call('HSET', writers, key, ARGV[4])
+  if ARGV[4] == '' then
+    redis.call('HDEL', writers, key)
+  else
+    redis.call('HSET', writers, key, ARGV[4])
+  end
   if channel ~= '' then
     redis.call('PUBLISH', channel, 's:' .. #key .. ':' .. key .. ARGV[3])
   end

@@ -39,7 +39,31 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// airstate's extensions beyond Airflow's API.
     pub extensions: ExtensionSettings,
+    pub admin: AdminSettings,
 }
+
+/// The admin API (`/admin/v1/...`, README "Admin API").
+#[derive(Clone, Default)]
+pub struct AdminSettings {
+    /// The bearer token operators present; `None` turns the admin routes off (404).
+    pub token: Option<String>,
+    /// Airflow's `[state_store] max_value_storage_bytes`: admin writes of a larger value are
+    /// refused (422); 0 means no limit. The Execution API does not apply it, as in Airflow.
+    pub max_value_bytes: usize,
+}
+
+// The token is a secret: never printed with the rest of the configuration.
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("max_value_bytes", &self.max_value_bytes)
+            .finish()
+    }
+}
+
+/// Shortest admin token accepted: a guessable one would open every task's state.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
 /// Settings of the extensions beyond Airflow's API (README, "Beyond Airflow").
 #[derive(Debug, Clone)]
@@ -160,6 +184,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "json, or text on a terminal",
         "log line format: json | text",
     ),
+    (
+        "AIRSTATE_ADMIN_TOKEN",
+        "(unset: admin API off)",
+        "bearer token of the admin API (/admin/v1), at least 32 characters; from a Secret",
+    ),
+    (
+        "AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES",
+        "65535",
+        "largest value the admin API stores (422 above); 0 = no limit",
+    ),
     // airstate's extensions beyond Airflow's API.
     (
         "AIRSTATE_ASSET_REGISTRATION_CHECK",
@@ -236,40 +270,7 @@ impl Config {
     /// Reads configuration through `lookup`, so tests need not touch the process env.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let redis = match env.text("AIRSTATE_REDIS_URL") {
-            None => None,
-            Some(url) => {
-                crate::store::redis::client_config(&url)
-                    .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?;
-                let key_prefix = env
-                    .text("AIRSTATE_KEY_PREFIX")
-                    .unwrap_or_else(|| "airstate:".to_owned());
-                if key_prefix.contains(['{', '}']) {
-                    return Err(error(
-                        "AIRSTATE_KEY_PREFIX",
-                        "must not contain { or }: they would change the Cluster hash slot",
-                    ));
-                }
-                Some(RedisSettings {
-                    url,
-                    key_prefix,
-                    // fred pipelines every command of a connection; few connections batch
-                    // more per syscall. One per core measured fastest (BENCHMARKS.md).
-                    pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", cores())?,
-                    command_timeout: Duration::from_millis(
-                        env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
-                    ),
-                    sweep_interval: Duration::from_secs(
-                        env.parse("AIRSTATE_SWEEP_INTERVAL_SECONDS", 60u64)?.max(1),
-                    ),
-                    reconnect: reconnect_pauses(&env)?,
-                    wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
-                    wait_timeout: Duration::from_millis(
-                        env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
-                    ),
-                })
-            }
-        };
+        let redis = redis_settings(&env)?;
 
         let database = env.text("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN");
         let identity = match env.text("AIRSTATE_IDENTITY").as_deref() {
@@ -395,7 +396,26 @@ impl Config {
             change_stream_heartbeat: Duration::from_secs(heartbeat),
         };
 
+        // A token mounted from a Secret file often ends in a newline.
+        let admin_token = env
+            .text("AIRSTATE_ADMIN_TOKEN")
+            .map(|token| token.trim().to_owned());
+        if let Some(token) = &admin_token {
+            if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                return Err(error(
+                    "AIRSTATE_ADMIN_TOKEN",
+                    &format!("must be at least {MIN_ADMIN_TOKEN_CHARS} characters"),
+                ));
+            }
+        }
+        let admin = AdminSettings {
+            token: admin_token,
+            max_value_bytes: env
+                .parse("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", 65535usize)?,
+        };
+
         Ok(Config {
+            admin,
             listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             redis,
             identity,
@@ -408,6 +428,51 @@ impl Config {
             extensions,
         })
     }
+}
+
+/// The Redis settings alone, for the tools that need no JWT key (`airstate export` and
+/// `import`); `None` when `AIRSTATE_REDIS_URL` is unset.
+pub fn redis_from_lookup(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<RedisSettings>, ConfigError> {
+    redis_settings(&Env(&lookup))
+}
+
+fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
+    Ok(match env.text("AIRSTATE_REDIS_URL") {
+        None => None,
+        Some(url) => {
+            crate::store::redis::client_config(&url)
+                .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?;
+            let key_prefix = env
+                .text("AIRSTATE_KEY_PREFIX")
+                .unwrap_or_else(|| "airstate:".to_owned());
+            if key_prefix.contains(['{', '}']) {
+                return Err(error(
+                    "AIRSTATE_KEY_PREFIX",
+                    "must not contain { or }: they would change the Cluster hash slot",
+                ));
+            }
+            Some(RedisSettings {
+                url,
+                key_prefix,
+                // fred pipelines every command of a connection; few connections batch
+                // more per syscall. One per core measured fastest (BENCHMARKS.md).
+                pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", cores())?,
+                command_timeout: Duration::from_millis(
+                    env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
+                ),
+                sweep_interval: Duration::from_secs(
+                    env.parse("AIRSTATE_SWEEP_INTERVAL_SECONDS", 60u64)?.max(1),
+                ),
+                reconnect: reconnect_pauses(env)?,
+                wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
+                wait_timeout: Duration::from_millis(
+                    env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
+                ),
+            })
+        }
+    })
 }
 
 /// The reconnect backoff: exponential from the first pause to the longest, retried for
@@ -498,6 +563,8 @@ mod tests {
             ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true"),
             ("AIRSTATE_CHANGE_STREAM_BUFFER", "0"),
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
+            ("AIRSTATE_ADMIN_TOKEN", "too-short"),
+            ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "-1"),
         ] {
             let err = config(&[SECRET, (var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");
@@ -509,6 +576,26 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.variable, "AIRSTATE_KEY_PREFIX");
+    }
+
+    #[test]
+    fn admin_api_settings() {
+        let off = config(&[SECRET]).unwrap();
+        assert!(off.admin.token.is_none());
+        assert_eq!(off.admin.max_value_bytes, 65535);
+        let token = "t".repeat(MIN_ADMIN_TOKEN_CHARS);
+        let on = config(&[
+            SECRET,
+            ("AIRSTATE_ADMIN_TOKEN", &format!("{token}\n")),
+            ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "0"),
+        ])
+        .unwrap();
+        assert_eq!(on.admin.token.as_deref(), Some(token.as_str()));
+        assert_eq!(on.admin.max_value_bytes, 0);
+        assert!(
+            !format!("{on:?}").contains(&token),
+            "the token is never printed"
+        );
     }
 
     #[test]

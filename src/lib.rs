@@ -17,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod migrate;
 pub mod store;
 pub mod telemetry;
 
@@ -83,6 +84,7 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         shutting_down: AtomicBool::new(false),
         ready_timeout: Duration::from_secs(2),
         extensions: config.extensions.clone(),
+        admin: config.admin.clone(),
     }))
 }
 

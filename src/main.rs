@@ -29,6 +29,23 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Write every task and asset scope in Redis as JSON lines (AIRSTATE_REDIS_URL,
+    /// AIRSTATE_KEY_PREFIX). Progress on a terminal; a summary on stderr at the end.
+    Export {
+        /// File to write; `-` is standard output.
+        #[arg(long, short, default_value = "-")]
+        output: String,
+    },
+    /// Write JSON lines made by `export` into Redis (every line is checked first; a bad
+    /// file changes nothing), or with --from-metastore Airflow's task_state_store and
+    /// asset_state_store tables (AIRFLOW__DATABASE__SQL_ALCHEMY_CONN). Idempotent.
+    Import {
+        /// File to read; `-` is standard input.
+        #[arg(long, short, default_value = "-", conflicts_with = "from_metastore")]
+        input: String,
+        #[arg(long)]
+        from_metastore: bool,
+    },
     /// Print an execution token signed with the configured key, as Airflow would mint one.
     Token {
         /// Task-instance UUID (the token subject); the all-zero UUID is a watcher.
@@ -84,10 +101,95 @@ fn healthcheck(url: Option<String>) -> ExitCode {
     }
 }
 
+enum Migration {
+    Export(String),
+    Import(String),
+    FromMetastore,
+}
+
+/// Export and import need Redis (and the metastore), never a JWT key.
+fn migrate(migration: Migration) -> ExitCode {
+    use airstate::migrate::MigrateError;
+    let redis = match airstate::config::redis_from_lookup(|name| std::env::var(name).ok()) {
+        Ok(Some(redis)) => redis,
+        Ok(None) => {
+            eprintln!("airstate: AIRSTATE_REDIS_URL is required for export and import");
+            return ExitCode::from(2);
+        }
+        Err(error) => {
+            eprintln!("airstate: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result: Result<(&str, airstate::migrate::Summary), MigrateError> =
+        runtime.block_on(async {
+            let store = airstate::store::redis::RedisStore::connect(&redis).await?;
+            match migration {
+                Migration::Export(path) => {
+                    let mut out: Box<dyn std::io::Write> = if path == "-" {
+                        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+                    } else {
+                        Box::new(std::io::BufWriter::new(std::fs::File::create(&path)?))
+                    };
+                    let summary = airstate::migrate::export(&store, &mut out).await?;
+                    Ok(("exported", summary))
+                }
+                Migration::Import(path) => {
+                    let mut input: Box<dyn std::io::BufRead> = if path == "-" {
+                        Box::new(std::io::stdin().lock())
+                    } else {
+                        Box::new(std::io::BufReader::new(std::fs::File::open(&path)?))
+                    };
+                    let summary =
+                        airstate::migrate::import(std::sync::Arc::new(store), &mut input).await?;
+                    Ok(("imported", summary))
+                }
+                Migration::FromMetastore => {
+                    let conn =
+                        std::env::var("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN").map_err(|_| {
+                            MigrateError::Metastore(
+                            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN is required with --from-metastore"
+                                .into(),
+                        )
+                        })?;
+                    let url = airstate::identity::metastore::postgres_url_from_sqlalchemy(&conn)
+                        .map_err(MigrateError::Metastore)?;
+                    let summary =
+                        airstate::migrate::metastore::import(std::sync::Arc::new(store), &url)
+                            .await?;
+                    Ok(("imported", summary))
+                }
+            }
+        });
+    match result {
+        Ok((verb, summary)) => {
+            eprintln!("airstate: {verb} {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("airstate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Healthcheck { url } = &cli.command {
-        return healthcheck(url.clone());
+    match &cli.command {
+        Command::Healthcheck { url } => return healthcheck(url.clone()),
+        Command::Export { output } => return migrate(Migration::Export(output.clone())),
+        Command::Import {
+            input,
+            from_metastore,
+        } => {
+            return migrate(if *from_metastore {
+                Migration::FromMetastore
+            } else {
+                Migration::Import(input.clone())
+            })
+        }
+        _ => {}
     }
     let config = match airstate::config::Config::from_env() {
         Ok(config) => config,
@@ -119,7 +221,9 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Healthcheck { .. } => unreachable!("handled before configuration is read"),
+        Command::Healthcheck { .. } | Command::Export { .. } | Command::Import { .. } => {
+            unreachable!("handled before configuration is read")
+        }
         Command::Token {
             sub,
             dag_id,

@@ -258,6 +258,10 @@ fn defaults_reuse_the_airflow_charts_secrets() {
         env_value(&documents, "AIRSTATE_REDIS_URL").unwrap()["value"],
         "redis://redis:6379"
     );
+    assert!(
+        env_value(&documents, "AIRSTATE_ADMIN_TOKEN").is_none(),
+        "the admin API stays off unless a token Secret is named"
+    );
     let deployment = find(&documents, "Deployment").unwrap();
     assert!(
         deployment["spec"]["replicas"].is_null(),
@@ -279,6 +283,9 @@ fn existing_and_created_secrets() {
         db["valueFrom"]["secretKeyRef"]["name"],
         "platform-airflow-metadata"
     );
+    let admin = env_value(&existing, "AIRSTATE_ADMIN_TOKEN").unwrap();
+    assert_eq!(admin["valueFrom"]["secretKeyRef"]["name"], "airstate-admin");
+    assert_eq!(admin["valueFrom"]["secretKeyRef"]["key"], "admin-token");
     assert!(
         find(&existing, "Secret").is_none(),
         "no Secret is created for existing ones"

@@ -67,6 +67,44 @@ pub fn parse_put_body<'a>(
     body: &'a [u8],
     allow_expires_at: bool,
 ) -> Result<PutBody<'a>, Vec<ValidationIssue>> {
+    let fields = parse_fields(content_type, body, allow_expires_at, true)?;
+    Ok(PutBody {
+        value: fields.value.unwrap_or_default(),
+        expires_at: fields.expires_at.flatten(),
+    })
+}
+
+/// An admin PATCH body: each member present is changed, each absent one kept.
+#[derive(Debug)]
+pub struct PatchBody<'a> {
+    pub value: Option<&'a str>,
+    /// `Some(None)`: an explicit `null`, which makes the key permanent.
+    pub expires_at: Option<Option<EpochMillis>>,
+}
+
+/// Parses a task PATCH body: the PUT body's members, each optional, at least one given.
+pub fn parse_patch_body<'a>(
+    content_type: Option<&str>,
+    body: &'a [u8],
+) -> Result<PatchBody<'a>, Vec<ValidationIssue>> {
+    let fields = parse_fields(content_type, body, true, false)?;
+    if fields.value.is_none() && fields.expires_at.is_none() {
+        return Err(vec![ValidationIssue::new(
+            "value_error",
+            &["body"],
+            "Value error, give at least one of value and expires_at",
+            json!({}),
+        )]);
+    }
+    Ok(fields)
+}
+
+fn parse_fields<'a>(
+    content_type: Option<&str>,
+    body: &'a [u8],
+    allow_expires_at: bool,
+    value_required: bool,
+) -> Result<PatchBody<'a>, Vec<ValidationIssue>> {
     if body.is_empty() {
         return Err(vec![ValidationIssue::missing(&["body"], Value::Null)]);
     }
@@ -105,7 +143,7 @@ pub fn parse_put_body<'a>(
         match name.as_ref() {
             "value" => value = Some(*raw),
             "expires_at" if allow_expires_at => match parse_expires_at(raw) {
-                Ok(at) => expires_at = at,
+                Ok(at) => expires_at = Some(at),
                 Err(issue) => issues.push(issue),
             },
             other => issues.push(ValidationIssue::new(
@@ -117,6 +155,7 @@ pub fn parse_put_body<'a>(
         }
     }
     match value {
+        None if !value_required => {}
         None => {
             let whole: Value = serde_json::from_str(text).unwrap_or(Value::Null);
             issues.insert(0, ValidationIssue::missing(&["body", "value"], whole));
@@ -128,8 +167,8 @@ pub fn parse_put_body<'a>(
         }
     }
     if issues.is_empty() {
-        Ok(PutBody {
-            value: value.map(RawValue::get).unwrap_or_default(),
+        Ok(PatchBody {
+            value: value.map(RawValue::get),
             expires_at,
         })
     } else {
@@ -167,6 +206,13 @@ fn byte_offset(text: &str, error: &serde_json::Error) -> usize {
         .map(str::len)
         .sum();
     line_start + error.column().saturating_sub(1)
+}
+
+/// The Execution API's rules for a value, for JSON text that did not come in a request
+/// (`airstate import`): one JSON value, not `null`, finite numbers only.
+pub fn check_value_text(text: &str) -> Result<(), String> {
+    let raw: &RawValue = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    check_value(raw).map_err(|issue| issue.msg)
 }
 
 /// `null` is refused (Airflow: "value cannot be null"), and so is a non-finite number

@@ -1,12 +1,14 @@
 //! The HTTP surface: routes, the middleware Airflow's API server puts around them
 //! (API version header, correlation id, JWT and token refresh), and health endpoints.
 
+pub mod admin;
 pub mod asset;
 pub mod body;
 pub mod error;
 pub mod extensions;
 pub mod extract;
 mod observe;
+pub mod openapi;
 pub mod task;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +29,7 @@ use crate::identity::IdentityResolver;
 use crate::store::StateStore;
 use error::{ApiError, ValidationIssue};
 use extract::{AuthOutcome, BodyLimit};
+use openapi::RouteServed;
 
 /// Shared by every request; cheap to clone behind an `Arc`.
 pub struct AppState {
@@ -38,6 +41,7 @@ pub struct AppState {
     pub ready_timeout: Duration,
     /// airstate's extensions beyond Airflow's API.
     pub extensions: crate::config::ExtensionSettings,
+    pub admin: crate::config::AdminSettings,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.
@@ -52,71 +56,81 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .delete(task::empty_key);
     let execution = Router::new()
         // Airflow 3.3 Execution API.
-        .route(
+        .served(
             "/execution/store/ti/{task_instance_id}/{*key}",
             task_key.clone(),
         )
-        .route("/execution/store/ti/{task_instance_id}/", empty_key.clone())
-        .route(
+        .served("/execution/store/ti/{task_instance_id}/", empty_key.clone())
+        .served(
             "/execution/store/ti/{task_instance_id}",
             delete(task::clear)
                 .get(extensions::task_bulk_get)
                 .post(extensions::task_bulk_post),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-name/value",
             get(asset::get::<false>)
                 .put(asset::put::<false>)
                 .delete(asset::delete::<false>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-name/clear",
             delete(asset::clear::<false>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-uri/value",
             get(asset::get::<true>)
                 .put(asset::put::<true>)
                 .delete(asset::delete::<true>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-uri/clear",
             delete(asset::clear::<true>),
         )
         // airstate's extensions (src/http/extensions.rs).
-        .route(
+        .served(
             "/execution/store/asset/by-name/values",
             get(extensions::asset_bulk_get::<false>).post(extensions::asset_bulk_post::<false>),
         )
-        .route(
+        .served(
             "/execution/store/asset/by-uri/values",
             get(extensions::asset_bulk_get::<true>).post(extensions::asset_bulk_post::<true>),
         )
         // AIP-103's original paths.
-        .route("/execution/state/ti/{task_instance_id}/{*key}", task_key)
-        .route("/execution/state/ti/{task_instance_id}/", empty_key)
-        .route(
+        .served("/execution/state/ti/{task_instance_id}/{*key}", task_key)
+        .served("/execution/state/ti/{task_instance_id}/", empty_key)
+        .served(
             "/execution/state/ti/{task_instance_id}",
             delete(task::clear_seed),
         )
-        .route(
+        .served(
             "/execution/state/asset/{name}/{*key}",
             get(asset::seed_get)
                 .put(asset::seed_put)
                 .delete(asset::seed_delete),
         )
-        .route("/execution/state/asset/{name}", delete(asset::seed_clear))
+        .served("/execution/state/asset/{name}", delete(asset::seed_clear))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(api_version))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
 
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .merge(execution)
-        .fallback(|| async { ApiError::RouteNotFound })
+    let mut app = Router::new()
+        .served("/health", get(health))
+        .served("/ready", get(ready))
+        .served("/metrics", get(metrics))
+        .served("/openapi.json", get(openapi_document))
+        .merge(execution);
+    // Without an admin credential the admin surface does not exist (404), rather than
+    // existing and refusing everyone.
+    if state.admin.token.is_some() {
+        app = app.merge(
+            admin::router()
+                .layer(DefaultBodyLimit::max(max_body_bytes))
+                .layer(Extension(BodyLimit(max_body_bytes))),
+        );
+    }
+    app.fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
@@ -219,6 +233,11 @@ fn parse_version_date(text: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The OpenAPI document of what this replica serves (admin routes only when enabled).
+async fn openapi_document(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(openapi::document(app.admin.token.is_some()))
 }
 
 /// Liveness: the process answers. Never tied to Redis, so a Redis outage does not get

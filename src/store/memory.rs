@@ -11,12 +11,12 @@ use async_trait::async_trait;
 use super::events::{Change, Delivery, Event, EventHub, Watch};
 use super::version::new_version;
 use super::{
-    now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreResult, StoredValue, TaskScope,
-    Writer, Written,
+    now_millis, AssetKey, Condition, Entry, EpochMillis, StateStore, StoreResult, StoredValue,
+    TaskScope, Writer, Written,
 };
 
 type Fields = HashMap<String, StoredValue>;
-type AssetFields = HashMap<String, (StoredValue, Writer)>;
+type AssetFields = HashMap<String, (StoredValue, Option<Writer>)>;
 
 /// (dag_id, run_id, task_id): the unit that clear-all wipes.
 type TaskKey = (String, String, String);
@@ -241,7 +241,7 @@ impl StateStore for MemoryStore {
         }
         let value = fresh(json, None);
         let version = value.version.clone();
-        fields.insert(key.to_owned(), (value, writer.clone()));
+        fields.insert(key.to_owned(), (value, Some(writer.clone())));
         let change = Change::Set {
             key: key.to_owned(),
             json: json.to_owned(),
@@ -304,7 +304,79 @@ impl StateStore for MemoryStore {
         Ok(assets
             .get(asset)
             .and_then(|fields| fields.get(key))
-            .map(|(_, writer)| writer.clone()))
+            .and_then(|(_, writer)| writer.clone()))
+    }
+
+    async fn list_task(&self, scope: &TaskScope) -> StoreResult<Vec<Entry>> {
+        let tasks = self.tasks.lock().unwrap();
+        let now = now_millis();
+        let mut entries: Vec<Entry> = tasks
+            .get(&task_key(scope))
+            .and_then(|indices| indices.get(&scope.map_index))
+            .into_iter()
+            .flatten()
+            .filter(|(_, value)| !value.is_expired(now))
+            .map(|(key, value)| Entry {
+                key: key.clone(),
+                value: value.clone(),
+                writer: None,
+            })
+            .collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    async fn list_asset(&self, asset: &AssetKey) -> StoreResult<Vec<Entry>> {
+        let assets = self.assets.lock().unwrap();
+        let mut entries: Vec<Entry> = assets
+            .get(asset)
+            .into_iter()
+            .flatten()
+            .map(|(key, (value, writer))| Entry {
+                key: key.clone(),
+                value: value.clone(),
+                writer: writer.clone(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    async fn import_task(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        updated_at: EpochMillis,
+        expires_at: Option<EpochMillis>,
+    ) -> StoreResult<()> {
+        self.put_task(scope, key, json, expires_at).await?;
+        let mut tasks = self.tasks.lock().unwrap();
+        if let Some(value) = tasks
+            .get_mut(&task_key(scope))
+            .and_then(|indices| indices.get_mut(&scope.map_index))
+            .and_then(|fields| fields.get_mut(key))
+        {
+            value.updated_at = updated_at;
+        }
+        Ok(())
+    }
+
+    async fn import_asset(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        json: &str,
+        updated_at: EpochMillis,
+        writer: Option<&Writer>,
+    ) -> StoreResult<()> {
+        self.put_asset(asset, key, json, &Writer::Api).await?;
+        let mut assets = self.assets.lock().unwrap();
+        if let Some((value, recorded)) = assets.get_mut(asset).and_then(|f| f.get_mut(key)) {
+            value.updated_at = updated_at;
+            *recorded = writer.cloned();
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> StoreResult<()> {

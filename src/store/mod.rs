@@ -62,6 +62,18 @@ pub enum Writer {
     },
     /// Event-trigger watchers and `airflow dags test`, whose token subject is the all-zero UUID.
     Watcher,
+    /// An operator through the admin API (Airflow's Core REST API records the same kind).
+    Api,
+}
+
+/// One key of a scope with everything stored about it, as the admin API lists it and
+/// `airstate export` writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub value: StoredValue,
+    /// Asset keys only; `None` also for a row Airflow stored without writer columns.
+    pub writer: Option<Writer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +181,32 @@ pub trait StateStore: Send + Sync + 'static {
         condition: &Condition,
     ) -> StoreResult<Written>;
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()>;
+    /// Every live key of a task scope, sorted by key (a stable order to page through).
+    /// One hash is read whole: a scope is one task's state, not a keyspace.
+    async fn list_task(&self, scope: &TaskScope) -> StoreResult<Vec<Entry>>;
+    /// Every key of an asset with its writer, sorted by key.
+    async fn list_asset(&self, asset: &AssetKey) -> StoreResult<Vec<Entry>>;
+    /// An upsert that keeps the `updated_at` it is given instead of now, for moving state
+    /// in from elsewhere (`airstate import`); every other invariant of a write holds.
+    async fn import_task(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        updated_at: EpochMillis,
+        expires_at: Option<EpochMillis>,
+    ) -> StoreResult<()>;
+    /// Like [`import_task`](Self::import_task); `writer: None` records no writer, as
+    /// Airflow's plain `set()` leaves the writer columns NULL.
+    async fn import_asset(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        json: &str,
+        updated_at: EpochMillis,
+        writer: Option<&Writer>,
+    ) -> StoreResult<()>;
+
     /// The writer recorded with an asset key, if the key exists.
     async fn asset_writer(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<Writer>>;
 

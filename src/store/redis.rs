@@ -33,8 +33,8 @@ use tracing::Instrument;
 use super::events::{parse_message, Change, Event, EventHub, RedisSubscriptions, Watch};
 use super::version::{legacy_version, new_version};
 use super::{
-    now_millis, AssetKey, Condition, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
-    TaskScope, Writer, Written,
+    now_millis, AssetKey, Condition, Entry, EpochMillis, StateStore, StoreError, StoreResult,
+    StoredValue, TaskScope, Writer, Written,
 };
 
 /// Connection settings the operator can tune.
@@ -589,6 +589,99 @@ impl RedisStore {
             .map(|value| value.map(decode).transpose())
             .collect()
     }
+}
+
+/// What `airstate export` walks: every task scope and asset holding state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeRef {
+    /// Every map index of one task, read from its registry.
+    Task(Vec<TaskScope>),
+    Asset(AssetKey),
+}
+
+impl RedisStore {
+    /// Every task registry and asset value hash under this store's prefix, as found by
+    /// SCAN on every primary of a Cluster (one server otherwise). Only for offline tools:
+    /// a keyspace scan never runs on a request path. Keys written while it runs may or may
+    /// not be seen, as SCAN guarantees.
+    pub fn scan_scopes(
+        &self,
+    ) -> impl futures_util::Stream<Item = StoreResult<String>> + Send + 'static {
+        use futures_util::StreamExt;
+        let prefix = glob_escape(&self.prefix);
+        let client = self.pool.next().clone();
+        let clustered = client.is_clustered();
+        let streams = ["{t:*}:r", "{a:*}:v"].map(|suffix| {
+            let pattern = format!("{prefix}{suffix}");
+            if clustered {
+                client
+                    .scan_cluster_buffered(pattern, Some(500), None)
+                    .boxed()
+            } else {
+                client.scan_buffered(pattern, Some(500), None).boxed()
+            }
+        });
+        futures_util::stream::iter(streams).flatten().map(|key| {
+            key.map_err(classify).and_then(|key| {
+                key.into_string()
+                    .ok_or_else(|| StoreError::Internal("a key that is not UTF-8".into()))
+            })
+        })
+    }
+
+    /// What one key found by [`scan_scopes`](Self::scan_scopes) holds; `None` for a
+    /// registry gone since the scan saw it.
+    pub async fn scope_of_key(&self, key: &str) -> StoreResult<Option<ScopeRef>> {
+        let tail = key.strip_prefix(self.prefix.as_str()).unwrap_or(key);
+        if let Some(asset) = tail
+            .strip_prefix("{a:")
+            .and_then(|rest| rest.strip_suffix("}:v"))
+        {
+            return Ok(Some(ScopeRef::Asset(AssetKey(asset.to_owned()))));
+        }
+        let fields: std::collections::HashMap<String, String> =
+            self.call("hgetall", || self.pool.hgetall(key)).await?;
+        let (Some(dag_id), Some(run_id), Some(task_id)) = (
+            fields.get("dag_id"),
+            fields.get("run_id"),
+            fields.get("task_id"),
+        ) else {
+            return Ok(None);
+        };
+        let mut indices: Vec<i64> = fields
+            .keys()
+            .filter_map(|field| field.strip_prefix('m')?.parse().ok())
+            .collect();
+        indices.sort_unstable();
+        Ok(Some(ScopeRef::Task(
+            indices
+                .into_iter()
+                .map(|map_index| TaskScope {
+                    dag_id: dag_id.clone(),
+                    run_id: run_id.clone(),
+                    task_id: task_id.clone(),
+                    map_index,
+                })
+                .collect(),
+        )))
+    }
+}
+
+/// A literal for a SCAN MATCH pattern: the prefix is the operator's text.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// HGETALL's reply as pairs, whatever order Redis gave.
+fn pairs(map: std::collections::HashMap<String, String>) -> Vec<(String, String)> {
+    map.into_iter().collect()
 }
 
 /// The change channel of a task: `<prefix>ev:{t:<digest>}`, shared by its map indices.
@@ -1159,6 +1252,88 @@ impl StateStore for RedisStore {
                 .map_err(|e| StoreError::Internal(format!("unreadable writer record: {e}")))
         })
         .transpose()
+    }
+
+    async fn list_task(&self, scope: &TaskScope) -> StoreResult<Vec<Entry>> {
+        let scope_key = self.task_keys(scope).scope;
+        let raw: Vec<(String, String)> = self
+            .call("hgetall", || self.pool.hgetall(scope_key.as_str()))
+            .await
+            .map(pairs)?;
+        let now = now_millis();
+        let mut entries = Vec::with_capacity(raw.len());
+        for (key, value) in raw {
+            let value = decode(value)?;
+            // Expired keys read as missing here too; the next write reclaims them.
+            if !value.is_expired(now) {
+                entries.push(Entry {
+                    key,
+                    value,
+                    writer: None,
+                });
+            }
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    async fn list_asset(&self, asset: &AssetKey) -> StoreResult<Vec<Entry>> {
+        let (values, writers) = self.asset_keys(asset);
+        let raw: Vec<(String, String)> = self
+            .call("hgetall", || self.pool.hgetall(values.as_str()))
+            .await
+            .map(pairs)?;
+        let mut recorded: std::collections::HashMap<String, String> = self
+            .call("hgetall", || self.pool.hgetall(writers.as_str()))
+            .await?;
+        let mut entries = Vec::with_capacity(raw.len());
+        for (key, value) in raw {
+            let writer = recorded
+                .remove(&key)
+                .map(|text| serde_json::from_str(&text))
+                .transpose()
+                .map_err(|e| StoreError::Internal(format!("unreadable writer record: {e}")))?;
+            entries.push(Entry {
+                value: decode(value)?,
+                key,
+                writer,
+            });
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    async fn import_task(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        updated_at: EpochMillis,
+        expires_at: Option<EpochMillis>,
+    ) -> StoreResult<()> {
+        let encoded = encode(json, updated_at, &new_version(), expires_at);
+        self.task_write(scope, "set", key, &encoded, expires_at, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+
+    async fn import_asset(
+        &self,
+        asset: &AssetKey,
+        key: &str,
+        json: &str,
+        updated_at: EpochMillis,
+        writer: Option<&Writer>,
+    ) -> StoreResult<()> {
+        let writer = match writer {
+            Some(writer) => serde_json::to_string(writer)
+                .map_err(|e| StoreError::Internal(format!("cannot encode writer: {e}")))?,
+            None => String::new(),
+        };
+        let encoded = encode(json, updated_at, &new_version(), None);
+        self.asset_write("set", key, encoded, writer, asset, &Condition::NONE)
+            .await
+            .map(drop)
     }
 
     async fn ping(&self) -> StoreResult<()> {

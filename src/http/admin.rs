@@ -1,0 +1,520 @@
+//! The admin API: what Airflow's Core REST API lets the UI and CLI do with state (list,
+//! get, set, patch, delete, clear), for operators, under `/admin/v1`.
+//!
+//! It has its own credential, `AIRSTATE_ADMIN_TOKEN`, and never accepts task tokens: a
+//! task's JWT reaches only its own scope, while an admin reaches every scope. Tasks are
+//! named by (dag_id, run_id, task_id) in the path and `map_index` in the query, as in
+//! Airflow's `/api/v2/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/state-store`;
+//! assets by name or URI, as on the Execution API (only active assets resolve).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::asset::{from_query, By};
+use super::body::{check_key, parse_bool_param, parse_patch_body, parse_put_body};
+use super::error::{ApiError, ValidationIssue};
+use super::extract::{query_params, JsonBody};
+use super::openapi::RouteServed;
+use super::{no_content, AppState};
+use crate::auth::AuthError;
+use crate::store::version::Tags;
+use crate::store::{AssetKey, Condition, Entry, EpochMillis, TaskScope, Writer, Written};
+
+/// The path every task route of the admin API starts with.
+pub const TASK_PATH: &str =
+    "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store";
+/// Entries per page unless `limit` says otherwise, and the most one page holds.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+/// Attempts of a PATCH whose read-modify-write keeps meeting a concurrent write.
+const PATCH_ATTEMPTS: usize = 3;
+
+pub fn router() -> Router<Arc<AppState>> {
+    let router = Router::new()
+        .served(TASK_PATH, get(task_list).delete(task_clear))
+        .served(
+            &format!("{TASK_PATH}/{{*key}}"),
+            get(task_get)
+                .put(task_put)
+                .patch(task_patch)
+                .delete(task_delete),
+        );
+    let router = asset_routes::<false>(router, "/admin/v1/assets/by-name/state-store");
+    asset_routes::<true>(router, "/admin/v1/assets/by-uri/state-store")
+}
+
+fn asset_routes<const BY_URI: bool>(
+    router: Router<Arc<AppState>>,
+    prefix: &str,
+) -> Router<Arc<AppState>> {
+    router
+        .served(
+            prefix,
+            get(asset_list::<BY_URI>).delete(asset_clear::<BY_URI>),
+        )
+        .served(
+            &format!("{prefix}/value"),
+            get(asset_get::<BY_URI>)
+                .put(asset_put::<BY_URI>)
+                .delete(asset_delete::<BY_URI>),
+        )
+}
+
+/// An operator holding the admin token. Checked before anything else of the request is
+/// looked at, with the same 401/403 split as the Execution API.
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, ApiError> {
+        let Some(expected) = app.admin.token.as_deref() else {
+            return Err(ApiError::RouteNotFound);
+        };
+        let presented = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or(ApiError::Auth(AuthError::Missing))?;
+        if same_secret(presented.trim(), expected) {
+            Ok(Admin)
+        } else {
+            metrics::counter!("airstate_admin_auth_failures_total").increment(1);
+            Err(ApiError::Auth(AuthError::Invalid))
+        }
+    }
+}
+
+/// Compares digests rather than the texts, so the time taken depends on neither the
+/// token's length nor how many leading characters a guess got right.
+fn same_secret(presented: &str, expected: &str) -> bool {
+    let a = Sha256::digest(presented.as_bytes());
+    let b = Sha256::digest(expected.as_bytes());
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+fn millis_to_rfc3339(at: EpochMillis) -> Value {
+    chrono::DateTime::from_timestamp_millis(at)
+        .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+        .unwrap_or(Value::Null)
+}
+
+/// An entry's members other than its value.
+fn entry_meta(entry: &Entry, task: bool) -> Value {
+    let mut out = json!({
+        "key": entry.key,
+        "updated_at": millis_to_rfc3339(entry.value.updated_at),
+    });
+    if task {
+        out["expires_at"] = entry
+            .value
+            .expires_at
+            .map(millis_to_rfc3339)
+            .unwrap_or(Value::Null);
+    } else {
+        out["last_updated_by"] = entry
+            .writer
+            .as_ref()
+            .and_then(|w| serde_json::to_value(w).ok())
+            .unwrap_or(Value::Null);
+    }
+    out
+}
+
+fn raw_json_response(body: String) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// An entry as the admin API shows it: the stored JSON text is spliced in untouched, as
+/// the Execution API serves it, so big integers and `1.0` come back as written.
+fn entry_text(entry: &Entry, task: bool) -> String {
+    let meta = entry_meta(entry, task).to_string();
+    format!("{{\"value\":{},{}", entry.value.json, &meta[1..])
+}
+
+/// `map_index` (default -1, as in Airflow), `limit` and `after` from the query.
+struct TaskQuery {
+    map_index: i64,
+    limit: usize,
+    after: Option<String>,
+    all_map_indices: bool,
+}
+
+fn int_issue(name: &str, text: &str) -> ValidationIssue {
+    ValidationIssue::new(
+        "int_parsing",
+        &["query", name],
+        "Input should be a valid integer, unable to parse string as an integer",
+        json!(text),
+    )
+}
+
+fn parse_query(query: Option<&str>) -> Result<TaskQuery, ApiError> {
+    let params = query_params(query);
+    let mut issues = Vec::new();
+    let map_index = match params.get("map_index") {
+        None => -1,
+        Some(text) => match text.parse::<i64>() {
+            Ok(index) if index >= -1 => index,
+            Ok(_) => {
+                issues.push(
+                    ValidationIssue::new(
+                        "greater_than_equal",
+                        &["query", "map_index"],
+                        "Input should be greater than or equal to -1",
+                        json!(text),
+                    )
+                    .with_ctx(json!({"ge": -1})),
+                );
+                -1
+            }
+            Err(_) => {
+                issues.push(int_issue("map_index", text));
+                -1
+            }
+        },
+    };
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit) if (1..=MAX_LIMIT).contains(&limit) => limit,
+            Ok(_) => {
+                issues.push(
+                    ValidationIssue::new(
+                        "less_than_equal",
+                        &["query", "limit"],
+                        format!("Input should be between 1 and {MAX_LIMIT}"),
+                        json!(text),
+                    )
+                    .with_ctx(json!({"ge": 1, "le": MAX_LIMIT})),
+                );
+                DEFAULT_LIMIT
+            }
+            Err(_) => {
+                issues.push(int_issue("limit", text));
+                DEFAULT_LIMIT
+            }
+        },
+    };
+    let all_map_indices = match parse_bool_param(
+        "all_map_indices",
+        params.get("all_map_indices").map(String::as_str),
+    ) {
+        Ok(all) => all,
+        Err(issue) => {
+            issues.push(issue);
+            false
+        }
+    };
+    if !issues.is_empty() {
+        return Err(ApiError::Validation(issues));
+    }
+    Ok(TaskQuery {
+        map_index,
+        limit,
+        after: params.get("after").cloned(),
+        all_map_indices,
+    })
+}
+
+fn task_scope(params: &HashMap<String, String>, map_index: i64) -> Result<TaskScope, ApiError> {
+    let mut issues = Vec::new();
+    let mut part = |name: &str| {
+        let text = params.get(name).cloned().unwrap_or_default();
+        if text.is_empty() || text.chars().count() > 250 {
+            issues.push(
+                ValidationIssue::new(
+                    "string_too_long",
+                    &["path", name],
+                    "String should have between 1 and 250 characters",
+                    json!(text),
+                )
+                .with_ctx(json!({"min_length": 1, "max_length": 250})),
+            );
+        }
+        text
+    };
+    let scope = TaskScope {
+        dag_id: part("dag_id"),
+        run_id: part("run_id"),
+        task_id: part("task_id"),
+        map_index,
+    };
+    if issues.is_empty() {
+        Ok(scope)
+    } else {
+        Err(ApiError::Validation(issues))
+    }
+}
+
+fn path_key(params: &HashMap<String, String>) -> Result<String, ApiError> {
+    let key = params.get("key").cloned().unwrap_or_default();
+    check_key(&key, &["path", "key"])?;
+    Ok(key)
+}
+
+/// Airflow's `max_value_storage_bytes`, measured on the JSON text as stored.
+fn check_size(app: &AppState, value: &str) -> Result<(), ApiError> {
+    let limit = app.admin.max_value_bytes;
+    if limit == 0 || value.len() <= limit {
+        return Ok(());
+    }
+    Err(ValidationIssue::new(
+        "value_error",
+        &["body", "value"],
+        format!(
+            "Value error, the value is {} bytes, over max_value_storage_bytes ({limit})",
+            value.len()
+        ),
+        Value::Null,
+    )
+    .with_ctx(json!({"max_value_storage_bytes": limit}))
+    .into())
+}
+
+/// One page of a sorted listing: entries after the `after` key, and the key to ask for
+/// the next page with (`null` on the last one). Keyed by the last key seen rather than
+/// an offset, so writes between pages never shift or repeat what a caller has read.
+fn page(entries: Vec<Entry>, after: Option<&str>, limit: usize, task: bool) -> Response {
+    let total = entries.len();
+    let start = match after {
+        Some(after) => entries.partition_point(|entry| entry.key.as_str() <= after),
+        None => 0,
+    };
+    let slice = &entries[start..(start + limit).min(total)];
+    let next = (start + limit < total)
+        .then(|| slice.last().map(|entry| entry.key.clone()))
+        .flatten();
+    let mut body = String::from("{\"entries\":[");
+    for (i, entry) in slice.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&entry_text(entry, task));
+    }
+    body.push_str(&format!(
+        "],\"total_entries\":{total},\"next_after\":{}}}",
+        json!(next)
+    ));
+    raw_json_response(body)
+}
+
+async fn task_list(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = parse_query(query.as_deref())?;
+    let scope = task_scope(&params, query.map_index)?;
+    let entries = app.store.list_task(&scope).await?;
+    Ok(page(entries, query.after.as_deref(), query.limit, true))
+}
+
+async fn task_clear(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = parse_query(query.as_deref())?;
+    let scope = task_scope(&params, query.map_index)?;
+    app.store.clear_task(&scope, query.all_map_indices).await?;
+    Ok(no_content())
+}
+
+async fn task_get(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = parse_query(query.as_deref())?;
+    let scope = task_scope(&params, query.map_index)?;
+    let key = path_key(&params)?;
+    match app.store.get_task(&scope, &key).await? {
+        Some(value) => {
+            let entry = Entry {
+                key,
+                value,
+                writer: None,
+            };
+            Ok(raw_json_response(entry_text(&entry, true)))
+        }
+        None => Err(ApiError::TaskKeyNotFound(key)),
+    }
+}
+
+async fn task_put(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let query = parse_query(query.as_deref())?;
+    let scope = task_scope(&params, query.map_index)?;
+    let key = path_key(&params)?;
+    let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, true)?;
+    check_size(&app, parsed.value)?;
+    app.store
+        .put_task(&scope, &key, parsed.value, parsed.expires_at)
+        .await?;
+    Ok(no_content())
+}
+
+/// Changes the members given and keeps the others. The read and the write are tied by
+/// the value's version (If-Match), so a concurrent write is never silently undone.
+async fn task_patch(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let query = parse_query(query.as_deref())?;
+    let scope = task_scope(&params, query.map_index)?;
+    let key = path_key(&params)?;
+    let patch = parse_patch_body(body.content_type.as_deref(), &body.bytes)?;
+    if let Some(value) = patch.value {
+        check_size(&app, value)?;
+    }
+    for _ in 0..PATCH_ATTEMPTS {
+        let Some(current) = app.store.get_task(&scope, &key).await? else {
+            return Err(ApiError::TaskKeyNotFound(key));
+        };
+        let json = patch.value.unwrap_or(&current.json);
+        let expires_at = patch.expires_at.unwrap_or(current.expires_at);
+        let condition = Condition {
+            if_match: Some(Tags::Listed(vec![current.version.clone()])),
+            if_none_match: None,
+        };
+        let written = app
+            .store
+            .put_task_if(&scope, &key, json, expires_at, &condition)
+            .await?;
+        if matches!(written, Written::Applied(_)) {
+            return Ok(no_content());
+        }
+    }
+    Err(ApiError::PreconditionFailed)
+}
+
+async fn task_delete(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = parse_query(query.as_deref())?;
+    let scope = task_scope(&params, query.map_index)?;
+    let key = path_key(&params)?;
+    app.store.delete_task(&scope, &key).await?;
+    Ok(no_content())
+}
+
+async fn asset_of(
+    app: &AppState,
+    by_uri: bool,
+    query: Option<&str>,
+    with_key: bool,
+) -> Result<(AssetKey, Option<String>), ApiError> {
+    let (asset, key) = from_query(By::of(by_uri), query, with_key)?;
+    match app.identity.asset(&asset).await? {
+        Some(found) => Ok((found, key)),
+        None => Err(ApiError::AssetNotFound(asset)),
+    }
+}
+
+async fn asset_list<const BY_URI: bool>(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let paging = parse_query(query.as_deref())?;
+    let (asset, _) = asset_of(&app, BY_URI, query.as_deref(), false).await?;
+    let entries = app.store.list_asset(&asset).await?;
+    Ok(page(entries, paging.after.as_deref(), paging.limit, false))
+}
+
+async fn asset_clear<const BY_URI: bool>(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (asset, _) = asset_of(&app, BY_URI, query.as_deref(), false).await?;
+    app.store.clear_asset(&asset).await?;
+    Ok(no_content())
+}
+
+async fn asset_get<const BY_URI: bool>(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (asset, key) = asset_of(&app, BY_URI, query.as_deref(), true).await?;
+    let key = key.unwrap_or_default();
+    let Some(value) = app.store.get_asset(&asset, &key).await? else {
+        return Err(ApiError::AssetKeyNotFound(key));
+    };
+    let writer = app.store.asset_writer(&asset, &key).await?;
+    let entry = Entry { key, value, writer };
+    Ok(raw_json_response(entry_text(&entry, false)))
+}
+
+async fn asset_put<const BY_URI: bool>(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let (asset, key) = asset_of(&app, BY_URI, query.as_deref(), true).await?;
+    let key = key.unwrap_or_default();
+    let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?;
+    check_size(&app, parsed.value)?;
+    app.store
+        .put_asset(&asset, &key, parsed.value, &Writer::Api)
+        .await?;
+    Ok(no_content())
+}
+
+async fn asset_delete<const BY_URI: bool>(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (asset, key) = asset_of(&app, BY_URI, query.as_deref(), true).await?;
+    app.store
+        .delete_asset(&asset, &key.unwrap_or_default())
+        .await?;
+    Ok(no_content())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_by_content() {
+        assert!(same_secret("a-token", "a-token"));
+        assert!(!same_secret("a-token", "a-tokeN"));
+        assert!(!same_secret("", "a-token"));
+    }
+}

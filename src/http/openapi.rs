@@ -1,0 +1,799 @@
+//! The OpenAPI 3.1 document of the whole HTTP surface, served at `/openapi.json`.
+//!
+//! It is built from [`operations`], and the router registers its paths through
+//! [`Served`], so a test can compare the two: a route added to the router without a
+//! line here (or the other way round) fails `tests/openapi.rs`.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use serde_json::{json, Map, Value};
+
+/// Who may call an operation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    /// Airflow's execution JWT.
+    Execution,
+    /// `AIRSTATE_ADMIN_TOKEN`.
+    Admin,
+}
+
+/// What a successful reply carries.
+#[derive(Clone, Copy)]
+pub enum Reply {
+    /// `{"value": <any JSON>}`, or 304 under `If-None-Match`.
+    Value,
+    /// 204 with an empty body.
+    Empty,
+    /// A bulk read: `{"values", "etags", "missing"}`, or a change stream.
+    Bulk,
+    /// An admin entry or a page of entries.
+    Entry,
+    Page,
+    /// `{"status": ...}`; `/ready` answers 503 when not ready.
+    Status,
+    Text,
+    Document,
+}
+
+#[derive(Clone, Copy)]
+pub enum Body {
+    None,
+    /// `{"value", "expires_at"?}`.
+    TaskPut,
+    /// `{"value"}`.
+    AssetPut,
+    /// `{"value"?, "expires_at"?}`.
+    Patch,
+    /// `{"keys": [...]}`.
+    Keys,
+}
+
+pub struct Operation {
+    pub method: &'static str,
+    /// The axum template (`{*key}` for a key that may hold `/`).
+    pub path: &'static str,
+    pub summary: &'static str,
+    /// Query parameters: (name, required, JSON schema type).
+    pub query: &'static [(&'static str, bool, &'static str)],
+    pub body: Body,
+    pub reply: Reply,
+    pub auth: Auth,
+}
+
+const ASSET_NAME_KEY: &[(&str, bool, &str)] = &[("name", true, "string"), ("key", true, "string")];
+const ASSET_URI_KEY: &[(&str, bool, &str)] = &[("uri", true, "string"), ("key", true, "string")];
+const ASSET_NAME: &[(&str, bool, &str)] = &[("name", true, "string")];
+const ASSET_URI: &[(&str, bool, &str)] = &[("uri", true, "string")];
+// `keys` may be left out only with `Accept: text/event-stream` (a change stream of every key).
+const BULK_NAME: &[(&str, bool, &str)] = &[("name", true, "string"), ("keys", true, "string")];
+const BULK_URI: &[(&str, bool, &str)] = &[("uri", true, "string"), ("keys", true, "string")];
+const MAP_INDEX: &[(&str, bool, &str)] = &[("map_index", false, "integer")];
+const TASK_LIST: &[(&str, bool, &str)] = &[
+    ("map_index", false, "integer"),
+    ("limit", false, "integer"),
+    ("after", false, "string"),
+];
+const TASK_CLEAR: &[(&str, bool, &str)] = &[
+    ("map_index", false, "integer"),
+    ("all_map_indices", false, "boolean"),
+];
+const ASSET_LIST_NAME: &[(&str, bool, &str)] = &[
+    ("name", true, "string"),
+    ("limit", false, "integer"),
+    ("after", false, "string"),
+];
+const ASSET_LIST_URI: &[(&str, bool, &str)] = &[
+    ("uri", true, "string"),
+    ("limit", false, "integer"),
+    ("after", false, "string"),
+];
+const ALL_MAP_INDICES: &[(&str, bool, &str)] = &[("all_map_indices", false, "boolean")];
+
+macro_rules! op {
+    ($method:literal, $path:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
+        Operation {
+            method: $method,
+            path: $path,
+            summary: $summary,
+            query: $query,
+            body: Body::$body,
+            reply: Reply::$reply,
+            auth: Auth::$auth,
+        }
+    };
+}
+
+const TI_KEY: &str = "/execution/store/ti/{task_instance_id}/{*key}";
+const TI_SEED_KEY: &str = "/execution/state/ti/{task_instance_id}/{*key}";
+const ADMIN_TASK: &str =
+    "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store";
+const ADMIN_TASK_KEY: &str =
+    "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store/{*key}";
+
+/// Every operation the router serves (the admin ones only when enabled).
+pub fn operations() -> Vec<Operation> {
+    vec![
+        op!("get", "/health", "Liveness", &[], None, Status, None),
+        op!(
+            "get",
+            "/ready",
+            "Readiness (503 when not ready)",
+            &[],
+            None,
+            Status,
+            None
+        ),
+        op!(
+            "get",
+            "/metrics",
+            "Prometheus metrics",
+            &[],
+            None,
+            Text,
+            None
+        ),
+        op!(
+            "get",
+            "/openapi.json",
+            "This document",
+            &[],
+            None,
+            Document,
+            None
+        ),
+        // Airflow 3.3 Execution API.
+        op!(
+            "get",
+            TI_KEY,
+            "Get a task state key",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "put",
+            TI_KEY,
+            "Set a task state key",
+            &[],
+            TaskPut,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            TI_KEY,
+            "Delete a task state key",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/store/ti/{task_instance_id}",
+            "Clear the task instance's own map index",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/store/ti/{task_instance_id}",
+            "Bulk read (airstate), or a change stream with Accept: text/event-stream",
+            &[("keys", false, "string")],
+            None,
+            Bulk,
+            Execution
+        ),
+        op!(
+            "post",
+            "/execution/store/ti/{task_instance_id}",
+            "Bulk read of many keys (airstate)",
+            &[],
+            Keys,
+            Bulk,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/store/asset/by-name/value",
+            "Get an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "put",
+            "/execution/store/asset/by-name/value",
+            "Set an asset state key",
+            ASSET_NAME_KEY,
+            AssetPut,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/store/asset/by-name/value",
+            "Delete an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/store/asset/by-name/clear",
+            "Clear an asset",
+            ASSET_NAME,
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/store/asset/by-uri/value",
+            "Get an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "put",
+            "/execution/store/asset/by-uri/value",
+            "Set an asset state key",
+            ASSET_URI_KEY,
+            AssetPut,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/store/asset/by-uri/value",
+            "Delete an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/store/asset/by-uri/clear",
+            "Clear an asset",
+            ASSET_URI,
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/store/asset/by-name/values",
+            "Bulk read or change stream (airstate)",
+            BULK_NAME,
+            None,
+            Bulk,
+            Execution
+        ),
+        op!(
+            "post",
+            "/execution/store/asset/by-name/values",
+            "Bulk read (airstate)",
+            ASSET_NAME,
+            Keys,
+            Bulk,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/store/asset/by-uri/values",
+            "Bulk read or change stream (airstate)",
+            BULK_URI,
+            None,
+            Bulk,
+            Execution
+        ),
+        op!(
+            "post",
+            "/execution/store/asset/by-uri/values",
+            "Bulk read (airstate)",
+            ASSET_URI,
+            Keys,
+            Bulk,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/store/ti/{task_instance_id}/",
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "put",
+            "/execution/store/ti/{task_instance_id}/",
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/store/ti/{task_instance_id}/",
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/state/ti/{task_instance_id}/",
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "put",
+            "/execution/state/ti/{task_instance_id}/",
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/state/ti/{task_instance_id}/",
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        // AIP-103's original paths.
+        op!(
+            "get",
+            TI_SEED_KEY,
+            "Get a task state key (AIP-103 path)",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "put",
+            TI_SEED_KEY,
+            "Set a task state key (AIP-103 path)",
+            &[],
+            TaskPut,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            TI_SEED_KEY,
+            "Delete a task state key (AIP-103 path)",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/state/ti/{task_instance_id}",
+            "Clear a map index, or all with all_map_indices (AIP-103 path)",
+            ALL_MAP_INDICES,
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "get",
+            "/execution/state/asset/{name}/{*key}",
+            "Get an asset state key (AIP-103 path)",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        op!(
+            "put",
+            "/execution/state/asset/{name}/{*key}",
+            "Set an asset state key (AIP-103 path)",
+            &[],
+            AssetPut,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/state/asset/{name}/{*key}",
+            "Delete an asset state key (AIP-103 path)",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        op!(
+            "delete",
+            "/execution/state/asset/{name}",
+            "Clear an asset (AIP-103 path)",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        // Admin API.
+        op!(
+            "get",
+            ADMIN_TASK,
+            "List a task scope's keys",
+            TASK_LIST,
+            None,
+            Page,
+            Admin
+        ),
+        op!(
+            "delete",
+            ADMIN_TASK,
+            "Clear a map index, or every one",
+            TASK_CLEAR,
+            None,
+            Empty,
+            Admin
+        ),
+        op!(
+            "get",
+            ADMIN_TASK_KEY,
+            "Get a task state key",
+            MAP_INDEX,
+            None,
+            Entry,
+            Admin
+        ),
+        op!(
+            "put",
+            ADMIN_TASK_KEY,
+            "Set a task state key",
+            MAP_INDEX,
+            TaskPut,
+            Empty,
+            Admin
+        ),
+        op!(
+            "patch",
+            ADMIN_TASK_KEY,
+            "Change a task state key's value or expiry",
+            MAP_INDEX,
+            Patch,
+            Empty,
+            Admin
+        ),
+        op!(
+            "delete",
+            ADMIN_TASK_KEY,
+            "Delete a task state key",
+            MAP_INDEX,
+            None,
+            Empty,
+            Admin
+        ),
+        op!(
+            "get",
+            "/admin/v1/assets/by-name/state-store",
+            "List an asset's keys",
+            ASSET_LIST_NAME,
+            None,
+            Page,
+            Admin
+        ),
+        op!(
+            "delete",
+            "/admin/v1/assets/by-name/state-store",
+            "Clear an asset",
+            ASSET_NAME,
+            None,
+            Empty,
+            Admin
+        ),
+        op!(
+            "get",
+            "/admin/v1/assets/by-name/state-store/value",
+            "Get an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Entry,
+            Admin
+        ),
+        op!(
+            "put",
+            "/admin/v1/assets/by-name/state-store/value",
+            "Set an asset state key",
+            ASSET_NAME_KEY,
+            AssetPut,
+            Empty,
+            Admin
+        ),
+        op!(
+            "delete",
+            "/admin/v1/assets/by-name/state-store/value",
+            "Delete an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Empty,
+            Admin
+        ),
+        op!(
+            "get",
+            "/admin/v1/assets/by-uri/state-store",
+            "List an asset's keys",
+            ASSET_LIST_URI,
+            None,
+            Page,
+            Admin
+        ),
+        op!(
+            "delete",
+            "/admin/v1/assets/by-uri/state-store",
+            "Clear an asset",
+            ASSET_URI,
+            None,
+            Empty,
+            Admin
+        ),
+        op!(
+            "get",
+            "/admin/v1/assets/by-uri/state-store/value",
+            "Get an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Entry,
+            Admin
+        ),
+        op!(
+            "put",
+            "/admin/v1/assets/by-uri/state-store/value",
+            "Set an asset state key",
+            ASSET_URI_KEY,
+            AssetPut,
+            Empty,
+            Admin
+        ),
+        op!(
+            "delete",
+            "/admin/v1/assets/by-uri/state-store/value",
+            "Delete an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Empty,
+            Admin
+        ),
+    ]
+}
+
+/// `{*key}` (axum) is `{key}` in OpenAPI.
+pub fn openapi_path(template: &str) -> String {
+    template.replace("{*", "{")
+}
+
+/// Path templates registered with the router, recorded as it is built.
+#[derive(Default)]
+pub struct Served(Mutex<BTreeSet<String>>);
+
+impl Served {
+    pub fn record(&self, template: &str) {
+        self.0.lock().unwrap().insert(template.to_owned());
+    }
+
+    pub fn paths(&self) -> BTreeSet<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// `Router::route`, recording the path template in [`served`].
+pub trait RouteServed<S> {
+    fn served(self, path: &str, method_router: axum::routing::MethodRouter<S>) -> Self;
+}
+
+impl<S: Clone + Send + Sync + 'static> RouteServed<S> for axum::Router<S> {
+    fn served(self, path: &str, method_router: axum::routing::MethodRouter<S>) -> Self {
+        served().record(path);
+        self.route(path, method_router)
+    }
+}
+
+/// The paths every router built in this process served (for `tests/openapi.rs`).
+pub fn served() -> &'static Served {
+    static SERVED: std::sync::OnceLock<Served> = std::sync::OnceLock::new();
+    SERVED.get_or_init(Served::default)
+}
+
+fn detail() -> Value {
+    json!({"type": "object", "required": ["detail"], "properties": {"detail": {}}})
+}
+
+fn json_content(schema: Value) -> Value {
+    json!({"application/json": {"schema": schema}})
+}
+
+fn entry_schema(task: bool) -> Value {
+    let mut properties = json!({
+        "value": {},
+        "key": {"type": "string"},
+        "updated_at": {"type": "string", "format": "date-time"},
+    });
+    if task {
+        properties["expires_at"] = json!({"type": ["string", "null"], "format": "date-time"});
+    } else {
+        properties["last_updated_by"] = json!({"type": ["object", "null"]});
+    }
+    json!({"type": "object", "required": ["value", "key", "updated_at"], "properties": properties})
+}
+
+fn value_body(expires: bool, value_required: bool) -> Value {
+    let mut properties = json!({"value": {"not": {"type": "null"}}});
+    if expires {
+        properties["expires_at"] = json!({"type": ["string", "number", "null"]});
+    }
+    let mut schema = json!({
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": false,
+    });
+    if value_required {
+        schema["required"] = json!(["value"]);
+    }
+    schema
+}
+
+fn success(op: &Operation) -> (String, Value) {
+    let ok = |schema: Value| json!({"description": "OK", "content": json_content(schema)});
+    match op.reply {
+        Reply::Empty => ("204".into(), json!({"description": "Done; empty body"})),
+        Reply::Value => (
+            "200".into(),
+            ok(json!({"type": "object", "required": ["value"], "properties": {"value": {}}})),
+        ),
+        Reply::Bulk => (
+            "200".into(),
+            json!({"description": "Values, ETags and missing keys; or a text/event-stream",
+                   "content": {"application/json": {"schema": {"type": "object"}},
+                               "text/event-stream": {"schema": {"type": "string"}}}}),
+        ),
+        Reply::Entry => ("200".into(), ok(entry_schema(op.path.contains("/dags/")))),
+        Reply::Page => (
+            "200".into(),
+            ok(json!({
+                "type": "object",
+                "required": ["entries", "total_entries", "next_after"],
+                "properties": {
+                    "entries": {"type": "array", "items": entry_schema(op.path.contains("/dags/"))},
+                    "total_entries": {"type": "integer"},
+                    "next_after": {"type": ["string", "null"]},
+                },
+            })),
+        ),
+        Reply::Status => (
+            "200".into(),
+            ok(
+                json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}),
+            ),
+        ),
+        Reply::Text => (
+            "200".into(),
+            json!({"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}),
+        ),
+        Reply::Document => ("200".into(), ok(json!({"type": "object"}))),
+    }
+}
+
+fn operation(op: &Operation) -> Value {
+    let mut parameters = Vec::new();
+    let path = openapi_path(op.path);
+    for segment in path.split('/') {
+        if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            let schema = match name {
+                "task_instance_id" => json!({"type": "string", "format": "uuid"}),
+                "dag_id" | "run_id" | "task_id" => {
+                    json!({"type": "string", "minLength": 1, "maxLength": 250})
+                }
+                _ => json!({"type": "string", "minLength": 1, "maxLength": 512}),
+            };
+            parameters
+                .push(json!({"name": name, "in": "path", "required": true, "schema": schema}));
+        }
+    }
+    for (name, required, kind) in op.query {
+        parameters.push(
+            json!({"name": name, "in": "query", "required": required, "schema": {"type": kind}}),
+        );
+    }
+    let mut responses = Map::new();
+    let (status, reply) = success(op);
+    responses.insert(status, reply);
+    if matches!(op.reply, Reply::Status) {
+        responses.insert(
+            "503".into(),
+            json!({"description": "Not ready", "content": json_content(detail())}),
+        );
+    }
+    if op.auth != Auth::None {
+        if matches!(op.reply, Reply::Value | Reply::Bulk) {
+            responses.insert(
+                "304".into(),
+                json!({"description": "Not modified (If-None-Match)"}),
+            );
+        }
+        // Every error carries Airflow's `{"detail": ...}`: 400 (bad If-Match), 401, 403,
+        // 404, 412, 413, 422, 503.
+        responses.insert(
+            "default".into(),
+            json!({"description": "An error, as {\"detail\": ...}", "content": json_content(detail())}),
+        );
+    }
+    let mut out = json!({
+        "summary": op.summary,
+        "operationId": format!("{}_{}", op.method, path.trim_start_matches('/').replace(['/', '{', '}', '-', '.'], "_")),
+        "parameters": parameters,
+        "responses": responses,
+    });
+    match op.auth {
+        Auth::None => {}
+        Auth::Execution => out["security"] = json!([{"execution_jwt": []}]),
+        Auth::Admin => out["security"] = json!([{"admin_token": []}]),
+    }
+    let body = match op.body {
+        Body::None => None,
+        Body::TaskPut => Some(value_body(true, true)),
+        Body::AssetPut => Some(value_body(false, true)),
+        Body::Patch => Some(value_body(true, false)),
+        Body::Keys => Some(json!({
+            "type": "object", "required": ["keys"], "additionalProperties": false,
+            "properties": {"keys": {
+                "type": "array", "minItems": 1, "maxItems": 10000,
+                "items": {"type": "string", "minLength": 1, "maxLength": 512},
+            }},
+        })),
+    };
+    if let Some(schema) = body {
+        out["requestBody"] = json!({"required": true, "content": json_content(schema)});
+    }
+    out
+}
+
+/// The document; admin operations are listed only when the admin API is on.
+pub fn document(admin: bool) -> Value {
+    let mut paths = Map::new();
+    for op in operations() {
+        if op.auth == Auth::Admin && !admin {
+            continue;
+        }
+        let item = paths
+            .entry(openapi_path(op.path))
+            .or_insert_with(|| json!({}));
+        item[op.method] = operation(&op);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "airstate",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Apache Airflow's task-state and asset-state Execution API (AIP-103) served from Redis, with airstate's extensions and admin API.",
+        },
+        "paths": paths,
+        "components": {"securitySchemes": {
+            "execution_jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "admin_token": {"type": "http", "scheme": "bearer", "description": "AIRSTATE_ADMIN_TOKEN"},
+        }},
+    })
+}

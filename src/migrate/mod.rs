@@ -1,0 +1,420 @@
+//! Moving state in and out: `airstate export` (Redis -> JSON lines), `airstate import`
+//! (JSON lines -> Redis) and `airstate import --from-metastore` (Airflow's
+//! `task_state_store` / `asset_state_store` tables -> Redis).
+//!
+//! One line per key:
+//!
+//! ```text
+//! {"kind":"task","dag_id":"d","run_id":"r","task_id":"t","map_index":-1,"key":"k","value":<JSON>,"updated_at":"2026-05-01T00:00:00.000Z","expires_at":null}
+//! {"kind":"asset","asset":"42","key":"k","value":<JSON>,"updated_at":"...","last_updated_by":{"kind":"api"}}
+//! ```
+//!
+//! `value` is the stored JSON text, spliced in untouched. `asset` is the store's asset key:
+//! Airflow's integer asset id with the metastore identity. Every write goes through the
+//! store's own operations, so the registry, expiry index and change streams stay right;
+//! versions (ETags) are minted afresh.
+
+pub mod metastore;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::http::body::{check_key, check_value_text};
+use crate::store::redis::{RedisStore, ScopeRef};
+use crate::store::{now_millis, AssetKey, Entry, EpochMillis, StateStore, StoreError, TaskScope};
+use crate::store::{StoredValue, Writer};
+
+/// Keys written at once by an import: enough to hide the round trip, few enough not to
+/// crowd out a live gateway on the same Redis.
+const IMPORT_CONCURRENCY: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A line that cannot be imported; nothing has been written when this is returned.
+    #[error("line {line}: {message}")]
+    Line { line: usize, message: String },
+    #[error("metastore: {0}")]
+    Metastore(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Task,
+    Asset,
+}
+
+/// One line of the format. A flat struct, not a tagged enum: serde's tagged enums buffer
+/// their content, which a `RawValue` (the value's exact text) cannot pass through.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dag_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_index: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset: Option<String>,
+    pub key: String,
+    pub value: Box<RawValue>,
+    pub updated_at: String,
+    /// Tasks only; `null` = never expires.
+    #[serde(default, skip_serializing_if = "skip_expires")]
+    pub expires_at: Option<Option<String>>,
+    /// Assets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_by: Option<Option<Writer>>,
+}
+
+fn skip_expires(value: &Option<Option<String>>) -> bool {
+    value.is_none()
+}
+
+pub fn rfc3339(at: EpochMillis) -> String {
+    chrono::DateTime::from_timestamp_millis(at)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn parse_time(text: &str) -> Result<EpochMillis, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time with an offset: {e}"))
+}
+
+/// What one record writes, validated.
+#[derive(Debug)]
+pub enum Item {
+    Task {
+        scope: TaskScope,
+        key: String,
+        json: String,
+        updated_at: EpochMillis,
+        expires_at: Option<EpochMillis>,
+    },
+    Asset {
+        asset: AssetKey,
+        key: String,
+        json: String,
+        updated_at: EpochMillis,
+        writer: Option<Writer>,
+    },
+}
+
+impl Item {
+    /// Checks a record as strictly as the Execution API checks a request.
+    pub fn from_record(record: Record) -> Result<Item, String> {
+        check_key(&record.key, &["key"]).map_err(|issue| format!("key: {}", issue.msg))?;
+        let json = record.value.get().to_owned();
+        check_value_text(&json).map_err(|message| format!("value: {message}"))?;
+        let updated_at = parse_time(&record.updated_at)?;
+        match record.kind {
+            Kind::Task => {
+                let need = |field: Option<String>, name: &str| {
+                    field
+                        .filter(|text| !text.is_empty())
+                        .ok_or_else(|| format!("a task record needs {name}"))
+                };
+                if record.asset.is_some() || record.last_updated_by.is_some() {
+                    return Err("a task record has no asset or last_updated_by".into());
+                }
+                let scope = TaskScope {
+                    dag_id: need(record.dag_id, "dag_id")?,
+                    run_id: need(record.run_id, "run_id")?,
+                    task_id: need(record.task_id, "task_id")?,
+                    map_index: record
+                        .map_index
+                        .filter(|index| *index >= -1)
+                        .ok_or("a task record needs a map_index of -1 or more")?,
+                };
+                let expires_at = record.expires_at.flatten().as_deref().map(parse_time);
+                Ok(Item::Task {
+                    scope,
+                    key: record.key,
+                    json,
+                    updated_at,
+                    expires_at: expires_at.transpose()?,
+                })
+            }
+            Kind::Asset => {
+                if record.dag_id.is_some()
+                    || record.run_id.is_some()
+                    || record.task_id.is_some()
+                    || record.map_index.is_some()
+                    || record.expires_at.is_some()
+                {
+                    return Err("an asset record has no task fields or expires_at".into());
+                }
+                let asset = record
+                    .asset
+                    .filter(|id| !id.is_empty() && !id.contains(['{', '}']))
+                    .ok_or("an asset record needs an asset (without { or })")?;
+                Ok(Item::Asset {
+                    asset: AssetKey(asset),
+                    key: record.key,
+                    json,
+                    updated_at,
+                    writer: record.last_updated_by.flatten(),
+                })
+            }
+        }
+    }
+
+    fn expires_at(&self) -> Option<EpochMillis> {
+        match self {
+            Item::Task { expires_at, .. } => *expires_at,
+            Item::Asset { .. } => None,
+        }
+    }
+
+    async fn write(&self, store: &dyn StateStore) -> Result<(), StoreError> {
+        match self {
+            Item::Task {
+                scope,
+                key,
+                json,
+                updated_at,
+                expires_at,
+            } => {
+                store
+                    .import_task(scope, key, json, *updated_at, *expires_at)
+                    .await
+            }
+            Item::Asset {
+                asset,
+                key,
+                json,
+                updated_at,
+                writer,
+            } => {
+                store
+                    .import_asset(asset, key, json, *updated_at, writer.as_ref())
+                    .await
+            }
+        }
+    }
+}
+
+/// A progress line on stderr, only when stderr is a terminal, at most a few per second.
+pub struct Progress {
+    verb: &'static str,
+    shown: Option<Instant>,
+    enabled: bool,
+}
+
+impl Progress {
+    pub fn new(verb: &'static str) -> Self {
+        Self {
+            verb,
+            shown: None,
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub fn tick(&mut self, done: usize) {
+        if !self.enabled
+            || self
+                .shown
+                .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+        {
+            return;
+        }
+        self.shown = Some(Instant::now());
+        eprint!("\r{} {done} keys", self.verb);
+    }
+
+    fn finish(&self) {
+        if self.enabled && self.shown.is_some() {
+            eprintln!();
+        }
+    }
+}
+
+/// What an export or import did, for the closing summary line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub task_keys: usize,
+    pub task_scopes: usize,
+    pub asset_keys: usize,
+    pub assets: usize,
+    /// Expired when read (never exported, never imported).
+    pub expired: usize,
+    /// Rows the metastore import could not use (see its warnings).
+    pub invalid: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} task keys in {} task scopes, {} asset keys in {} assets; {} expired skipped, {} invalid skipped",
+            self.task_keys, self.task_scopes, self.asset_keys, self.assets, self.expired, self.invalid
+        )
+    }
+}
+
+fn task_line(scope: &TaskScope, entry: &Entry) -> String {
+    let record = serde_json::json!({
+        "kind": "task",
+        "dag_id": scope.dag_id,
+        "run_id": scope.run_id,
+        "task_id": scope.task_id,
+        "map_index": scope.map_index,
+        "key": entry.key,
+    });
+    let tail = serde_json::json!({
+        "updated_at": rfc3339(entry.value.updated_at),
+        "expires_at": entry.value.expires_at.map(rfc3339),
+    });
+    splice(record, &entry.value, tail)
+}
+
+fn asset_line(asset: &AssetKey, entry: &Entry) -> String {
+    let record = serde_json::json!({"kind": "asset", "asset": asset.0, "key": entry.key});
+    let tail = serde_json::json!({
+        "updated_at": rfc3339(entry.value.updated_at),
+        "last_updated_by": entry.writer,
+    });
+    splice(record, &entry.value, tail)
+}
+
+/// `head` + `"value":<stored text>` + `tail`: the value's text goes out byte for byte.
+fn splice(head: serde_json::Value, value: &StoredValue, tail: serde_json::Value) -> String {
+    let head = head.to_string();
+    let tail = tail.to_string();
+    format!(
+        "{},\"value\":{},{}",
+        &head[..head.len() - 1],
+        value.json,
+        &tail[1..]
+    )
+}
+
+/// Writes every task scope and asset of `store` as JSON lines, scopes in the order of
+/// their Redis key names (so two exports of the same data are byte-identical), keys
+/// sorted within a scope. Only the key names are held in memory; values stream.
+pub async fn export(store: &RedisStore, out: &mut dyn Write) -> Result<Summary, MigrateError> {
+    let mut names = Vec::new();
+    let mut scan = std::pin::pin!(store.scan_scopes());
+    while let Some(name) = scan.next().await {
+        names.push(name?);
+    }
+    names.sort_unstable();
+    names.dedup();
+    let mut summary = Summary::default();
+    let mut progress = Progress::new("exported");
+    for name in names {
+        match store.scope_of_key(&name).await? {
+            None => {}
+            Some(ScopeRef::Task(scopes)) => {
+                for scope in scopes {
+                    let entries = store.list_task(&scope).await?;
+                    if entries.is_empty() {
+                        continue;
+                    }
+                    summary.task_scopes += 1;
+                    for entry in &entries {
+                        writeln!(out, "{}", task_line(&scope, entry))?;
+                        summary.task_keys += 1;
+                    }
+                    progress.tick(summary.task_keys + summary.asset_keys);
+                }
+            }
+            Some(ScopeRef::Asset(asset)) => {
+                let entries = store.list_asset(&asset).await?;
+                if entries.is_empty() {
+                    continue;
+                }
+                summary.assets += 1;
+                for entry in &entries {
+                    writeln!(out, "{}", asset_line(&asset, entry))?;
+                    summary.asset_keys += 1;
+                }
+                progress.tick(summary.task_keys + summary.asset_keys);
+            }
+        }
+    }
+    out.flush()?;
+    progress.finish();
+    Ok(summary)
+}
+
+/// Reads JSON lines and writes them to `store`. Every line is checked before the first
+/// write, so a bad file changes nothing. Importing the same file twice leaves the same
+/// state (each key is an upsert). Keys already expired are skipped.
+pub async fn import(
+    store: Arc<dyn StateStore>,
+    input: &mut dyn BufRead,
+) -> Result<Summary, MigrateError> {
+    let mut items = Vec::new();
+    let mut summary = Summary::default();
+    let now = now_millis();
+    for (index, line) in input.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let failed = |message: String| MigrateError::Line {
+            line: index + 1,
+            message,
+        };
+        let record: Record = serde_json::from_str(&line).map_err(|e| failed(e.to_string()))?;
+        let item = Item::from_record(record).map_err(failed)?;
+        if item.expires_at().is_some_and(|at| at <= now) {
+            summary.expired += 1;
+            continue;
+        }
+        items.push(item);
+    }
+    write_all(store, items, summary).await
+}
+
+/// Writes validated items, counting scopes and keys.
+pub async fn write_all(
+    store: Arc<dyn StateStore>,
+    items: Vec<Item>,
+    mut summary: Summary,
+) -> Result<Summary, MigrateError> {
+    let mut tasks = std::collections::HashSet::new();
+    let mut assets = std::collections::HashSet::new();
+    for item in &items {
+        match item {
+            Item::Task { scope, .. } => {
+                tasks.insert(scope.clone());
+                summary.task_keys += 1;
+            }
+            Item::Asset { asset, .. } => {
+                assets.insert(asset.clone());
+                summary.asset_keys += 1;
+            }
+        }
+    }
+    summary.task_scopes = tasks.len();
+    summary.assets = assets.len();
+    let mut progress = Progress::new("imported");
+    let mut written = futures_util::stream::iter(items.iter())
+        .map(|item| item.write(store.as_ref()))
+        .buffer_unordered(IMPORT_CONCURRENCY);
+    let mut done = 0;
+    while let Some(result) = written.next().await {
+        result?;
+        done += 1;
+        progress.tick(done);
+    }
+    progress.finish();
+    Ok(summary)
+}
