@@ -261,6 +261,26 @@ async fn clear_all_during_a_migration_is_all_or_nothing() {
     }
 }
 
+/// `count` tasks of different DAGs (their slots spread over the three primaries), the
+/// primary serving the first one (the one a test will kill), and which tasks it serves.
+async fn tasks_and_a_victim(
+    cluster: &RedisCluster,
+    gw: &Gateway,
+    count: usize,
+) -> (Vec<Ti>, u16, Vec<usize>) {
+    let mut tis = Vec::new();
+    for _ in 0..count {
+        tis.push(gw.task().await);
+    }
+    let primaries: Vec<u16> = tis
+        .iter()
+        .map(|ti| cluster.primary_of_slot(slot_of_task(cluster, gw, ti)))
+        .collect();
+    let victim = primaries[0];
+    let on_victim = (0..tis.len()).filter(|i| primaries[*i] == victim).collect();
+    (tis, victim, on_victim)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_fails_over_and_confirmed_writes_survive() {
     let _serial = SERIAL.lock().await;
@@ -274,17 +294,7 @@ async fn a_killed_primary_fails_over_and_confirmed_writes_survive() {
         ],
     )
     .await;
-    // Tasks of different DAGs land in slots all over the three primaries.
-    let mut tis = Vec::new();
-    for _ in 0..24 {
-        tis.push(gw.task().await);
-    }
-    let primaries: Vec<u16> = tis
-        .iter()
-        .map(|ti| cluster.primary_of_slot(slot_of_task(&cluster, &gw, ti)))
-        .collect();
-    let victim = primaries[0];
-    let on_victim: Vec<usize> = (0..tis.len()).filter(|i| primaries[*i] == victim).collect();
+    let (tis, victim, on_victim) = tasks_and_a_victim(&cluster, &gw, 24).await;
 
     let load = WriteLoad::start(gw.clone(), tis, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -342,16 +352,7 @@ async fn writes_follow_a_promotion_while_the_old_primary_stays_dead() {
     let _serial = SERIAL.lock().await;
     let mut cluster = RedisCluster::start();
     let gw = gateway_on(&cluster, &[("AIRSTATE_REDIS_TIMEOUT_MS", "1000")]).await;
-    let mut tis = Vec::new();
-    for _ in 0..12 {
-        tis.push(gw.task().await);
-    }
-    let primaries: Vec<u16> = tis
-        .iter()
-        .map(|ti| cluster.primary_of_slot(slot_of_task(&cluster, &gw, ti)))
-        .collect();
-    let victim = primaries[0];
-    let on_victim: Vec<usize> = (0..tis.len()).filter(|i| primaries[*i] == victim).collect();
+    let (tis, victim, on_victim) = tasks_and_a_victim(&cluster, &gw, 12).await;
     let load = WriteLoad::start(gw.clone(), tis, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     cluster.node(victim).stop();
