@@ -8,25 +8,18 @@
 mod common;
 mod gateway;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airstate::store::redis::task_hash_tag;
 use airstate::store::TaskScope;
 use common::{redis_cli, RedisCluster};
 use gateway::load::{quantile, WriteLoad};
-use gateway::{ti_path, unique, Backend, Gateway, Ti};
+use gateway::{ti_path, unique, Gateway, Ti};
 use serde_json::json;
 
 /// These tests each run six Redis servers and time what they see; one at a time keeps
 /// two cores from blurring the figures.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn gateway_on(cluster: &RedisCluster, extra: &[(&str, &str)]) -> Arc<Gateway> {
-    let mut env = vec![("AIRSTATE_REDIS_URL", cluster.url.as_str())];
-    env.extend_from_slice(extra);
-    Arc::new(Gateway::start_with(Backend::Cluster, &env).await)
-}
 
 fn slot_of_task(cluster: &RedisCluster, gw: &Gateway, ti: &Ti) -> u16 {
     let scope = TaskScope {
@@ -141,7 +134,7 @@ async fn resharding_a_slot_under_load_is_transparent() {
     let _serial = SERIAL.lock().await;
     let cluster = RedisCluster::start();
     // The timeout bounds how long a write may wait out the migration of its slot.
-    let gw = gateway_on(&cluster, &[("AIRSTATE_REDIS_TIMEOUT_MS", "5000")]).await;
+    let gw = Gateway::on_redis(&cluster.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "5000")]).await;
     let mut tis = task_with_40_map_indices(&gw, "seed").await;
     let slot = slot_of_task(&cluster, &gw, &tis[0]);
     let target = other_primary(&cluster, slot);
@@ -201,7 +194,7 @@ async fn resharding_a_slot_under_load_is_transparent() {
 async fn clear_all_during_a_migration_is_all_or_nothing() {
     let _serial = SERIAL.lock().await;
     let cluster = RedisCluster::start();
-    let gw = gateway_on(&cluster, &[("AIRSTATE_REDIS_TIMEOUT_MS", "3000")]).await;
+    let gw = Gateway::on_redis(&cluster.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "3000")]).await;
     let tis = task_with_40_map_indices(&gw, "k").await;
     let slot = slot_of_task(&cluster, &gw, &tis[0]);
     let target = other_primary(&cluster, slot);
@@ -285,8 +278,8 @@ async fn tasks_and_a_victim(
 async fn a_killed_primary_fails_over_and_confirmed_writes_survive() {
     let _serial = SERIAL.lock().await;
     let mut cluster = RedisCluster::start();
-    let gw = gateway_on(
-        &cluster,
+    let gw = Gateway::on_redis(
+        &cluster.url,
         &[
             ("AIRSTATE_REDIS_TIMEOUT_MS", "1000"),
             ("AIRSTATE_REDIS_WAIT_REPLICAS", "1"),
@@ -351,7 +344,7 @@ async fn a_killed_primary_fails_over_and_confirmed_writes_survive() {
 async fn writes_follow_a_promotion_while_the_old_primary_stays_dead() {
     let _serial = SERIAL.lock().await;
     let mut cluster = RedisCluster::start();
-    let gw = gateway_on(&cluster, &[("AIRSTATE_REDIS_TIMEOUT_MS", "1000")]).await;
+    let gw = Gateway::on_redis(&cluster.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "1000")]).await;
     let (tis, victim, on_victim) = tasks_and_a_victim(&cluster, &gw, 12).await;
     let load = WriteLoad::start(gw.clone(), tis, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -14,17 +14,11 @@ use airstate::store::redis::task_hash_tag;
 use airstate::store::TaskScope;
 use common::{info_field, redis_cli, RedisServer};
 use gateway::load::{quantile, WriteLoad};
-use gateway::{ti_path, Backend, Gateway, Ti};
+use gateway::{ti_path, Gateway, Ti};
 use serde_json::json;
 
 /// These tests time what they see; one at a time keeps two cores from blurring it.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn gateway_on(url: &str, extra: &[(&str, &str)]) -> Arc<Gateway> {
-    let mut env = vec![("AIRSTATE_REDIS_URL", url)];
-    env.extend_from_slice(extra);
-    Arc::new(Gateway::start_with(Backend::Redis, &env).await)
-}
 
 async fn wait_for_write(gw: &Gateway, ti: &Ti, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -45,7 +39,7 @@ async fn a_restart_with_aof_under_load_loses_no_acknowledged_write() {
     let _serial = SERIAL.lock().await;
     let mut server =
         RedisServer::start_with_args(&["--appendonly", "yes", "--appendfsync", "everysec"]);
-    let gw = gateway_on(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "1000")]).await;
+    let gw = Gateway::on_redis(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "1000")]).await;
     let mut tis = Vec::new();
     for _ in 0..8 {
         tis.push(gw.task().await);
@@ -114,7 +108,7 @@ async fn a_stopped_or_frozen_redis_is_a_503_within_the_timeout() {
     let _serial = SERIAL.lock().await;
     let timeout = Duration::from_millis(500);
     let mut server = RedisServer::start();
-    let gw = gateway_on(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "500")]).await;
+    let gw = Gateway::on_redis(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "500")]).await;
     let ti = gw.task().await;
     assert!(wait_for_write(&gw, &ti, Duration::from_secs(5)).await < timeout);
 
@@ -177,7 +171,7 @@ async fn confirmed_writes_are_on_the_replica_or_refused() {
     let port = primary.port.to_string();
     let mut replica = RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &port]);
     tokio::task::block_in_place(|| wait_replica_synced(replica.port));
-    let confirmed = gateway_on(
+    let confirmed = Gateway::on_redis(
         &primary.url,
         &[
             ("AIRSTATE_REDIS_TIMEOUT_MS", "1000"),
@@ -249,7 +243,8 @@ async fn confirmed_writes_are_on_the_replica_or_refused() {
     let read = confirmed.get(&ti_path(&ti, "k"), &ti.token).await;
     assert_eq!(read.body, json!({"value": "unconfirmed"}));
     // Without the option, the same primary acknowledges at once.
-    let plain = gateway_on(&primary.url, &[("AIRSTATE_KEY_PREFIX", &confirmed.prefix)]).await;
+    let plain =
+        Gateway::on_redis(&primary.url, &[("AIRSTATE_KEY_PREFIX", &confirmed.prefix)]).await;
     let put = plain
         .put(&ti_path(&ti, "k"), &ti.token, json!({"value": "plain"}))
         .await;
@@ -271,7 +266,7 @@ async fn confirmed_writes_are_on_the_replica_or_refused() {
 async fn a_redis_still_loading_its_data_is_a_503_then_serves_it() {
     let _serial = SERIAL.lock().await;
     let mut server = RedisServer::start_with_args(&["--enable-debug-command", "yes"]);
-    let gw = gateway_on(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "500")]).await;
+    let gw = Gateway::on_redis(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "500")]).await;
     let ti = gw.task().await;
     let saved = gw
         .put(

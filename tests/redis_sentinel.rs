@@ -6,12 +6,11 @@
 mod common;
 mod gateway;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{info_field, redis_cli, RedisSentinel};
 use gateway::load::WriteLoad;
-use gateway::{ti_path, Backend, Gateway};
+use gateway::{ti_path, Gateway};
 use serde_json::json;
 
 /// Waits until the replica has applied everything the primary has written so far.
@@ -35,16 +34,7 @@ fn wait_replicated(sentinel: &RedisSentinel) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_is_followed_without_a_restart() {
     let mut sentinel = RedisSentinel::start();
-    let gw = Arc::new(
-        Gateway::start_with(
-            Backend::Redis,
-            &[
-                ("AIRSTATE_REDIS_URL", &sentinel.url),
-                ("AIRSTATE_REDIS_TIMEOUT_MS", "1000"),
-            ],
-        )
-        .await,
-    );
+    let gw = Gateway::on_redis(&sentinel.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "1000")]).await;
     let before = gw.task().await;
     let put = gw
         .put(

@@ -803,11 +803,9 @@ impl RedisStore {
         let deadline = self.command_timeout;
         async move {
             let mut pause = Duration::from_millis(5);
-            loop {
-                let result = attempt().await;
-                command_latency(command).record(started.elapsed().as_secs_f64());
-                match result {
-                    Ok(value) => return Ok(value),
+            // One latency sample per call, retries included: that is what a request waited.
+            let result = loop {
+                match attempt().await {
                     Err(error)
                         if cluster_says_retry(&error) && started.elapsed() + pause < deadline =>
                     {
@@ -816,9 +814,11 @@ impl RedisStore {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(100));
                     }
-                    Err(error) => return Err(count_error(command, classify(error))),
+                    result => break result,
                 }
-            }
+            };
+            command_latency(command).record(started.elapsed().as_secs_f64());
+            result.map_err(|error| count_error(command, classify(error)))
         }
         .instrument(span)
         .await

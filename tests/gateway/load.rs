@@ -107,10 +107,6 @@ impl WriteLoad {
         &self.writers[writer].ti
     }
 
-    pub fn len(&self) -> usize {
-        self.writers.len()
-    }
-
     /// Waits until each of `writers` had a write acknowledged after `since`, or `limit`
     /// passes; returns when the last of them first succeeded, if all did.
     pub async fn wait_for_success_after(

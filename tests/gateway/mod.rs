@@ -151,6 +151,13 @@ impl Gateway {
         }
     }
 
+    /// A gateway on the Redis at `url` (any topology), shareable with load tasks.
+    pub async fn on_redis(url: &str, extra: &[(&str, &str)]) -> Arc<Gateway> {
+        let mut env = vec![("AIRSTATE_REDIS_URL", url)];
+        env.extend_from_slice(extra);
+        Arc::new(Gateway::start_with(Backend::Redis, &env).await)
+    }
+
     /// A fresh task instance (unique dag/run so tests never share state).
     pub async fn task(&self) -> Ti {
         self.task_at(&unique("dag"), &unique("run"), "task", -1)
