@@ -71,6 +71,9 @@ pub struct ExtensionSettings {
     /// A task may use an asset's state only if the metastore registers it as an inlet or
     /// outlet of that asset.
     pub asset_registration_check: bool,
+    /// Change streams on: writes announce their changes (a Redis `PUBLISH` each) and
+    /// `Accept: text/event-stream` reads are served. Off, writes announce nothing.
+    pub change_streams: bool,
     /// Change streams: events buffered per watcher before it is told it lagged.
     pub change_stream_buffer: usize,
     /// Change streams: how often an idle stream gets a keep-alive comment.
@@ -81,6 +84,7 @@ impl Default for ExtensionSettings {
     fn default() -> Self {
         Self {
             asset_registration_check: false,
+            change_streams: true,
             change_stream_buffer: 256,
             change_stream_heartbeat: Duration::from_secs(15),
         }
@@ -199,6 +203,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "AIRSTATE_ASSET_REGISTRATION_CHECK",
         "false",
         "true: a task may use only assets it declares as inlet/outlet",
+    ),
+    (
+        "AIRSTATE_CHANGE_STREAMS",
+        "true",
+        "false: writes publish no change events and streams are refused (406)",
     ),
     (
         "AIRSTATE_CHANGE_STREAM_BUFFER",
@@ -370,6 +379,7 @@ impl Config {
             ));
         }
         let defaults = ExtensionSettings::default();
+        let change_streams = env.parse("AIRSTATE_CHANGE_STREAMS", defaults.change_streams)?;
         let change_stream_buffer = env.parse(
             "AIRSTATE_CHANGE_STREAM_BUFFER",
             defaults.change_stream_buffer,
@@ -392,6 +402,7 @@ impl Config {
         }
         let extensions = ExtensionSettings {
             asset_registration_check,
+            change_streams,
             change_stream_buffer,
             change_stream_heartbeat: Duration::from_secs(heartbeat),
         };
@@ -467,6 +478,10 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
                 ),
                 reconnect: reconnect_pauses(env)?,
                 wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
+                change_events: env.parse(
+                    "AIRSTATE_CHANGE_STREAMS",
+                    ExtensionSettings::default().change_streams,
+                )?,
                 wait_timeout: Duration::from_millis(
                     env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
                 ),
@@ -561,6 +576,7 @@ mod tests {
             ("AIRSTATE_ASSET_REGISTRATION_CHECK", "yes"),
             // Asked for without a metastore to check against.
             ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true"),
+            ("AIRSTATE_CHANGE_STREAMS", "off"),
             ("AIRSTATE_CHANGE_STREAM_BUFFER", "0"),
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
             ("AIRSTATE_ADMIN_TOKEN", "too-short"),

@@ -68,7 +68,10 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let store: Arc<dyn StateStore> = match &config.redis {
         Some(settings) => {
             let store = RedisStore::connect(settings).await?;
-            store.enable_change_streams(settings, buffer).await?;
+            // Off, no subscriber connection is opened either.
+            if config.extensions.change_streams {
+                store.enable_change_streams(settings, buffer).await?;
+            }
             Arc::new(store)
         }
         None => Arc::new(MemoryStore::new().with_event_buffer(buffer)),

@@ -526,3 +526,67 @@ async fn a_lost_subscription_ends_streams_and_redis_down_is_a_503() {
         }
     }
 }
+
+/// `calls` of `PUBLISH` in Redis's command statistics (scripts' calls included).
+fn publishes(port: u16) -> u64 {
+    let stats = common::redis_cli(port, &["INFO", "commandstats"]);
+    common::info_field(&stats, "cmdstat_publish")
+        .and_then(|fields| {
+            let calls = fields.split(',').next()?.strip_prefix("calls=")?;
+            calls.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turned_off_writes_publish_nothing_and_streams_are_406() {
+    let redis = RedisServer::start();
+    let off = Gateway::start_with(
+        Backend::Redis,
+        &[
+            ("AIRSTATE_REDIS_URL", &redis.url),
+            ("AIRSTATE_CHANGE_STREAMS", "false"),
+        ],
+    )
+    .await;
+    let ti = off.task().await;
+    let refused = off
+        .http
+        .get(format!("{}/execution/store/ti/{}", off.base, ti.id))
+        .bearer_auth(&ti.token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 406);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["detail"]["reason"], "change_streams_off", "{body}");
+
+    // Everything Airflow's client does still works, and Redis sees no PUBLISH.
+    let path = ti_path(&ti, "k");
+    assert_eq!(
+        off.put(&path, &ti.token, json!({"value": 1})).await.status,
+        204
+    );
+    assert_eq!(off.get(&path, &ti.token).await.body, json!({"value": 1}));
+    assert_eq!(off.delete(&path, &ti.token).await.status, 204);
+    assert_eq!(
+        off.put(&path, &ti.token, json!({"value": 2})).await.status,
+        204
+    );
+    let clear = format!("/execution/store/ti/{}", ti.id);
+    assert_eq!(off.delete(&clear, &ti.token).await.status, 204);
+    assert_eq!(off.get(&path, &ti.token).await.status, 404);
+    assert_eq!(publishes(redis.port), 0);
+
+    // The same writes through a gateway with streams on (the default) do publish.
+    let on = Gateway::start_with(Backend::Redis, &[("AIRSTATE_REDIS_URL", &redis.url)]).await;
+    let ti = on.task().await;
+    assert_eq!(
+        on.put(&ti_path(&ti, "k"), &ti.token, json!({"value": 1}))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(publishes(redis.port), 1);
+}

@@ -87,6 +87,9 @@ pub enum ApiError {
     /// A malformed extension header (`If-Match`, `If-None-Match`).
     #[error("bad header: {0}")]
     BadHeader(String),
+    /// `Accept: text/event-stream` on a gateway run with `AIRSTATE_CHANGE_STREAMS=false`.
+    #[error("change streams are off")]
+    ChangeStreamsOff,
     /// `If-Match` / `If-None-Match` did not hold; nothing was written.
     #[error("precondition failed")]
     PreconditionFailed,
@@ -237,6 +240,13 @@ impl ApiError {
                 )
             }
             BadHeader(message) => (StatusCode::BAD_REQUEST, json!(message)),
+            ChangeStreamsOff => (
+                StatusCode::NOT_ACCEPTABLE,
+                json!({
+                    "reason": "change_streams_off",
+                    "message": "This gateway serves no change streams (AIRSTATE_CHANGE_STREAMS=false); poll the values instead",
+                }),
+            ),
             PreconditionFailed => (
                 StatusCode::PRECONDITION_FAILED,
                 json!({

@@ -248,6 +248,7 @@ pub async fn task_bulk_get(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if wants_event_stream(&headers) {
+        streams_on(&app)?;
         let filter = key_filter(query.as_deref())?;
         let scope = scope_of(&app, &caller).await?;
         let watch = app.store.watch_task(&scope).await?;
@@ -260,6 +261,14 @@ pub async fn task_bulk_get(
     }
     let keys = keys_from_query(query.as_deref())?;
     task_bulk(&app, &caller, keys).await
+}
+
+fn streams_on(app: &AppState) -> Result<(), ApiError> {
+    if app.extensions.change_streams {
+        Ok(())
+    } else {
+        Err(ApiError::ChangeStreamsOff)
+    }
 }
 
 /// `POST /execution/store/ti/{id}` with `{"keys": [...]}`: any keys, commas included.
@@ -291,6 +300,7 @@ pub async fn asset_bulk_get<const BY_URI: bool>(
 ) -> Result<Response, ApiError> {
     let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
     if wants_event_stream(&headers) {
+        streams_on(&app)?;
         let filter = key_filter(query.as_deref())?;
         let asset = resolve(&app, &claims, asset).await?;
         let watch = app.store.watch_asset(&asset).await?;

@@ -735,7 +735,7 @@ fn operation(op: &Operation) -> Value {
             );
         }
         // Every error carries Airflow's `{"detail": ...}`: 400 (bad If-Match), 401, 403,
-        // 404, 412, 413, 422, 503.
+        // 404, 406 (change streams off), 412, 413, 422, 503.
         responses.insert(
             "default".into(),
             json!({"description": "An error, as {\"detail\": ...}", "content": json_content(detail())}),

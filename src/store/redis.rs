@@ -52,6 +52,9 @@ pub struct RedisSettings {
     /// have it; fewer within `wait_timeout` answers 503.
     pub wait_replicas: u32,
     pub wait_timeout: Duration,
+    /// Whether writes publish change events. Each is one `PUBLISH`, which a Cluster relays
+    /// over its bus to every node whether or not anyone listens.
+    pub change_events: bool,
 }
 
 impl RedisSettings {
@@ -66,6 +69,7 @@ impl RedisSettings {
             reconnect: (Duration::from_millis(50), Duration::from_millis(2000)),
             wait_replicas: 0,
             wait_timeout: Duration::from_millis(500),
+            change_events: true,
         }
     }
 }
@@ -184,6 +188,7 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     url_for_display: String,
     sweeper: Option<tokio::task::JoinHandle<()>>,
+    change_events: bool,
 }
 
 impl Drop for RedisStore {
@@ -309,6 +314,7 @@ impl RedisStore {
             scripts: Arc::new(Scripts::new()),
             url_for_display: redact_url(&settings.url),
             sweeper: None,
+            change_events: settings.change_events,
         };
         for script in store.scripts.all() {
             script.load(store.pool.next()).await.map_err(classify)?;
@@ -327,6 +333,7 @@ impl RedisStore {
             scripts: self.scripts.clone(),
             url_for_display: self.url_for_display.clone(),
             sweeper: None,
+            change_events: self.change_events,
         }
     }
 
@@ -490,7 +497,7 @@ impl RedisStore {
         let (if_match, if_none_match) = condition.to_args();
         // Only writes are published; a purge of expired keys is not a change anyone made.
         let channel = match keys.first() {
-            Some(scope_key) if write.op != PURGE.op => task_channel(scope_key),
+            Some(scope_key) if write.op != PURGE.op => self.announced(task_channel(scope_key)),
             _ => String::new(),
         };
         let args: Vec<Value> = vec![
@@ -552,7 +559,7 @@ impl RedisStore {
             writer.into(),
             if_match.into(),
             if_none_match.into(),
-            self.asset_channel(asset).into(),
+            self.announced(self.asset_channel(asset)).into(),
         ];
         let keys = vec![values, writers];
         let client = self.write_client().await?;
@@ -721,6 +728,16 @@ fn decode_event(message: &str) -> Option<Event> {
 }
 
 impl RedisStore {
+    /// The channel a write publishes its change on: none (`""`, which the scripts skip)
+    /// when change events are off.
+    fn announced(&self, channel: String) -> String {
+        if self.change_events {
+            channel
+        } else {
+            String::new()
+        }
+    }
+
     fn asset_channel(&self, asset: &AssetKey) -> String {
         format!("{}ev:{{a:{}}}", self.prefix, asset.0)
     }
@@ -1112,7 +1129,7 @@ impl StateStore for RedisStore {
         let keys = self.task_keys(scope);
         let script = &self.scripts.task_clear;
         // The script publishes the clear to change streams, atomically with it.
-        let channel = task_channel(&keys.scope);
+        let channel = self.announced(task_channel(&keys.scope));
         if !all_map_indices {
             let args: Vec<Value> = vec![
                 "one".into(),
@@ -1230,7 +1247,7 @@ impl StateStore for RedisStore {
     async fn clear_asset(&self, asset: &AssetKey) -> StoreResult<()> {
         let (values, writers) = self.asset_keys(asset);
         // Both keys share the asset's hash tag, so the script is atomic on a Cluster too.
-        let args: Vec<Value> = vec![self.asset_channel(asset).into()];
+        let args: Vec<Value> = vec![self.announced(self.asset_channel(asset)).into()];
         let keys = vec![values, writers];
         let client = self.write_client().await?;
         let script = &self.scripts.asset_clear;
