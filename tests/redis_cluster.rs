@@ -1,7 +1,8 @@
 //! Redis Cluster promises, on a real cluster of three primaries and three replicas made
 //! by `redis-cli --cluster create`: a slot moving under load is invisible to clients,
 //! clear-all stays all-or-nothing while its slot migrates, and a killed primary fails
-//! over with every WAIT-confirmed write still readable.
+//! over with every WAIT-confirmed write still readable. Also what change events cost on
+//! a Cluster's bus, and that turning them off removes it.
 //!
 //! Run with `--nocapture` to see the figures each test prints.
 
@@ -371,4 +372,47 @@ async fn writes_follow_a_promotion_while_the_old_primary_stays_dead() {
         .nodes
         .iter()
         .all(|n| n.port != victim || !n.is_running()));
+}
+
+/// Publish messages the cluster's nodes have sent each other over the cluster bus.
+fn bus_publishes(cluster: &RedisCluster) -> u64 {
+    cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let info = redis_cli(node.port, &["CLUSTER", "INFO"]);
+            common::info_field(&info, "cluster_stats_messages_publish_sent")
+                .map_or(0, |sent| sent.parse().unwrap())
+        })
+        .sum()
+}
+
+/// Why `AIRSTATE_CHANGE_STREAMS=false` exists: on a Cluster each change event crosses
+/// the bus to every other node, even with nobody watching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_events_cross_the_cluster_bus_only_when_on() {
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let value = json!({"value": "x".repeat(1024)});
+    let mut sent = Vec::new();
+    for streams in ["false", "true"] {
+        let gw = Gateway::on_redis(&cluster.url, &[("AIRSTATE_CHANGE_STREAMS", streams)]).await;
+        let ti = gw.task().await;
+        let before = bus_publishes(&cluster);
+        for i in 0..20 {
+            let put = gw
+                .put(&ti_path(&ti, &format!("k{i}")), &ti.token, value.clone())
+                .await;
+            assert_eq!(put.status, 204, "{put:?}");
+        }
+        sent.push(bus_publishes(&cluster) - before);
+    }
+    println!(
+        "20 writes of 1 KiB on a 3+3 cluster: publish messages over the cluster bus with \
+         change streams off {}, on {}",
+        sent[0], sent[1]
+    );
+    assert_eq!(sent[0], 0, "off: nothing published");
+    // The writing primary relays each PUBLISH to the five other nodes.
+    assert!(sent[1] >= 20 * 5, "on: {} bus messages", sent[1]);
 }
