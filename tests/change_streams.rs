@@ -541,14 +541,7 @@ fn publishes(port: u16) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turned_off_writes_publish_nothing_and_streams_are_406() {
     let redis = RedisServer::start();
-    let off = Gateway::start_with(
-        Backend::Redis,
-        &[
-            ("AIRSTATE_REDIS_URL", &redis.url),
-            ("AIRSTATE_CHANGE_STREAMS", "false"),
-        ],
-    )
-    .await;
+    let off = Gateway::on_redis(&redis.url, &[("AIRSTATE_CHANGE_STREAMS", "false")]).await;
     let ti = off.task().await;
     let refused = off
         .http
@@ -580,7 +573,7 @@ async fn turned_off_writes_publish_nothing_and_streams_are_406() {
     assert_eq!(publishes(redis.port), 0);
 
     // The same writes through a gateway with streams on (the default) do publish.
-    let on = Gateway::start_with(Backend::Redis, &[("AIRSTATE_REDIS_URL", &redis.url)]).await;
+    let on = Gateway::on_redis(&redis.url, &[]).await;
     let ti = on.task().await;
     assert_eq!(
         on.put(&ti_path(&ti, "k"), &ti.token, json!({"value": 1}))

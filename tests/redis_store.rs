@@ -199,14 +199,7 @@ async fn scripts_are_reloaded_after_a_flush() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_a_fast_503_and_the_gateway_recovers() {
     let mut server = RedisServer::start();
-    let gw = Gateway::start_with(
-        Backend::Redis,
-        &[
-            ("AIRSTATE_REDIS_URL", &server.url),
-            ("AIRSTATE_REDIS_TIMEOUT_MS", "500"),
-        ],
-    )
-    .await;
+    let gw = Gateway::on_redis(&server.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "500")]).await;
     let ti = gw.task().await;
     let path = ti_path(&ti, "k");
     assert_eq!(
