@@ -305,8 +305,8 @@ impl Config {
                 })?;
                 let url = postgres_url_from_sqlalchemy(&conn)
                     .map_err(|m| error("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &m))?;
-                url.parse::<tokio_postgres::Config>()
-                    .map_err(|e| error("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &e.to_string()))?;
+                crate::identity::tls::Connection::parse(&url)
+                    .map_err(|m| error("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &m))?;
                 Some(MetastoreSettings {
                     url,
                     pool_size: env.parse("AIRSTATE_METASTORE_POOL_SIZE", 8usize)?,

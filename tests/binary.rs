@@ -193,71 +193,6 @@ async fn embedded_default_serves_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
-/// A CA and a server certificate for 127.0.0.1, made with openssl in `dir`.
-fn private_ca(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("san.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=airstate test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.cnf",
-    ]);
-}
-
 /// A `redis-server` that speaks only TLS; killed on drop.
 struct TlsRedis(std::process::Child);
 
@@ -271,7 +206,7 @@ impl Drop for TlsRedis {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_urls_speak_tls_to_a_server_signed_by_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
-    private_ca(dir.path());
+    common::private_ca(dir.path(), "IP:127.0.0.1,DNS:localhost");
     let port = common::free_port();
     let pem = |name: &str| dir.path().join(name).display().to_string();
     let _redis = TlsRedis(

@@ -11,10 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use moka::future::Cache;
-use tokio_postgres::NoTls;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::tls::Connection;
 use super::{AssetRef, IdentityError, IdentityResolver};
 use crate::auth::Claims;
 use crate::store::{AssetKey, TaskScope};
@@ -75,14 +75,16 @@ pub fn postgres_url_from_sqlalchemy(conn: &str) -> Result<String, String> {
 
 impl MetastoreResolver {
     pub fn new(settings: &MetastoreSettings) -> Result<Self, String> {
-        let config: tokio_postgres::Config = settings
-            .url
-            .parse()
-            .map_err(|e| format!("cannot parse the metastore URL: {e}"))?;
-        let display = describe_config(&config);
+        let connection = Connection::parse(&settings.url)?;
+        let tls = connection.connector()?;
+        let display = format!(
+            "{} ({})",
+            describe_config(&connection.config),
+            connection.describe()
+        );
         let manager = Manager::from_config(
-            config,
-            NoTls,
+            connection.config,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -118,7 +120,7 @@ impl MetastoreResolver {
         dag_id: &str,
         task_id: &str,
     ) -> Result<bool, IdentityError> {
-        let unavailable = |e: &dyn std::fmt::Display| IdentityError::Unavailable(e.to_string());
+        let unavailable = |e: &dyn std::error::Error| IdentityError::Unavailable(explain(e));
         let query = async {
             let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
             let statement = client
@@ -144,7 +146,7 @@ impl MetastoreResolver {
         param: &(dyn tokio_postgres::types::ToSql + Sync),
         read: impl FnOnce(&tokio_postgres::Row) -> T,
     ) -> Result<T, Miss> {
-        let unavailable = |e: &dyn std::fmt::Display| Miss::Unavailable(e.to_string());
+        let unavailable = |e: &dyn std::error::Error| Miss::Unavailable(explain(e));
         let query = async {
             let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
             let statement = client
@@ -175,6 +177,22 @@ where
         .max_capacity(settings.cache_capacity)
         .time_to_live(settings.cache_ttl)
         .build()
+}
+
+/// An error with its causes ("error performing TLS handshake" alone does not say that the
+/// certificate names another host), each said once.
+pub fn explain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let said = inner.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 fn describe_config(config: &tokio_postgres::Config) -> String {
@@ -248,11 +266,11 @@ impl IdentityResolver for MetastoreResolver {
             .pool
             .get()
             .await
-            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+            .map_err(|e| IdentityError::Unavailable(explain(&e)))?;
         client
             .simple_query("SELECT 1")
             .await
-            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+            .map_err(|e| IdentityError::Unavailable(explain(&e)))?;
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! identity claims carried in the token, for running without Airflow's database.
 
 pub mod metastore;
+pub mod tls;
 
 use async_trait::async_trait;
 use serde_json::Value;

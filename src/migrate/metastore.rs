@@ -7,10 +7,11 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use tokio_postgres::NoTls;
 
 use super::{Item, MigrateError, Summary};
 use crate::http::body::{check_key, check_value_text};
+use crate::identity::metastore::explain;
+use crate::identity::tls::Connection;
 use crate::store::{now_millis, AssetKey, StateStore, TaskScope, Writer};
 
 // Times as epoch milliseconds, so no date type crosses the driver.
@@ -32,10 +33,10 @@ pub async fn import(
     store: Arc<dyn StateStore>,
     postgres_url: &str,
 ) -> Result<Summary, MigrateError> {
-    let failed = |e: tokio_postgres::Error| MigrateError::Metastore(e.to_string());
-    let (client, connection) = tokio_postgres::connect(postgres_url, NoTls)
-        .await
-        .map_err(failed)?;
+    let failed = |e: tokio_postgres::Error| MigrateError::Metastore(explain(&e));
+    let target = Connection::parse(postgres_url).map_err(MigrateError::Metastore)?;
+    let tls = target.connector().map_err(MigrateError::Metastore)?;
+    let (client, connection) = target.config.connect(tls).await.map_err(failed)?;
     let connection = tokio::spawn(connection);
     let now = now_millis();
     let mut summary = Summary::default();

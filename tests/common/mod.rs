@@ -551,10 +551,17 @@ fn psql(port: u16, database: &str, args: &[&str]) -> std::process::Output {
 impl Postgres {
     pub fn shared() -> &'static Postgres {
         static SHARED: OnceLock<Postgres> = OnceLock::new();
-        SHARED.get_or_init(Self::boot)
+        SHARED.get_or_init(|| Self::boot(None))
     }
 
-    fn boot() -> Postgres {
+    /// A server that accepts TCP connections over TLS only (`hostssl` in pg_hba.conf),
+    /// with the certificate `server.pem` / `server.key` from `certs`. `plain_url` reaches
+    /// it over its Unix socket, for setting up rows.
+    pub fn tls_only(certs: &Path) -> Postgres {
+        Self::boot(Some(certs))
+    }
+
+    fn boot(tls: Option<&Path>) -> Postgres {
         let dir = kept_temp_dir("airstate-pg-");
         let data = dir.join("data");
         if unsafe { libc::geteuid() } == 0 {
@@ -580,10 +587,32 @@ impl Postgres {
             String::from_utf8_lossy(&output.stderr)
         );
 
+        let mut tls_args = String::new();
+        if let Some(certs) = tls {
+            for name in ["server.pem", "server.key"] {
+                std::fs::copy(certs.join(name), data.join(name)).unwrap();
+            }
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+            // postgres refuses a key others can read, or one it does not own.
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "chmod 600 '{key}' && if [ \"$(id -u)\" = 0 ]; then chown postgres:postgres '{key}' '{cert}'; fi",
+                    key = data.join("server.key").display(),
+                    cert = data.join("server.pem").display()
+                ))
+                .status();
+            assert!(status.is_ok_and(|s| s.success()), "key permissions");
+            tls_args = " -c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key".into();
+        }
         let port = free_port();
         let server = format!(
             "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off",
+             -c synchronous_commit=off -c full_page_writes=off{tls_args}",
             postgres_bin("postgres").display(),
             data.display(),
             dir.display()
@@ -608,10 +637,17 @@ impl Postgres {
             "loading {schema}: {}",
             String::from_utf8_lossy(&loaded.stderr)
         );
+        let plain_url = match tls {
+            None => format!("postgresql://postgres@127.0.0.1:{port}/airflow"),
+            Some(_) => format!(
+                "host={} port={port} user=postgres dbname=airflow",
+                dir.display()
+            ),
+        };
         Postgres {
             port,
             url: format!("postgresql+psycopg2://postgres@127.0.0.1:{port}/airflow"),
-            plain_url: format!("postgresql://postgres@127.0.0.1:{port}/airflow"),
+            plain_url,
         }
     }
 
@@ -730,4 +766,66 @@ impl Drop for ServedBinary {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A CA (`ca.pem`) and a server certificate (`server.pem`, `server.key`) whose
+/// subjectAltName is `san` (e.g. `IP:127.0.0.1,DNS:localhost`), made with openssl in `dir`.
+pub fn private_ca(dir: &Path, san: &str) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    std::fs::write(dir.join("san.cnf"), format!("subjectAltName={san}\n")).unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=airstate test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+    ]);
 }
