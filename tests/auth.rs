@@ -560,3 +560,94 @@ async fn a_remembered_token_still_expires_on_time() {
         (403, json!({"detail": INVALID}))
     );
 }
+
+/// A JWKS served over HTTP that can be replaced, and counts how often it is fetched.
+struct JwksServer {
+    url: String,
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(keys: &[&KeyPair]) -> JwksServer {
+        let body = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let (served, counted) = (body.clone(), fetches.clone());
+        let task = tokio::spawn(async move {
+            let app = axum::Router::new().route(
+                "/jwks.json",
+                axum::routing::get(move || async move {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    served.lock().unwrap().clone()
+                }),
+            );
+            axum::serve(listener, app).await.unwrap();
+        });
+        let server = JwksServer {
+            url,
+            body,
+            fetches,
+            task,
+        };
+        server.serve(keys);
+        server
+    }
+
+    fn serve(&self, keys: &[&KeyPair]) {
+        *self.body.lock().unwrap() = serde_json::to_string(&JwkSet {
+            keys: keys.iter().map(|p| p.public.clone()).collect(),
+        })
+        .unwrap();
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_to_the_jwks_is_trusted_at_once_and_unknown_kids_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = test_pairs(dir.path());
+    let (old, new) = (&pairs[0], &pairs[2]);
+    let jwks = JwksServer::start(&[old]).await;
+    // The periodic re-read (300 s by default) plays no part here.
+    let gw = Gateway::start_with(
+        Backend::Memory,
+        &[("AIRFLOW__API_AUTH__TRUSTED_JWKS_URL", &jwks.url)],
+    )
+    .await;
+    assert_eq!(jwks.fetches(), 1, "read once at startup");
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "k");
+    let claims = claims_for(ti.id);
+
+    // Airflow starts signing with a new key: the first token naming it is accepted.
+    jwks.serve(&[old, new]);
+    let with_new = sign_pair(new, Some(&new.kid), &claims);
+    assert_eq!(gw.get(&path, &with_new).await.status, 404);
+    assert_eq!(jwks.fetches(), 2);
+
+    // Tokens naming kids nobody has are refused, as before, and within 5 s of the last
+    // re-read they cause no other fetch.
+    for i in 0..20 {
+        let made_up = sign_pair(new, Some(&format!("made-up-{i}")), &claims);
+        let refused = gw.get(&path, &made_up).await;
+        assert_eq!(
+            (refused.status, refused.body),
+            (403, json!({"detail": "Invalid auth token"}))
+        );
+    }
+    assert_eq!(jwks.fetches(), 2);
+    let with_old = sign_pair(old, Some(&old.kid), &claims);
+    assert_eq!(gw.get(&path, &with_old).await.status, 404);
+}

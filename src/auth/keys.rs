@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, ThumbprintHash};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
@@ -35,6 +37,47 @@ const ALGORITHM_VAR: &str = "AIRFLOW__API_AUTH__JWT_ALGORITHM";
 
 type KidMap = HashMap<String, (DecodingKey, Algorithm)>;
 
+/// At most one JWKS re-read per this long is caused by tokens with an unknown `kid`, so
+/// made-up kids cannot turn into a flood of fetches.
+const UNKNOWN_KID_REFRESH_GAP: Duration = Duration::from_secs(5);
+/// How long a request with an unknown `kid` waits for that re-read.
+const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(3);
+
+/// Lets a token signed with a key Airflow just added be accepted at once: an unknown
+/// `kid` wakes the refresh task early, and requests carrying it wait for the result.
+#[derive(Default)]
+pub(super) struct EarlyRefresh {
+    wake: Notify,
+    /// Bumped after every refresh attempt, successful or not.
+    attempts: watch::Sender<u64>,
+    /// When an early refresh was last asked for, and the attempt count then.
+    asked: Mutex<Option<(Instant, u64)>>,
+}
+
+impl EarlyRefresh {
+    /// Asks for a refresh (unless one was asked for within the gap and has finished) and
+    /// waits for it; true when one finished in time, so the keys are worth a second look.
+    async fn refresh_for_unknown_kid(&self) -> bool {
+        let mut attempts = self.attempts.subscribe();
+        let now_at = *attempts.borrow_and_update();
+        let wait = {
+            let mut asked = self.asked.lock().unwrap();
+            match *asked {
+                // Asked recently: wait only if that refresh is still running.
+                Some((at, before)) if at.elapsed() < UNKNOWN_KID_REFRESH_GAP => before == now_at,
+                _ => {
+                    *asked = Some((Instant::now(), now_at));
+                    self.wake.notify_one();
+                    true
+                }
+            }
+        };
+        wait && tokio::time::timeout(UNKNOWN_KID_WAIT, attempts.changed())
+            .await
+            .is_ok_and(|changed| changed.is_ok())
+    }
+}
+
 pub(super) enum KeyRing {
     Secret {
         key: DecodingKey,
@@ -47,6 +90,7 @@ pub(super) enum KeyRing {
         jwks_source: Option<String>,
         configured: Option<Algorithm>,
         description: String,
+        early: Arc<EarlyRefresh>,
     },
 }
 
@@ -64,6 +108,7 @@ impl KeyRing {
                     jwks_source: Some(source.clone()),
                     configured: settings.algorithm,
                     description,
+                    early: Arc::default(),
                 },
                 None,
             ));
@@ -131,9 +176,22 @@ impl KeyRing {
             KeyRing::ByKid { keys, .. } => {
                 let kid = header.kid.as_deref().ok_or(AuthError::Invalid)?;
                 let keys = keys.read().unwrap();
-                let (key, algorithm) = keys.get(kid).ok_or(AuthError::Invalid)?;
+                let (key, algorithm) = keys.get(kid).ok_or(AuthError::UnknownKid)?;
                 decode(key, *algorithm)
             }
+        }
+    }
+
+    /// After a token named a `kid` we do not know: re-reads the JWKS now (within limits)
+    /// and says whether the token is worth decoding again.
+    pub(super) async fn refresh_for_unknown_kid(&self) -> bool {
+        match self {
+            KeyRing::ByKid {
+                jwks_source: Some(_),
+                early,
+                ..
+            } => early.refresh_for_unknown_kid().await,
+            _ => false,
         }
     }
 
@@ -142,17 +200,24 @@ impl KeyRing {
             keys,
             jwks_source: Some(source),
             configured,
+            early,
             ..
         } = self
         else {
             return;
         };
-        let (keys, source, configured) = (keys.clone(), source.clone(), *configured);
+        let (keys, source, configured, early) =
+            (keys.clone(), source.clone(), *configured, early.clone());
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.tick().await;
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = early.wake.notified() => {
+                        tracing::info!("a token names an unknown kid: re-reading the JWKS now");
+                    }
+                }
                 let source_for_fetch = source.clone();
                 let fetched =
                     tokio::task::spawn_blocking(move || fetch_jwks(&source_for_fetch, configured))
@@ -164,6 +229,7 @@ impl KeyRing {
                     Ok(Err(error)) => tracing::warn!(%error, "JWKS refresh failed"),
                     Err(error) => tracing::warn!(%error, "JWKS refresh task failed"),
                 }
+                early.attempts.send_modify(|count| *count += 1);
             }
         });
     }
@@ -276,6 +342,7 @@ fn load_private_key(
             jwks_source: None,
             configured: Some(algorithm),
             description,
+            early: Arc::default(),
         },
         Some((encoding, algorithm, kid)),
     ))

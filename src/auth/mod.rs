@@ -58,6 +58,10 @@ pub enum AuthError {
     /// reports the model's message after the prefix.
     #[error("Invalid auth token: {0}")]
     InvalidClaim(String),
+    /// Signed under a `kid` no trusted key has, even after re-reading the JWKS; worded as
+    /// `Invalid` for the client, counted apart in metrics.
+    #[error("Invalid auth token")]
+    UnknownKid,
 }
 
 /// Settings read from Airflow's `[api_auth]` / `[execution_api]` options.
@@ -144,8 +148,12 @@ impl Authenticator {
         self.keys.describe()
     }
 
-    /// Validates an `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Claims>, AuthError> {
+    /// Validates an `Authorization` header value. A token naming a `kid` we do not know
+    /// waits (briefly) for a JWKS re-read, so a key Airflow just added works at once.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<Arc<Claims>, AuthError> {
         let token = authorization
             .and_then(|value| {
                 let (scheme, token) = value.split_once(' ')?;
@@ -167,7 +175,13 @@ impl Authenticator {
             }
             return Err(AuthError::Invalid);
         }
-        let claims = Arc::new(self.verify(token)?);
+        let claims = match self.verify(token) {
+            Err(AuthError::UnknownKid) if self.keys.refresh_for_unknown_kid().await => {
+                self.verify(token)?
+            }
+            outcome => outcome?,
+        };
+        let claims = Arc::new(claims);
         self.verified.insert(token.into(), claims.clone());
         Ok(claims)
     }

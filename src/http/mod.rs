@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::identity::IdentityResolver;
@@ -161,12 +162,17 @@ async fn authenticate(
         .headers()
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
-    let outcome = tracing::info_span!("auth.jwt").in_scope(|| app.auth.authenticate(header));
+    let outcome = app
+        .auth
+        .authenticate(header)
+        .instrument(tracing::info_span!("auth.jwt"))
+        .await;
     if let Err(error) = &outcome {
         let reason = match error {
             AuthError::Missing => "missing",
             AuthError::Invalid => "invalid",
             AuthError::InvalidClaim(_) => "claim",
+            AuthError::UnknownKid => "unknown_kid",
         };
         metrics::counter!("airstate_jwt_failures_total", "reason" => reason).increment(1);
     }
