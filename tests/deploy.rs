@@ -414,6 +414,29 @@ fn a_private_signing_key_is_mounted_from_its_secret() {
         (mount["mountPath"].as_str(), mount["readOnly"].as_bool()),
         (Some("/etc/airstate/jwt"), Some(true))
     );
+    // extraVolumes / extraVolumeMounts come after the chart's own.
+    assert_eq!(pod["volumes"][1]["configMap"]["name"], "metastore-ca");
+    let extra = &pod["containers"][0]["volumeMounts"][1];
+    assert_eq!(extra["mountPath"], "/etc/airstate/ca");
+    // Without the private key, the extra ones stand alone.
+    let documents = yaml_documents(
+        &render(
+            "defaults-values.yaml",
+            &[
+                "extraVolumes[0].name=ca",
+                "extraVolumes[0].secret.secretName=ca",
+                "extraVolumeMounts[0].name=ca",
+                "extraVolumeMounts[0].mountPath=/etc/airstate/ca",
+            ],
+        )
+        .unwrap(),
+    );
+    let pod = &find(&documents, "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"], "ca");
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/etc/airstate/ca"
+    );
 }
 
 #[test]
