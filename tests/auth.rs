@@ -651,3 +651,45 @@ async fn a_key_added_to_the_jwks_is_trusted_at_once_and_unknown_kids_are_rate_li
     let with_old = sign_pair(old, Some(&old.kid), &claims);
     assert_eq!(gw.get(&path, &with_old).await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_withdrawn_from_the_jwks_stops_its_remembered_tokens_at_the_next_reread() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = test_pairs(dir.path());
+    let (old, new) = (&pairs[0], &pairs[2]);
+    let jwks = JwksServer::start(&[old, new]).await;
+    let gw = Gateway::start_with(
+        Backend::Memory,
+        &[
+            ("AIRFLOW__API_AUTH__TRUSTED_JWKS_URL", &jwks.url),
+            ("AIRSTATE_JWKS_REFRESH_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "k");
+    let claims = claims_for(ti.id);
+    let with_old = sign_pair(old, Some(&old.kid), &claims);
+    let with_new = sign_pair(new, Some(&new.kid), &claims);
+    // Verified, and so remembered (for up to 30 s).
+    assert_eq!(gw.get(&path, &with_old).await.status, 404);
+    assert_eq!(gw.get(&path, &with_new).await.status, 404);
+
+    // Airflow withdraws the old key: once the JWKS is re-read, its tokens are refused,
+    // remembered or not, while the other key's tokens keep working.
+    jwks.serve(&[new]);
+    let fetched = jwks.fetches();
+    // The refresher fetches one after another, applying each result before the next: once
+    // a second fetch has started, the first one after `serve` has been applied.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while jwks.fetches() < fetched + 2 {
+        assert!(std::time::Instant::now() < deadline, "no JWKS re-read");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let refused = gw.get(&path, &with_old).await;
+    assert_eq!(
+        (refused.status, refused.body),
+        (403, json!({"detail": "Invalid auth token"}))
+    );
+    assert_eq!(gw.get(&path, &with_new).await.status, 404);
+}

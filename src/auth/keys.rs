@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,9 @@ pub(super) enum KeyRing {
         configured: Option<Algorithm>,
         description: String,
         early: Arc<EarlyRefresh>,
+        /// Bumped whenever a re-read drops a `kid`: tokens verified before then under
+        /// that key must be verified again.
+        removals: Arc<AtomicU64>,
     },
 }
 
@@ -109,6 +113,7 @@ impl KeyRing {
                     configured: settings.algorithm,
                     description,
                     early: Arc::default(),
+                    removals: Arc::default(),
                 },
                 None,
             ));
@@ -182,6 +187,15 @@ impl KeyRing {
         }
     }
 
+    /// Changes when trusted keys are withdrawn; a remembered verification from before a
+    /// change no longer counts.
+    pub(super) fn removals(&self) -> u64 {
+        match self {
+            KeyRing::ByKid { removals, .. } => removals.load(Ordering::Acquire),
+            KeyRing::Secret { .. } => 0,
+        }
+    }
+
     /// After a token named a `kid` we do not know: re-reads the JWKS now (within limits)
     /// and says whether the token is worth decoding again.
     pub(super) async fn refresh_for_unknown_kid(&self) -> bool {
@@ -201,13 +215,19 @@ impl KeyRing {
             jwks_source: Some(source),
             configured,
             early,
+            removals,
             ..
         } = self
         else {
             return;
         };
-        let (keys, source, configured, early) =
-            (keys.clone(), source.clone(), *configured, early.clone());
+        let (keys, source, configured, early, removals) = (
+            keys.clone(),
+            source.clone(),
+            *configured,
+            early.clone(),
+            removals.clone(),
+        );
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.tick().await;
@@ -223,7 +243,17 @@ impl KeyRing {
                     tokio::task::spawn_blocking(move || fetch_jwks(&source_for_fetch, configured))
                         .await;
                 match fetched {
-                    Ok(Ok(fresh)) => *keys.write().unwrap() = fresh,
+                    Ok(Ok(fresh)) => {
+                        let mut trusted = keys.write().unwrap();
+                        let withdrawn = trusted.keys().any(|kid| !fresh.contains_key(kid));
+                        *trusted = fresh;
+                        if withdrawn {
+                            tracing::info!(
+                                "a key left the JWKS: its tokens are refused from now on"
+                            );
+                            removals.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
                     // Keep serving with the keys we have: a JWKS outage must not lock out
                     // every worker.
                     Ok(Err(error)) => tracing::warn!(%error, "JWKS refresh failed"),
@@ -343,6 +373,7 @@ fn load_private_key(
             configured: Some(algorithm),
             description,
             early: Arc::default(),
+            removals: Arc::default(),
         },
         Some((encoding, algorithm, kid)),
     ))

@@ -87,8 +87,7 @@ struct Signer {
 }
 
 /// How long a verified token is remembered. Its own `exp`/`nbf` are still checked on
-/// every use; this only bounds how long a key dropped from a JWKS keeps vouching for
-/// tokens it signed.
+/// every use, and a key leaving the JWKS voids what it vouched for at that re-read.
 const VERIFIED_TTL: Duration = Duration::from_secs(30);
 const VERIFIED_CAPACITY: u64 = 100_000;
 
@@ -96,7 +95,8 @@ pub struct Authenticator {
     keys: KeyRing,
     /// Tokens whose signature and claims already checked out: a worker sends the same
     /// token for minutes, so the signature and JSON work is done once, not per request.
-    verified: moka::sync::Cache<Box<str>, Arc<Claims>>,
+    /// Each entry remembers the key ring's removal count when it was verified.
+    verified: moka::sync::Cache<Box<str>, (Arc<Claims>, u64)>,
     leeway: i64,
     validation: Validation,
     signer: Option<Signer>,
@@ -161,7 +161,12 @@ impl Authenticator {
             })
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::Missing)?;
-        if let Some(claims) = self.verified.get(token) {
+        let removals = self.keys.removals();
+        if let Some((claims, _)) = self
+            .verified
+            .get(token)
+            .filter(|(_, verified_at)| *verified_at == removals)
+        {
             let now = chrono::Utc::now().timestamp();
             let not_before = claims
                 .all
@@ -182,7 +187,8 @@ impl Authenticator {
             outcome => outcome?,
         };
         let claims = Arc::new(claims);
-        self.verified.insert(token.into(), claims.clone());
+        self.verified
+            .insert(token.into(), (claims.clone(), removals));
         Ok(claims)
     }
 
