@@ -379,7 +379,7 @@ impl Config {
             ));
         }
         let defaults = ExtensionSettings::default();
-        let change_streams = env.parse("AIRSTATE_CHANGE_STREAMS", defaults.change_streams)?;
+        let change_streams = change_streams(&env)?;
         let change_stream_buffer = env.parse(
             "AIRSTATE_CHANGE_STREAM_BUFFER",
             defaults.change_stream_buffer,
@@ -478,16 +478,22 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
                 ),
                 reconnect: reconnect_pauses(env)?,
                 wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
-                change_events: env.parse(
-                    "AIRSTATE_CHANGE_STREAMS",
-                    ExtensionSettings::default().change_streams,
-                )?,
+                change_events: change_streams(env)?,
                 wait_timeout: Duration::from_millis(
                     env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
                 ),
             })
         }
     })
+}
+
+/// `AIRSTATE_CHANGE_STREAMS`: read for the HTTP layer (streams served or 406) and for the
+/// Redis store (writes publish or not), including in `airstate import`.
+fn change_streams(env: &Env) -> Result<bool, ConfigError> {
+    env.parse(
+        "AIRSTATE_CHANGE_STREAMS",
+        ExtensionSettings::default().change_streams,
+    )
 }
 
 /// The reconnect backoff: exponential from the first pause to the longest, retried for
