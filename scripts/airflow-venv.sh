@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Makes (once) a virtualenv holding the real Apache Airflow 3.3.2 with PostgreSQL support,
+# pytest, and the airstate-airflow package from python/ installed editable, and prints its
+# python's path on the last line. It lives outside the work tree
+# (${AIRSTATE_CACHE_DIR:-~/.cache/airstate}) so that every clone and CI run on this
+# machine reuses it; delete the folder to rebuild it.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cache="${AIRSTATE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/airstate}"
+venv="${1:-$cache/airflow-3.3.2-venv}"
+python="$venv/bin/python"
+if ! [ -x "$python" ] || ! "$python" -c 'import airflow.state, psycopg2, pytest' >/dev/null 2>&1; then
+  mkdir -p "$(dirname "$venv")"
+  python3 -m venv "$venv" >&2
+  "$python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+  "$python" -m pip install --quiet --disable-pip-version-check \
+    'apache-airflow[postgres]==3.3.2' 'pytest>=8,<9' >&2
+  "$python" -c 'import airflow.state, psycopg2, pytest' >&2
+fi
+# The backend package is installed from this clone each time (cheap: editable, no deps).
+if [ -d "$root/python/airstate-airflow" ]; then
+  "$python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+    -e "$root/python/airstate-airflow" >&2
+fi
+echo "$python"
