@@ -158,10 +158,10 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            task_write: Script::from_lua(include_str!("../../lua/task_write.lua")),
-            task_clear: Script::from_lua(include_str!("../../lua/task_clear.lua")),
-            asset_write: Script::from_lua(include_str!("../../lua/asset_write.lua")),
-            asset_clear: Script::from_lua(include_str!("../../lua/asset_clear.lua")),
+            task_write: Script::from_lua(include_str!("../../../lua/task_write.lua")),
+            task_clear: Script::from_lua(include_str!("../../../lua/task_clear.lua")),
+            asset_write: Script::from_lua(include_str!("../../../lua/asset_write.lua")),
+            asset_clear: Script::from_lua(include_str!("../../../lua/asset_clear.lua")),
             events: EventHub::new(DEFAULT_EVENT_BUFFER),
         }
     }
