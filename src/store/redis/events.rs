@@ -1,0 +1,146 @@
+//! Change streams on Redis pub/sub: channel names, and the subscriber side.
+
+use fred::prelude::*;
+
+use super::super::events::{parse_message, Change, Event, EventHub, RedisSubscriptions, Watch};
+use super::super::{AssetKey, StoreError, StoreResult, TaskScope};
+use super::call::millis_u32;
+use super::codec::decode;
+use super::url::client_config;
+use super::{RedisSettings, RedisStore};
+
+/// The change channel of a task: `<prefix>ev:{t:<digest>}`, shared by its map indices.
+/// Derived from a scope key (`<prefix>{t:<digest>}:<map_index>`), so purges and writes
+/// need no extra arguments.
+pub(super) fn task_channel(scope_key: &str) -> String {
+    match scope_key.rfind("{t:") {
+        Some(tag) => {
+            let base = scope_key
+                .rsplit_once(':')
+                .map_or(scope_key, |(base, _)| base);
+            format!("{}ev:{}", &scope_key[..tag], &base[tag..])
+        }
+        None => String::new(),
+    }
+}
+
+/// A published change message (see `events::parse_message`) as an event.
+pub(super) fn decode_event(message: &str) -> Option<Event> {
+    let (map_index, op, key, rest) = parse_message(message)?;
+    let change = match op {
+        's' => {
+            let value = decode(rest.to_owned()).ok()?;
+            Change::Set {
+                key: key?.to_owned(),
+                json: value.json,
+                version: value.version,
+            }
+        }
+        'd' => Change::Delete {
+            key: key?.to_owned(),
+        },
+        'c' => Change::Clear,
+        _ => return None,
+    };
+    Some(Event { map_index, change })
+}
+
+impl RedisStore {
+    /// The channel a write publishes its change on: none (`""`, which the scripts skip)
+    /// when change events are off.
+    pub(super) fn announced(&self, channel: String) -> String {
+        if self.change_events {
+            channel
+        } else {
+            String::new()
+        }
+    }
+
+    pub(super) fn asset_channel(&self, asset: &AssetKey) -> String {
+        format!("{}ev:{{a:{}}}", self.prefix, asset.0)
+    }
+
+    /// Starts the change streams: one subscriber connection, its buffers `buffer` events
+    /// per watcher. Until called, watching is refused (writes publish regardless).
+    pub async fn enable_change_streams(
+        &self,
+        settings: &RedisSettings,
+        buffer: usize,
+    ) -> StoreResult<()> {
+        let config = client_config(&settings.url)
+            .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
+        let timeout = settings.command_timeout;
+        let (first_pause, longest_pause) = settings.reconnect;
+        let subscriber = Builder::from_config(config)
+            .with_performance_config(|perf| perf.default_command_timeout = timeout)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = timeout;
+                conn.internal_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                millis_u32(first_pause),
+                millis_u32(longest_pause),
+                2,
+            ))
+            .build_subscriber_client()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        subscriber
+            .init()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.scripts.events.set_capacity(buffer);
+        RedisSubscriptions::spawn(subscriber, self.scripts.events.clone(), decode_event);
+        Ok(())
+    }
+
+    pub(super) fn hub(&self) -> StoreResult<&EventHub> {
+        let hub = &self.scripts.events;
+        if hub.has_upstream() {
+            Ok(hub)
+        } else {
+            Err(StoreError::Internal(
+                "change streams are not started".into(),
+            ))
+        }
+    }
+
+    pub(super) async fn watch_task(&self, scope: &TaskScope) -> StoreResult<Watch> {
+        let keys = self.task_keys(scope);
+        self.hub()?
+            .watch(task_channel(&keys.scope), Some(scope.map_index))
+            .await
+    }
+
+    pub(super) async fn watch_asset(&self, asset: &AssetKey) -> StoreResult<Watch> {
+        self.hub()?.watch(self.asset_channel(asset), None).await
+    }
+
+    pub(super) fn close_watches(&self) {
+        self.scripts.events.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::codec::encode;
+    use super::*;
+
+    #[test]
+    fn change_channels_and_events() {
+        assert_eq!(task_channel("p:{t:ab12}:-1"), "p:ev:{t:ab12}");
+        assert_eq!(task_channel("{t:ab12}:3"), "ev:{t:ab12}");
+        let set = decode_event(&format!("s-1:3:k:v{}", encode("1.0", 5, "0a", None))).unwrap();
+        assert_eq!(set.map_index, Some(-1));
+        assert_eq!(
+            set.change,
+            Change::Set {
+                key: "k:v".into(),
+                json: "1.0".into(),
+                version: "0a".into()
+            }
+        );
+        assert_eq!(decode_event("c:").unwrap().change, Change::Clear);
+        assert_eq!(decode_event("x:"), None);
+    }
+}

@@ -1,0 +1,95 @@
+//! What `airstate export` walks: SCAN over the keyspace, never on a request path.
+
+use fred::prelude::*;
+
+use super::super::{AssetKey, StoreError, StoreResult, TaskScope};
+use super::call::classify;
+use super::RedisStore;
+
+/// What `airstate export` walks: every task scope and asset holding state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeRef {
+    /// Every map index of one task, read from its registry.
+    Task(Vec<TaskScope>),
+    Asset(AssetKey),
+}
+
+impl RedisStore {
+    /// Every task registry and asset value hash under this store's prefix, as found by
+    /// SCAN on every primary of a Cluster (one server otherwise). Only for offline tools:
+    /// a keyspace scan never runs on a request path. Keys written while it runs may or may
+    /// not be seen, as SCAN guarantees.
+    pub fn scan_scopes(
+        &self,
+    ) -> impl futures_util::Stream<Item = StoreResult<String>> + Send + 'static {
+        use futures_util::StreamExt;
+        let prefix = glob_escape(&self.prefix);
+        let client = self.pool.next().clone();
+        let clustered = client.is_clustered();
+        let streams = ["{t:*}:r", "{a:*}:v"].map(|suffix| {
+            let pattern = format!("{prefix}{suffix}");
+            if clustered {
+                client
+                    .scan_cluster_buffered(pattern, Some(500), None)
+                    .boxed()
+            } else {
+                client.scan_buffered(pattern, Some(500), None).boxed()
+            }
+        });
+        futures_util::stream::iter(streams).flatten().map(|key| {
+            key.map_err(classify).and_then(|key| {
+                key.into_string()
+                    .ok_or_else(|| StoreError::Internal("a key that is not UTF-8".into()))
+            })
+        })
+    }
+
+    /// What one key found by [`scan_scopes`](Self::scan_scopes) holds; `None` for a
+    /// registry gone since the scan saw it.
+    pub async fn scope_of_key(&self, key: &str) -> StoreResult<Option<ScopeRef>> {
+        let tail = key.strip_prefix(self.prefix.as_str()).unwrap_or(key);
+        if let Some(asset) = tail
+            .strip_prefix("{a:")
+            .and_then(|rest| rest.strip_suffix("}:v"))
+        {
+            return Ok(Some(ScopeRef::Asset(AssetKey(asset.to_owned()))));
+        }
+        let fields: std::collections::HashMap<String, String> =
+            self.call("hgetall", || self.pool.hgetall(key)).await?;
+        let (Some(dag_id), Some(run_id), Some(task_id)) = (
+            fields.get("dag_id"),
+            fields.get("run_id"),
+            fields.get("task_id"),
+        ) else {
+            return Ok(None);
+        };
+        let mut indices: Vec<i64> = fields
+            .keys()
+            .filter_map(|field| field.strip_prefix('m')?.parse().ok())
+            .collect();
+        indices.sort_unstable();
+        Ok(Some(ScopeRef::Task(
+            indices
+                .into_iter()
+                .map(|map_index| TaskScope {
+                    dag_id: dag_id.clone(),
+                    run_id: run_id.clone(),
+                    task_id: task_id.clone(),
+                    map_index,
+                })
+                .collect(),
+        )))
+    }
+}
+
+/// A literal for a SCAN MATCH pattern: the prefix is the operator's text.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,88 @@
+//! The sweeper: reclaims expired keys that key-level expiry cannot free.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+use super::super::{now_millis, Condition, StoreResult};
+use super::call::classify;
+use super::task::PURGE;
+use super::RedisStore;
+
+/// The sweep index is split in shards with their own hash tags, so that on a Cluster it
+/// spreads over several nodes instead of making one slot hot.
+pub(super) const SWEEP_SHARDS: u8 = 16;
+/// Scopes purged per shard and pass; bounds the work of one pass.
+pub(super) const SWEEP_BATCH: i64 = 200;
+
+impl RedisStore {
+    pub(super) fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.share();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(error) = store.sweep_once().await {
+                    tracing::debug!(%error, "expiry sweep failed; retrying next pass");
+                }
+            }
+        })
+    }
+
+    pub(super) fn sweep_shard(&self, digest: &str) -> String {
+        let shard = u8::from_str_radix(&digest[..2], 16).unwrap_or(0) % SWEEP_SHARDS;
+        format!("{}{{sweep:{shard}}}", self.prefix)
+    }
+
+    /// Reclaims expired keys of scopes that mix expiring and permanent keys (the scopes
+    /// key-level expiry cannot free), walking the sweep index rather than the keyspace.
+    /// Every replica may run it; the purge is idempotent. Returns the scopes purged.
+    pub async fn sweep_once(&self) -> StoreResult<usize> {
+        let now = now_millis();
+        let mut purged = 0;
+        for shard in 0..SWEEP_SHARDS {
+            let index = format!("{}{{sweep:{shard}}}", self.prefix);
+            let due: Vec<String> = self
+                .pool
+                .zrangebyscore(&index, "-inf", now, false, Some((0, SWEEP_BATCH)))
+                .await
+                .map_err(classify)?;
+            for scope_key in due {
+                let Some((base, map_index)) = scope_key.rsplit_once(':') else {
+                    continue;
+                };
+                let keys = vec![
+                    scope_key.clone(),
+                    format!("{scope_key}:x"),
+                    format!("{base}:r"),
+                ];
+                let (_, next) = self
+                    .run_task_write(keys, PURGE, map_index, ["", "", ""], &Condition::NONE)
+                    .await?;
+                if next > 0 {
+                    let _: i64 = self
+                        .pool
+                        .zadd(
+                            &index,
+                            None,
+                            None,
+                            false,
+                            false,
+                            (next as f64, scope_key.as_str()),
+                        )
+                        .await
+                        .map_err(classify)?;
+                } else {
+                    let _: i64 = self
+                        .pool
+                        .zrem(&index, scope_key.as_str())
+                        .await
+                        .map_err(classify)?;
+                }
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+}

@@ -1,0 +1,366 @@
+//! Task state: one hash per (task, map index), written by `task_write.lua`.
+
+use fred::prelude::*;
+use fred::types::sorted_sets::Ordering;
+use sha2::{Digest, Sha256};
+
+use super::super::version::new_version;
+use super::super::{
+    now_millis, Condition, Entry, EpochMillis, StoreError, StoreResult, StoredValue, TaskScope,
+    Written,
+};
+use super::call::{classify, WriteClient};
+use super::codec::{decode, encode, pairs};
+use super::events::task_channel;
+use super::{written, RedisStore};
+
+/// Reads of the registry before a clear-all gives up on a task still gaining map indices.
+pub(super) const CLEAR_ALL_ATTEMPTS: usize = 5;
+
+/// Key names of one task scope.
+pub(super) struct TaskKeys {
+    pub(super) digest: String,
+    /// `<prefix>{t:<digest>}:`; the scope hash of map index `i` is `base + i`.
+    pub(super) base: String,
+    pub(super) scope: String,
+    pub(super) expiry: String,
+    pub(super) registry: String,
+}
+
+/// The hash-tagged name every key of a task shares, whatever its map index; its Cluster
+/// hash slot is the task's slot. For tools and tests that look at Redis directly.
+pub fn task_hash_tag(prefix: &str, scope: &TaskScope) -> String {
+    format!("{prefix}{{t:{}}}", task_digest(scope))
+}
+
+/// A digest of the length-prefixed (dag_id, run_id, task_id): safe in a hash tag whatever
+/// characters the ids hold (a `}` would end the tag early).
+pub(super) fn task_digest(scope: &TaskScope) -> String {
+    let mut hasher = Sha256::new();
+    for part in [&scope.dag_id, &scope.run_id, &scope.task_id] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// One step of `task_write.lua`.
+pub(super) struct Write<'a> {
+    op: &'a str,
+    key: &'a str,
+    encoded: &'a str,
+    expires_at: Option<EpochMillis>,
+}
+
+/// A purge: no key is written, only expired ones are reclaimed.
+pub(super) const PURGE: Write<'static> = Write {
+    op: "purge",
+    key: "",
+    encoded: "",
+    expires_at: None,
+};
+
+impl RedisStore {
+    pub(super) fn task_keys(&self, scope: &TaskScope) -> TaskKeys {
+        let digest = task_digest(scope);
+        let base = format!("{}{{t:{digest}}}:", self.prefix);
+        let scope_key = format!("{base}{}", scope.map_index);
+        TaskKeys {
+            expiry: format!("{scope_key}:x"),
+            registry: format!("{base}r"),
+            scope: scope_key,
+            base,
+            digest,
+        }
+    }
+
+    pub(super) async fn task_write(
+        &self,
+        scope: &TaskScope,
+        op: &str,
+        key: &str,
+        encoded: &str,
+        expires_at: Option<EpochMillis>,
+        condition: &Condition,
+    ) -> StoreResult<bool> {
+        let keys = self.task_keys(scope);
+        let keys = vec![keys.scope, keys.expiry, keys.registry];
+        let write = Write {
+            op,
+            key,
+            encoded,
+            expires_at,
+        };
+        let identity = [
+            scope.dag_id.as_str(),
+            scope.run_id.as_str(),
+            scope.task_id.as_str(),
+        ];
+        let (fields, next) = self
+            .run_task_write(
+                keys,
+                write,
+                &scope.map_index.to_string(),
+                identity,
+                condition,
+            )
+            .await?;
+        if fields < 0 {
+            return Ok(false);
+        }
+        if next > 0 {
+            // Only scopes mixing permanent and expiring keys get here, so the key names
+            // are rebuilt rather than kept around on every write.
+            let keys = self.task_keys(scope);
+            let sweep = self.sweep_shard(&keys.digest);
+            let scope_key = keys.scope;
+            // Keep the earliest due time (LT): the sweeper corrects a stale one.
+            let _: i64 = self
+                .pool
+                .zadd(
+                    &sweep,
+                    None,
+                    Some(Ordering::LessThan),
+                    false,
+                    false,
+                    (next as f64, scope_key.as_str()),
+                )
+                .await
+                .map_err(classify)?;
+        }
+        Ok(true)
+    }
+
+    /// Runs `task_write.lua`; `identity` (dag_id, run_id, task_id) is recorded when a
+    /// write creates the task's registry. Returns the scope's earliest pending expiry when
+    /// it needs the sweep index, else 0, after the fields left (-1: `condition` failed
+    /// and nothing was written).
+    pub(super) async fn run_task_write(
+        &self,
+        keys: Vec<String>,
+        write: Write<'_>,
+        map_index: &str,
+        identity: [&str; 3],
+        condition: &Condition,
+    ) -> StoreResult<(i64, i64)> {
+        let (if_match, if_none_match) = condition.to_args();
+        // Only writes are published; a purge of expired keys is not a change anyone made.
+        let channel = match keys.first() {
+            Some(scope_key) if write.op != PURGE.op => self.announced(task_channel(scope_key)),
+            _ => String::new(),
+        };
+        let args: Vec<Value> = vec![
+            write.op.into(),
+            write.key.into(),
+            write.encoded.into(),
+            write
+                .expires_at
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+                .into(),
+            now_millis().into(),
+            map_index.into(),
+            identity[0].into(),
+            identity[1].into(),
+            identity[2].into(),
+            if_match.into(),
+            if_none_match.into(),
+            channel.into(),
+        ];
+        // A purge changes nothing a client was promised, so it never waits for replicas.
+        let client = if write.op == PURGE.op {
+            WriteClient::Shared(self.pool.next_connected())
+        } else {
+            self.write_client().await?
+        };
+        let script = &self.scripts.task_write;
+        let reply: Vec<i64> = self
+            .call("task_write", || {
+                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
+            })
+            .await?;
+        let fields = reply.first().copied().unwrap_or(0);
+        // A refused condition wrote nothing: there is nothing to confirm.
+        if fields >= 0 {
+            self.confirm(&client, &keys[0]).await?;
+        }
+        Ok((fields, reply.get(1).copied().unwrap_or(0)))
+    }
+
+    pub(super) async fn get_task(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+    ) -> StoreResult<Option<StoredValue>> {
+        let keys = self.task_keys(scope);
+        let raw: Option<String> = self
+            .call("hget", || self.pool.hget(keys.scope.as_str(), key))
+            .await?;
+        let Some(value) = raw.map(decode).transpose()? else {
+            return Ok(None);
+        };
+        if value.is_expired(now_millis()) {
+            // Reclaim now rather than wait for the next write; the reply does not wait.
+            let store = self.share();
+            let keys = vec![keys.scope, keys.expiry, keys.registry];
+            let map_index = scope.map_index.to_string();
+            tokio::spawn(async move {
+                if let Err(error) = store
+                    .run_task_write(keys, PURGE, &map_index, ["", "", ""], &Condition::NONE)
+                    .await
+                {
+                    tracing::debug!(%error, "lazy purge of expired task state failed");
+                }
+            });
+            return Ok(None);
+        }
+        Ok(Some(value))
+    }
+
+    pub(super) async fn get_task_many(
+        &self,
+        scope: &TaskScope,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<StoredValue>>> {
+        let scope_key = self.task_keys(scope).scope;
+        let now = now_millis();
+        // Expired keys read as missing; reclaiming them is left to the next write or
+        // single-key read, so a bulk read stays one HMGET.
+        Ok(self
+            .hmget(&scope_key, keys)
+            .await?
+            .into_iter()
+            .map(|value| value.filter(|value| !value.is_expired(now)))
+            .collect())
+    }
+
+    pub(super) async fn put_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        expires_at: Option<EpochMillis>,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let version = new_version();
+        let encoded = encode(json, now_millis(), &version, expires_at);
+        let applied = self
+            .task_write(scope, "set", key, &encoded, expires_at, condition)
+            .await?;
+        Ok(written(applied, Some(version)))
+    }
+
+    pub(super) async fn delete_task_if(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        condition: &Condition,
+    ) -> StoreResult<Written> {
+        let applied = self
+            .task_write(scope, "del", key, "", None, condition)
+            .await?;
+        Ok(written(applied, None))
+    }
+
+    pub(super) async fn clear_task(
+        &self,
+        scope: &TaskScope,
+        all_map_indices: bool,
+    ) -> StoreResult<()> {
+        let keys = self.task_keys(scope);
+        let script = &self.scripts.task_clear;
+        // The script publishes the clear to change streams, atomically with it.
+        let channel = self.announced(task_channel(&keys.scope));
+        if !all_map_indices {
+            let args: Vec<Value> = vec![
+                "one".into(),
+                keys.base.as_str().into(),
+                scope.map_index.into(),
+                channel.as_str().into(),
+            ];
+            let declared = vec![keys.registry, keys.scope, keys.expiry];
+            let client = self.write_client().await?;
+            let _: i64 = self
+                .call("task_clear", || {
+                    script.evalsha_with_reload(client.client(), declared.clone(), args.clone())
+                })
+                .await?;
+            return self.confirm(&client, &declared[0]).await;
+        }
+        // The script is handed every key it deletes. On a Cluster slot being migrated,
+        // Redis then answers TRYAGAIN (retried) rather than letting the script miss the
+        // keys already moved, which would break the clear's atomicity. The registry is
+        // read first to name them; the script refuses (-1) if it grew meanwhile.
+        let own = scope.map_index.to_string();
+        let args: Vec<Value> = vec![
+            "all".into(),
+            keys.base.as_str().into(),
+            channel.as_str().into(),
+        ];
+        for _ in 0..CLEAR_ALL_ATTEMPTS {
+            let fields: Vec<String> = self
+                .call("hkeys", || self.pool.hkeys(keys.registry.as_str()))
+                .await?;
+            let mut indices: Vec<&str> =
+                fields.iter().filter_map(|f| f.strip_prefix('m')).collect();
+            if !indices.contains(&own.as_str()) {
+                indices.push(&own);
+            }
+            let mut declared = Vec::with_capacity(1 + 2 * indices.len());
+            declared.push(keys.registry.clone());
+            for index in indices {
+                declared.push(format!("{}{index}", keys.base));
+                declared.push(format!("{}{index}:x", keys.base));
+            }
+            let client = self.write_client().await?;
+            let cleared: i64 = self
+                .call("task_clear", || {
+                    script.evalsha_with_reload(client.client(), declared.clone(), args.clone())
+                })
+                .await?;
+            if cleared >= 0 {
+                return self.confirm(&client, &declared[0]).await;
+            }
+        }
+        Err(StoreError::Unavailable(
+            "map indices kept being added while clearing them all; try again".into(),
+        ))
+    }
+
+    pub(super) async fn list_task(&self, scope: &TaskScope) -> StoreResult<Vec<Entry>> {
+        let scope_key = self.task_keys(scope).scope;
+        let raw: Vec<(String, String)> = self
+            .call("hgetall", || self.pool.hgetall(scope_key.as_str()))
+            .await
+            .map(pairs)?;
+        let now = now_millis();
+        let mut entries = Vec::with_capacity(raw.len());
+        for (key, value) in raw {
+            let value = decode(value)?;
+            // Expired keys read as missing here too; the next write reclaims them.
+            if !value.is_expired(now) {
+                entries.push(Entry {
+                    key,
+                    value,
+                    writer: None,
+                });
+            }
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    pub(super) async fn import_task(
+        &self,
+        scope: &TaskScope,
+        key: &str,
+        json: &str,
+        updated_at: EpochMillis,
+        expires_at: Option<EpochMillis>,
+    ) -> StoreResult<()> {
+        let encoded = encode(json, updated_at, &new_version(), expires_at);
+        self.task_write(scope, "set", key, &encoded, expires_at, &Condition::NONE)
+            .await
+            .map(drop)
+    }
+}
