@@ -38,15 +38,14 @@ impl RedisStore {
             self.announced(self.asset_channel(asset)).into(),
         ];
         let keys = vec![values, writers];
-        let client = self.write_client().await?;
+        let client = self.redis.write_client().await?;
         let script = &self.scripts.asset_write;
         let applied: i64 = self
-            .call("asset_write", || {
-                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
-            })
+            .redis
+            .eval("asset_write", script, &client, &keys, &args)
             .await?;
         if applied == 1 {
-            self.confirm(&client, &keys[0]).await?;
+            self.redis.confirm(&client, &keys[0]).await?;
         }
         Ok(applied == 1)
     }
@@ -58,7 +57,8 @@ impl RedisStore {
     ) -> StoreResult<Option<StoredValue>> {
         let (values, _) = self.asset_keys(asset);
         let raw: Option<String> = self
-            .call("hget", || self.pool.hget(values.as_str(), key))
+            .redis
+            .call("hget", |pool| pool.hget(values.as_str(), key))
             .await?;
         raw.map(decode).transpose()
     }
@@ -103,14 +103,13 @@ impl RedisStore {
         // Both keys share the asset's hash tag, so the script is atomic on a Cluster too.
         let args: Vec<Value> = vec![self.announced(self.asset_channel(asset)).into()];
         let keys = vec![values, writers];
-        let client = self.write_client().await?;
+        let client = self.redis.write_client().await?;
         let script = &self.scripts.asset_clear;
         let _: i64 = self
-            .call("asset_clear", || {
-                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
-            })
+            .redis
+            .eval("asset_clear", script, &client, &keys, &args)
             .await?;
-        self.confirm(&client, &keys[0]).await
+        self.redis.confirm(&client, &keys[0]).await
     }
 
     pub(super) async fn asset_writer(
@@ -120,7 +119,8 @@ impl RedisStore {
     ) -> StoreResult<Option<Writer>> {
         let (_, writers) = self.asset_keys(asset);
         let raw: Option<String> = self
-            .call("hget", || self.pool.hget(writers.as_str(), key))
+            .redis
+            .call("hget", |pool| pool.hget(writers.as_str(), key))
             .await?;
         raw.map(|text| {
             serde_json::from_str(&text)
@@ -132,11 +132,13 @@ impl RedisStore {
     pub(super) async fn list_asset(&self, asset: &AssetKey) -> StoreResult<Vec<Entry>> {
         let (values, writers) = self.asset_keys(asset);
         let raw: Vec<(String, String)> = self
-            .call("hgetall", || self.pool.hgetall(values.as_str()))
+            .redis
+            .call("hgetall", |pool| pool.hgetall(values.as_str()))
             .await
             .map(pairs)?;
         let mut recorded: std::collections::HashMap<String, String> = self
-            .call("hgetall", || self.pool.hgetall(writers.as_str()))
+            .redis
+            .call("hgetall", |pool| pool.hgetall(writers.as_str()))
             .await?;
         let mut entries = Vec::with_capacity(raw.len());
         for (key, value) in raw {

@@ -1,24 +1,37 @@
-//! The connection pool and the one way a command is sent: [`RedisStore::call`], with
-//! its retries, error classification and metrics.
+//! The connection pool and the one way a command is sent: [`Connection::call`], with its
+//! retries, error classification and metrics. The pool is private to this module, so no
+//! command can skip them.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fred::clients::ExclusivePool;
+use fred::clients::{ExclusivePool, SubscriberClient};
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use fred::types::ClusterHash;
 use fred::util::redis_keyslot;
 use tracing::Instrument;
 
 use super::super::{StoreError, StoreResult};
-use super::RedisStore;
+use super::url::client_config;
+use super::RedisSettings;
+
+/// The pooled connections to Redis, shared by every handle of a store.
+#[derive(Clone)]
+pub(super) struct Connection {
+    pool: Pool,
+    /// Present when writes wait for replicas (see [`RedisSettings::wait_replicas`]).
+    confirmed: Option<Arc<ConfirmedWrites>>,
+    command_timeout: Duration,
+}
 
 /// Writes acknowledged only after `WAIT`. `WAIT` counts the writes of the connection it
 /// is sent on and blocks that connection, so each such write borrows a client of its
 /// own instead of sharing the pipelined pool.
-pub(super) struct ConfirmedWrites {
-    pub(super) clients: ExclusivePool,
-    pub(super) replicas: i64,
-    pub(super) timeout: Duration,
+struct ConfirmedWrites {
+    clients: ExclusivePool,
+    replicas: i64,
+    timeout: Duration,
 }
 
 /// The client a write goes through: a shared pooled one, or one borrowed for a write
@@ -29,7 +42,7 @@ pub(super) enum WriteClient<'a> {
 }
 
 impl WriteClient<'_> {
-    pub(super) fn client(&self) -> &Client {
+    fn client(&self) -> &Client {
         match self {
             WriteClient::Shared(client) => client,
             WriteClient::Exclusive(guard) => guard,
@@ -37,7 +50,101 @@ impl WriteClient<'_> {
     }
 }
 
-impl RedisStore {
+/// fred's builder with what every connection to Redis shares: the URL, the command
+/// timeout and the reconnect backoff.
+fn builder(settings: &RedisSettings) -> StoreResult<Builder> {
+    let config = client_config(&settings.url)
+        .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
+    let timeout = settings.command_timeout;
+    let (first_pause, longest_pause) = settings.reconnect;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_performance_config(|perf| {
+            // fred's default is no timeout at all: a request would hang with Redis.
+            perf.default_command_timeout = timeout;
+        })
+        .with_connection_config(|conn| {
+            conn.connection_timeout = timeout;
+            conn.internal_command_timeout = timeout;
+        })
+        // Unlimited attempts: a replica must come back by itself when Redis does.
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            millis_u32(first_pause),
+            millis_u32(longest_pause),
+            2,
+        ));
+    Ok(builder)
+}
+
+/// The connection change streams listen on. Pub/sub is no request and reply, so it is
+/// the one connection commands do not go through [`Connection::call`] on; the event hub
+/// (`store::events`) drives it.
+pub(super) async fn subscriber(settings: &RedisSettings) -> StoreResult<SubscriberClient> {
+    let subscriber = builder(settings)?
+        .build_subscriber_client()
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+    subscriber
+        .init()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    Ok(subscriber)
+}
+
+impl Connection {
+    /// Connects the pool (and the clients of confirmed writes). Fails when Redis cannot
+    /// be reached.
+    pub(super) async fn connect(settings: &RedisSettings) -> StoreResult<Self> {
+        let timeout = settings.command_timeout;
+        let wait_timeout = settings.wait_timeout;
+        let mut builder = builder(settings)?;
+        builder.with_connection_config(|conn| {
+            // One attempt: a command is never replayed after a reconnect. A replayed
+            // conditional write whose first run succeeded would answer 412 for the
+            // caller's own write. The caller gets a 503 and retries instead.
+            conn.max_command_attempts = 1;
+            // No redirections followed by fred itself. fred 10.1 answers an ASK by
+            // writing ASKING on a pipelined connection and taking the next frame as
+            // its reply, which steals another command's reply and shifts every later
+            // one on that connection. It also counts each redirect as a write attempt.
+            // With none allowed, fred still re-syncs its slot map on MOVED, and hands
+            // MOVED and ASK back to `call`, which retries: the command then goes to the
+            // slot's owner, once a migrating slot has settled.
+            conn.max_redirections = 0;
+            // Bounded queue: past it, fail fast rather than grow without limit.
+            conn.max_command_buffer_len = 10_000;
+            // A connection silent for twice the timeout (a paused server, a half-open
+            // socket after a partition) is closed and reconnected rather than trusted
+            // until TCP gives up. WAIT legitimately blocks for its own timeout.
+            conn.unresponsive = fred::types::config::UnresponsiveConfig {
+                max_timeout: Some(2 * timeout + wait_timeout),
+                interval: Duration::from_millis(500),
+            };
+        });
+        let pool = builder
+            .build_pool(settings.pool_size.max(1))
+            .map_err(classify)?;
+        pool.init().await.map_err(classify)?;
+        let confirmed = if settings.wait_replicas > 0 {
+            let clients = builder
+                .build_exclusive_pool(4 * settings.pool_size.max(1))
+                .map_err(classify)?;
+            clients.init().await.map_err(classify)?;
+            Some(Arc::new(ConfirmedWrites {
+                clients,
+                replicas: settings.wait_replicas.into(),
+                timeout: settings.wait_timeout,
+            }))
+        } else {
+            None
+        };
+        Ok(Self {
+            pool,
+            confirmed,
+            command_timeout: timeout,
+        })
+    }
+
     /// Runs one Redis call in a client span, recording its latency and errors.
     ///
     /// While a Cluster answers "try again" (TRYAGAIN: a multi-key call on a slot being
@@ -45,13 +152,13 @@ impl RedisStore {
     /// moving elsewhere) the call is repeated, with short pauses, until the command
     /// timeout: none of these replies means the command ran, so a resharding or failover
     /// shows up as latency rather than as errors.
-    pub(super) async fn call<T, F, Fut>(
-        &self,
+    pub(super) async fn call<'a, T, F, Fut>(
+        &'a self,
         command: &'static str,
         mut attempt: F,
     ) -> StoreResult<T>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(&'a Pool) -> Fut,
         Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
     {
         let span = tracing::info_span!(
@@ -67,7 +174,7 @@ impl RedisStore {
             let mut pause = Duration::from_millis(5);
             // One latency sample per call, retries included: that is what a request waited.
             let result = loop {
-                match attempt().await {
+                match attempt(&self.pool).await {
                     Err(error)
                         if cluster_says_retry(&error) && started.elapsed() + pause < deadline =>
                     {
@@ -86,12 +193,34 @@ impl RedisStore {
         .await
     }
 
+    /// Runs a loaded script through `client` (see [`call`](Self::call)), loading it
+    /// again if Redis lost it.
+    pub(super) async fn eval<T: FromValue>(
+        &self,
+        command: &'static str,
+        script: &Script,
+        client: &WriteClient<'_>,
+        keys: &[String],
+        args: &[Value],
+    ) -> StoreResult<T> {
+        self.call(command, |_| {
+            script.evalsha_with_reload(client.client(), keys.to_vec(), args.to_vec())
+        })
+        .await
+    }
+
+    /// A shared pooled client for a write no client was promised anything about (a
+    /// purge): it never waits for replicas.
+    pub(super) fn shared_client(&self) -> WriteClient<'_> {
+        // A pooled client that is reconnecting would hold the write until it is back.
+        WriteClient::Shared(self.pool.next_connected())
+    }
+
     /// The client one write goes through: a shared one, or with confirmed writes on, one
     /// borrowed for this write alone.
     pub(super) async fn write_client(&self) -> StoreResult<WriteClient<'_>> {
         let Some(confirmed) = &self.confirmed else {
-            // A pooled client that is reconnecting would hold the write until it is back.
-            return Ok(WriteClient::Shared(self.pool.next_connected()));
+            return Ok(self.shared_client());
         };
         tokio::time::timeout(self.command_timeout, confirmed.clients.clone().acquire())
             .await
@@ -116,7 +245,7 @@ impl RedisStore {
         let waiter = guard.with_options(&options);
         let wait_ms = confirmed.timeout.as_millis() as i64;
         let acked: i64 = self
-            .call("wait", || waiter.wait(confirmed.replicas, wait_ms))
+            .call("wait", |_| waiter.wait(confirmed.replicas, wait_ms))
             .await?;
         if acked < confirmed.replicas {
             metrics::counter!("airstate_redis_unconfirmed_writes_total").increment(1);
@@ -127,11 +256,35 @@ impl RedisStore {
         }
         Ok(())
     }
+
+    /// The keys matching `pattern`, by SCAN on every primary of a Cluster (one server
+    /// otherwise). A stream of replies rather than one, so it is not retried: a failed
+    /// page ends the walk with an error, which an offline tool reports.
+    pub(super) fn scan(
+        &self,
+        pattern: String,
+    ) -> impl futures_util::Stream<Item = StoreResult<String>> + Send + 'static {
+        use futures_util::StreamExt;
+        let client = self.pool.next();
+        let keys = if client.is_clustered() {
+            client
+                .scan_cluster_buffered(pattern, Some(500), None)
+                .boxed()
+        } else {
+            client.scan_buffered(pattern, Some(500), None).boxed()
+        };
+        keys.map(|key| {
+            key.map_err(classify).and_then(|key| {
+                key.into_string()
+                    .ok_or_else(|| StoreError::Internal("a key that is not UTF-8".into()))
+            })
+        })
+    }
 }
 
 /// Replies from a Cluster that mean "not executed, ask again shortly", including fred's
 /// refusal to follow a MOVED or ASK itself (see `max_redirections` in `connect`).
-pub(super) fn cluster_says_retry(error: &fred::error::Error) -> bool {
+fn cluster_says_retry(error: &fred::error::Error) -> bool {
     let details = error.details();
     details.starts_with("TRYAGAIN")
         || details.starts_with("CLUSTERDOWN")
@@ -140,13 +293,13 @@ pub(super) fn cluster_says_retry(error: &fred::error::Error) -> bool {
                 || details.starts_with("Too many redirections")))
 }
 
-pub(super) fn millis_u32(duration: Duration) -> u32 {
+fn millis_u32(duration: Duration) -> u32 {
     duration.as_millis().try_into().unwrap_or(u32::MAX)
 }
 
 /// The latency histogram of one command, registered once per command name rather than
 /// looked up by label on every call.
-pub(super) fn command_latency(command: &'static str) -> metrics::Histogram {
+fn command_latency(command: &'static str) -> metrics::Histogram {
     type Handles = std::collections::HashMap<&'static str, metrics::Histogram>;
     static HANDLES: std::sync::OnceLock<std::sync::RwLock<Handles>> = std::sync::OnceLock::new();
     let handles = HANDLES.get_or_init(Default::default);
@@ -160,7 +313,7 @@ pub(super) fn command_latency(command: &'static str) -> metrics::Histogram {
 }
 
 /// Counts a failed Redis call by command and kind, passing the error on.
-pub(super) fn count_error(command: &'static str, error: StoreError) -> StoreError {
+fn count_error(command: &'static str, error: StoreError) -> StoreError {
     let kind = match error {
         StoreError::Unavailable(_) => "unavailable",
         StoreError::Internal(_) => "internal",

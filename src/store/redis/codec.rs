@@ -63,7 +63,8 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let raw: Vec<Option<String>> = self
-            .call("hmget", || self.pool.hmget(hash, keys.to_vec()))
+            .redis
+            .call("hmget", |pool| pool.hmget(hash, keys.to_vec()))
             .await?;
         if raw.len() != keys.len() {
             return Err(StoreError::Internal(format!(

@@ -1,12 +1,9 @@
 //! Change streams on Redis pub/sub: channel names, and the subscriber side.
 
-use fred::prelude::*;
-
 use super::super::events::{parse_message, Change, Event, EventHub, RedisSubscriptions, Watch};
 use super::super::{AssetKey, StoreError, StoreResult, TaskScope};
-use super::call::millis_u32;
+use super::call;
 use super::codec::decode;
-use super::url::client_config;
 use super::{RedisSettings, RedisStore};
 
 /// The change channel of a task: `<prefix>ev:{t:<digest>}`, shared by its map indices.
@@ -67,35 +64,14 @@ impl RedisStore {
         settings: &RedisSettings,
         buffer: usize,
     ) -> StoreResult<()> {
-        let config = client_config(&settings.url)
-            .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
-        let timeout = settings.command_timeout;
-        let (first_pause, longest_pause) = settings.reconnect;
-        let subscriber = Builder::from_config(config)
-            .with_performance_config(|perf| perf.default_command_timeout = timeout)
-            .with_connection_config(|conn| {
-                conn.connection_timeout = timeout;
-                conn.internal_command_timeout = timeout;
-            })
-            .set_policy(ReconnectPolicy::new_exponential(
-                0,
-                millis_u32(first_pause),
-                millis_u32(longest_pause),
-                2,
-            ))
-            .build_subscriber_client()
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
-        subscriber
-            .init()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        self.scripts.events.set_capacity(buffer);
-        RedisSubscriptions::spawn(subscriber, self.scripts.events.clone(), decode_event);
+        let subscriber = call::subscriber(settings).await?;
+        self.events.set_capacity(buffer);
+        RedisSubscriptions::spawn(subscriber, self.events.clone(), decode_event);
         Ok(())
     }
 
     pub(super) fn hub(&self) -> StoreResult<&EventHub> {
-        let hub = &self.scripts.events;
+        let hub = &self.events;
         if hub.has_upstream() {
             Ok(hub)
         } else {
@@ -117,7 +93,7 @@ impl RedisStore {
     }
 
     pub(super) fn close_watches(&self) {
-        self.scripts.events.close();
+        self.events.close();
     }
 }
 

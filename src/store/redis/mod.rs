@@ -16,6 +16,12 @@
 //!
 //! The read path is a single pipelined `HGET`; the expiry check happens here, on the
 //! decoded value, so an expired key is never served even before Redis reclaims it.
+//!
+//! One file per concern: `url` (the URL forms), `call` (the pool, and `Connection::call`,
+//! the only way a command is sent), `codec` (a value in a hash field), `scripts` (the Lua
+//! under `lua/`), `task` and `asset` (the operations), `sweep` (the sweeper and its
+//! index), `scan` (export) and `events` (change streams).
+
 mod asset;
 mod call;
 mod codec;
@@ -32,9 +38,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fred::prelude::*;
 
-use self::call::{classify, millis_u32, ConfirmedWrites};
+use self::call::Connection;
 use self::scripts::Scripts;
-use super::events::Watch;
+use super::events::{EventHub, Watch};
 use super::{
     AssetKey, Condition, Entry, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
     TaskScope, Writer, Written,
@@ -86,12 +92,11 @@ impl RedisSettings {
 pub const DEFAULT_EVENT_BUFFER: usize = 256;
 
 pub struct RedisStore {
-    pool: Pool,
-    /// Present when writes wait for replicas (see [`RedisSettings::wait_replicas`]).
-    confirmed: Option<Arc<ConfirmedWrites>>,
-    command_timeout: Duration,
+    redis: Connection,
     prefix: String,
     scripts: Arc<Scripts>,
+    /// The change-event hub, which every handle of a store shares.
+    events: EventHub,
     url_for_display: String,
     sweeper: Option<tokio::task::JoinHandle<()>>,
     change_events: bool,
@@ -109,91 +114,30 @@ impl RedisStore {
     /// Connects and loads the Lua scripts. Fails when Redis cannot be reached, so a
     /// misconfigured replica never reports ready.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let config = client_config(&settings.url)
-            .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
-        let timeout = settings.command_timeout;
-        let wait_timeout = settings.wait_timeout;
-        let (first_pause, longest_pause) = settings.reconnect;
-        let mut builder = Builder::from_config(config);
-        builder
-            .with_performance_config(|perf| {
-                // fred's default is no timeout at all: a request would hang with Redis.
-                perf.default_command_timeout = timeout;
-            })
-            .with_connection_config(|conn| {
-                conn.connection_timeout = timeout;
-                conn.internal_command_timeout = timeout;
-                // One attempt: a command is never replayed after a reconnect. A replayed
-                // conditional write whose first run succeeded would answer 412 for the
-                // caller's own write. The caller gets a 503 and retries instead.
-                conn.max_command_attempts = 1;
-                // No redirections followed by fred itself. fred 10.1 answers an ASK by
-                // writing ASKING on a pipelined connection and taking the next frame as
-                // its reply, which steals another command's reply and shifts every later
-                // one on that connection. It also counts each redirect as a write attempt.
-                // With none allowed, fred still re-syncs its slot map on MOVED, and hands
-                // MOVED and ASK back to `call`, which retries: the command then goes to the
-                // slot's owner, once a migrating slot has settled.
-                conn.max_redirections = 0;
-                // Bounded queue: past it, fail fast rather than grow without limit.
-                conn.max_command_buffer_len = 10_000;
-                // A connection silent for twice the timeout (a paused server, a half-open
-                // socket after a partition) is closed and reconnected rather than trusted
-                // until TCP gives up. WAIT legitimately blocks for its own timeout.
-                conn.unresponsive = fred::types::config::UnresponsiveConfig {
-                    max_timeout: Some(2 * timeout + wait_timeout),
-                    interval: Duration::from_millis(500),
-                };
-            })
-            // Unlimited attempts: a replica must come back by itself when Redis does.
-            .set_policy(ReconnectPolicy::new_exponential(
-                0,
-                millis_u32(first_pause),
-                millis_u32(longest_pause),
-                2,
-            ));
-        let pool = builder
-            .build_pool(settings.pool_size.max(1))
-            .map_err(classify)?;
-        pool.init().await.map_err(classify)?;
-        let confirmed = if settings.wait_replicas > 0 {
-            let clients = builder
-                .build_exclusive_pool(4 * settings.pool_size.max(1))
-                .map_err(classify)?;
-            clients.init().await.map_err(classify)?;
-            Some(Arc::new(ConfirmedWrites {
-                clients,
-                replicas: settings.wait_replicas.into(),
-                timeout: settings.wait_timeout,
-            }))
-        } else {
-            None
-        };
+        let redis = Connection::connect(settings).await?;
+        let scripts = Scripts::new();
+        scripts.load(&redis).await?;
         let mut store = Self {
-            pool,
-            confirmed,
-            command_timeout: timeout,
+            redis,
             prefix: settings.key_prefix.clone(),
-            scripts: Arc::new(Scripts::new()),
+            scripts: Arc::new(scripts),
+            events: EventHub::new(DEFAULT_EVENT_BUFFER),
             url_for_display: redact_url(&settings.url),
             sweeper: None,
             change_events: settings.change_events,
         };
-        for script in store.scripts.all() {
-            script.load(store.pool.next()).await.map_err(classify)?;
-        }
         store.sweeper = Some(store.spawn_sweeper(settings.sweep_interval));
         Ok(store)
     }
 
-    /// A handle sharing this store's pool and scripts, for background work.
+    /// A handle sharing this store's connections, scripts and event hub, for background
+    /// work.
     fn share(&self) -> Self {
         Self {
-            pool: self.pool.clone(),
-            confirmed: self.confirmed.clone(),
-            command_timeout: self.command_timeout,
+            redis: self.redis.clone(),
             prefix: self.prefix.clone(),
             scripts: self.scripts.clone(),
+            events: self.events.clone(),
             url_for_display: self.url_for_display.clone(),
             sweeper: None,
             change_events: self.change_events,
@@ -336,7 +280,10 @@ impl StateStore for RedisStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        let _: String = self.pool.next().ping(None).await.map_err(classify)?;
+        let _: String = self
+            .redis
+            .call("ping", |pool| pool.next().ping(None))
+            .await?;
         Ok(())
     }
 

@@ -2,8 +2,7 @@
 
 use fred::prelude::*;
 
-use super::super::{AssetKey, StoreError, StoreResult, TaskScope};
-use super::call::classify;
+use super::super::{AssetKey, StoreResult, TaskScope};
 use super::RedisStore;
 
 /// What `airstate export` walks: every task scope and asset holding state.
@@ -24,24 +23,9 @@ impl RedisStore {
     ) -> impl futures_util::Stream<Item = StoreResult<String>> + Send + 'static {
         use futures_util::StreamExt;
         let prefix = glob_escape(&self.prefix);
-        let client = self.pool.next().clone();
-        let clustered = client.is_clustered();
-        let streams = ["{t:*}:r", "{a:*}:v"].map(|suffix| {
-            let pattern = format!("{prefix}{suffix}");
-            if clustered {
-                client
-                    .scan_cluster_buffered(pattern, Some(500), None)
-                    .boxed()
-            } else {
-                client.scan_buffered(pattern, Some(500), None).boxed()
-            }
-        });
-        futures_util::stream::iter(streams).flatten().map(|key| {
-            key.map_err(classify).and_then(|key| {
-                key.into_string()
-                    .ok_or_else(|| StoreError::Internal("a key that is not UTF-8".into()))
-            })
-        })
+        let streams =
+            ["{t:*}:r", "{a:*}:v"].map(|suffix| self.redis.scan(format!("{prefix}{suffix}")));
+        futures_util::stream::iter(streams).flatten()
     }
 
     /// What one key found by [`scan_scopes`](Self::scan_scopes) holds; `None` for a
@@ -55,7 +39,7 @@ impl RedisStore {
             return Ok(Some(ScopeRef::Asset(AssetKey(asset.to_owned()))));
         }
         let fields: std::collections::HashMap<String, String> =
-            self.call("hgetall", || self.pool.hgetall(key)).await?;
+            self.redis.call("hgetall", |pool| pool.hgetall(key)).await?;
         let (Some(dag_id), Some(run_id), Some(task_id)) = (
             fields.get("dag_id"),
             fields.get("run_id"),

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use fred::prelude::*;
 
-use super::super::{now_millis, Condition, StoreResult};
-use super::call::classify;
+use fred::types::sorted_sets::Ordering;
+
+use super::super::{now_millis, Condition, EpochMillis, StoreResult};
 use super::task::PURGE;
 use super::RedisStore;
 
@@ -30,9 +31,34 @@ impl RedisStore {
         })
     }
 
-    pub(super) fn sweep_shard(&self, digest: &str) -> String {
-        let shard = u8::from_str_radix(&digest[..2], 16).unwrap_or(0) % SWEEP_SHARDS;
+    fn sweep_index(&self, shard: u8) -> String {
         format!("{}{{sweep:{shard}}}", self.prefix)
+    }
+
+    /// Puts a scope mixing permanent and expiring keys in the sweep index, due at `due`.
+    pub(super) async fn schedule_sweep(
+        &self,
+        digest: &str,
+        scope_key: &str,
+        due: EpochMillis,
+    ) -> StoreResult<()> {
+        let shard = u8::from_str_radix(&digest[..2], 16).unwrap_or(0) % SWEEP_SHARDS;
+        let index = self.sweep_index(shard);
+        // Keep the earliest due time (LT): the sweeper corrects a stale one.
+        let _: i64 = self
+            .redis
+            .call("zadd", |pool| {
+                pool.zadd(
+                    &index,
+                    None,
+                    Some(Ordering::LessThan),
+                    false,
+                    false,
+                    (due as f64, scope_key),
+                )
+            })
+            .await?;
+        Ok(())
     }
 
     /// Reclaims expired keys of scopes that mix expiring and permanent keys (the scopes
@@ -42,12 +68,13 @@ impl RedisStore {
         let now = now_millis();
         let mut purged = 0;
         for shard in 0..SWEEP_SHARDS {
-            let index = format!("{}{{sweep:{shard}}}", self.prefix);
+            let index = self.sweep_index(shard);
             let due: Vec<String> = self
-                .pool
-                .zrangebyscore(&index, "-inf", now, false, Some((0, SWEEP_BATCH)))
-                .await
-                .map_err(classify)?;
+                .redis
+                .call("zrangebyscore", |pool| {
+                    pool.zrangebyscore(&index, "-inf", now, false, Some((0, SWEEP_BATCH)))
+                })
+                .await?;
             for scope_key in due {
                 let Some((base, map_index)) = scope_key.rsplit_once(':') else {
                     continue;
@@ -62,23 +89,23 @@ impl RedisStore {
                     .await?;
                 if next > 0 {
                     let _: i64 = self
-                        .pool
-                        .zadd(
-                            &index,
-                            None,
-                            None,
-                            false,
-                            false,
-                            (next as f64, scope_key.as_str()),
-                        )
-                        .await
-                        .map_err(classify)?;
+                        .redis
+                        .call("zadd", |pool| {
+                            pool.zadd(
+                                &index,
+                                None,
+                                None,
+                                false,
+                                false,
+                                (next as f64, scope_key.as_str()),
+                            )
+                        })
+                        .await?;
                 } else {
                     let _: i64 = self
-                        .pool
-                        .zrem(&index, scope_key.as_str())
-                        .await
-                        .map_err(classify)?;
+                        .redis
+                        .call("zrem", |pool| pool.zrem(&index, scope_key.as_str()))
+                        .await?;
                 }
                 purged += 1;
             }

@@ -1,7 +1,6 @@
 //! Task state: one hash per (task, map index), written by `task_write.lua`.
 
 use fred::prelude::*;
-use fred::types::sorted_sets::Ordering;
 use sha2::{Digest, Sha256};
 
 use super::super::version::new_version;
@@ -9,7 +8,7 @@ use super::super::{
     now_millis, Condition, Entry, EpochMillis, StoreError, StoreResult, StoredValue, TaskScope,
     Written,
 };
-use super::call::{classify, WriteClient};
+
 use super::codec::{decode, encode, pairs};
 use super::events::task_channel;
 use super::{written, RedisStore};
@@ -112,21 +111,7 @@ impl RedisStore {
             // Only scopes mixing permanent and expiring keys get here, so the key names
             // are rebuilt rather than kept around on every write.
             let keys = self.task_keys(scope);
-            let sweep = self.sweep_shard(&keys.digest);
-            let scope_key = keys.scope;
-            // Keep the earliest due time (LT): the sweeper corrects a stale one.
-            let _: i64 = self
-                .pool
-                .zadd(
-                    &sweep,
-                    None,
-                    Some(Ordering::LessThan),
-                    false,
-                    false,
-                    (next as f64, scope_key.as_str()),
-                )
-                .await
-                .map_err(classify)?;
+            self.schedule_sweep(&keys.digest, &keys.scope, next).await?;
         }
         Ok(true)
     }
@@ -169,20 +154,19 @@ impl RedisStore {
         ];
         // A purge changes nothing a client was promised, so it never waits for replicas.
         let client = if write.op == PURGE.op {
-            WriteClient::Shared(self.pool.next_connected())
+            self.redis.shared_client()
         } else {
-            self.write_client().await?
+            self.redis.write_client().await?
         };
         let script = &self.scripts.task_write;
         let reply: Vec<i64> = self
-            .call("task_write", || {
-                script.evalsha_with_reload(client.client(), keys.clone(), args.clone())
-            })
+            .redis
+            .eval("task_write", script, &client, &keys, &args)
             .await?;
         let fields = reply.first().copied().unwrap_or(0);
         // A refused condition wrote nothing: there is nothing to confirm.
         if fields >= 0 {
-            self.confirm(&client, &keys[0]).await?;
+            self.redis.confirm(&client, &keys[0]).await?;
         }
         Ok((fields, reply.get(1).copied().unwrap_or(0)))
     }
@@ -194,7 +178,8 @@ impl RedisStore {
     ) -> StoreResult<Option<StoredValue>> {
         let keys = self.task_keys(scope);
         let raw: Option<String> = self
-            .call("hget", || self.pool.hget(keys.scope.as_str(), key))
+            .redis
+            .call("hget", |pool| pool.hget(keys.scope.as_str(), key))
             .await?;
         let Some(value) = raw.map(decode).transpose()? else {
             return Ok(None);
@@ -279,13 +264,12 @@ impl RedisStore {
                 channel.as_str().into(),
             ];
             let declared = vec![keys.registry, keys.scope, keys.expiry];
-            let client = self.write_client().await?;
+            let client = self.redis.write_client().await?;
             let _: i64 = self
-                .call("task_clear", || {
-                    script.evalsha_with_reload(client.client(), declared.clone(), args.clone())
-                })
+                .redis
+                .eval("task_clear", script, &client, &declared, &args)
                 .await?;
-            return self.confirm(&client, &declared[0]).await;
+            return self.redis.confirm(&client, &declared[0]).await;
         }
         // The script is handed every key it deletes. On a Cluster slot being migrated,
         // Redis then answers TRYAGAIN (retried) rather than letting the script miss the
@@ -299,7 +283,8 @@ impl RedisStore {
         ];
         for _ in 0..CLEAR_ALL_ATTEMPTS {
             let fields: Vec<String> = self
-                .call("hkeys", || self.pool.hkeys(keys.registry.as_str()))
+                .redis
+                .call("hkeys", |pool| pool.hkeys(keys.registry.as_str()))
                 .await?;
             let mut indices: Vec<&str> =
                 fields.iter().filter_map(|f| f.strip_prefix('m')).collect();
@@ -312,14 +297,13 @@ impl RedisStore {
                 declared.push(format!("{}{index}", keys.base));
                 declared.push(format!("{}{index}:x", keys.base));
             }
-            let client = self.write_client().await?;
+            let client = self.redis.write_client().await?;
             let cleared: i64 = self
-                .call("task_clear", || {
-                    script.evalsha_with_reload(client.client(), declared.clone(), args.clone())
-                })
+                .redis
+                .eval("task_clear", script, &client, &declared, &args)
                 .await?;
             if cleared >= 0 {
-                return self.confirm(&client, &declared[0]).await;
+                return self.redis.confirm(&client, &declared[0]).await;
             }
         }
         Err(StoreError::Unavailable(
@@ -330,7 +314,8 @@ impl RedisStore {
     pub(super) async fn list_task(&self, scope: &TaskScope) -> StoreResult<Vec<Entry>> {
         let scope_key = self.task_keys(scope).scope;
         let raw: Vec<(String, String)> = self
-            .call("hgetall", || self.pool.hgetall(scope_key.as_str()))
+            .redis
+            .call("hgetall", |pool| pool.hgetall(scope_key.as_str()))
             .await
             .map(pairs)?;
         let now = now_millis();
