@@ -14,8 +14,8 @@ use axum::response::Response;
 use serde_json::Value;
 
 use super::body::{check_key, parse_put_body};
+use super::conditional::{condition, not_modified, with_etag, written_response};
 use super::error::{ApiError, ValidationIssue};
-use super::extensions::{condition, not_modified, with_etag, written_response};
 use super::extract::{query_params, ExecutionToken, JsonBody};
 use super::{no_content, value_response, AppState};
 use crate::auth::{Claims, WATCHER_SUBJECT};

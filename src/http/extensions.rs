@@ -2,7 +2,8 @@
 //! an unmodified Airflow client sends.
 //!
 //! - Optimistic concurrency: an `ETag` on every read and write of a key; `If-Match` and
-//!   `If-None-Match` on PUT and DELETE (412 when they fail), and on GET (304).
+//!   `If-None-Match` on PUT and DELETE (412 when they fail), and on GET (304); the core
+//!   routes apply them, so they live in `conditional`.
 //! - Bulk reads: many keys of a task scope or an asset in one call and one Redis round trip.
 //! - Change streams: the same routes with `Accept: text/event-stream` stream Server-Sent
 //!   Events for every set, delete and clear.
@@ -12,8 +13,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
-use axum::http::header::{ACCEPT, CONTENT_TYPE, ETAG, IF_MATCH, IF_NONE_MATCH};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -26,101 +27,10 @@ use super::extract::{query_params, ExecutionToken, JsonBody, TaskCaller};
 use super::task::scope_of;
 use super::AppState;
 use crate::store::events::{Change, Delivery, Watch};
-use crate::store::version::Tags;
-use crate::store::{Condition, StoredValue, Written};
+use crate::store::StoredValue;
 
 /// The most keys one bulk read may ask for.
 pub const MAX_BULK_KEYS: usize = 10_000;
-
-/// `"<version>"`: a strong entity tag.
-pub fn etag(version: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!("\"{version}\"")).ok()
-}
-
-/// Adds the `ETag` of `version` to `response`.
-pub fn with_etag(mut response: Response, version: Option<&str>) -> Response {
-    if let Some(value) = version.and_then(etag) {
-        response.headers_mut().insert(ETAG, value);
-    }
-    response
-}
-
-/// The precondition a request carries; [`Condition::NONE`] when it sends neither header.
-pub fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
-    Ok(Condition {
-        // If-Match uses the strong comparison: a weak tag never matches (RFC 9110 §13.1.1).
-        if_match: tags(headers, IF_MATCH, false)?,
-        // If-None-Match uses the weak comparison: `W/"v"` matches `"v"`.
-        if_none_match: tags(headers, IF_NONE_MATCH, true)?,
-    })
-}
-
-fn tags(headers: &HeaderMap, name: HeaderName, weak_ok: bool) -> Result<Option<Tags>, ApiError> {
-    let mut values = headers.get_all(&name).iter().peekable();
-    if values.peek().is_none() {
-        return Ok(None);
-    }
-    let bad = |why: &str| ApiError::BadHeader(format!("Invalid {name} header: {why}"));
-    let mut listed = Vec::new();
-    let mut any = false;
-    for value in values {
-        let text = value.to_str().map_err(|_| bad("not visible ASCII"))?;
-        for part in text.split(',').map(str::trim) {
-            if part.is_empty() {
-                continue;
-            }
-            if part == "*" {
-                any = true;
-                continue;
-            }
-            let (weak, quoted) = match part.strip_prefix("W/") {
-                Some(rest) => (true, rest),
-                None => (false, part),
-            };
-            let tag = quoted
-                .strip_prefix('"')
-                .and_then(|rest| rest.strip_suffix('"'))
-                .filter(|tag| !tag.contains('"'))
-                .ok_or_else(|| bad("expected * or a list of quoted entity tags"))?;
-            if !weak || weak_ok {
-                listed.push(tag.to_owned());
-            }
-        }
-    }
-    match (any, listed.is_empty()) {
-        (true, true) => Ok(Some(Tags::Any)),
-        (true, false) => Err(bad("* cannot be combined with entity tags")),
-        (false, _) if headers.get_all(&name).iter().all(|v| v.is_empty()) => {
-            Err(bad("empty value"))
-        }
-        (false, _) => Ok(Some(Tags::Listed(listed))),
-    }
-}
-
-/// The reply to a conditional write: the usual 204 (with the new `ETag` after a set), or
-/// 412 when the condition failed.
-pub fn written_response(written: Written, ok: Response) -> Result<Response, ApiError> {
-    match written {
-        Written::Applied(version) => Ok(with_etag(ok, version.as_deref())),
-        Written::PreconditionFailed => Err(ApiError::PreconditionFailed),
-    }
-}
-
-/// A GET whose `If-None-Match` names the current version: 304 with the `ETag`, no body.
-pub fn not_modified(condition: &Condition, version: &str) -> Option<Response> {
-    let tags = condition.if_none_match.as_ref()?;
-    let unchanged = Condition {
-        if_match: None,
-        if_none_match: Some(tags.clone()),
-    };
-    if unchanged.allows(Some(version)) {
-        return None;
-    }
-    Some(with_etag(
-        StatusCode::NOT_MODIFIED.into_response(),
-        Some(version),
-    ))
-}
 
 // --- Bulk reads -------------------------------------------------------------------------
 
@@ -471,49 +381,5 @@ async fn next_event(state: &mut Stream) -> Option<SseEvent> {
             _ => continue,
         };
         return Some(SseEvent::default().event(name).data(data));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(if_match: &[&str], if_none_match: &[&str]) -> Result<Condition, ApiError> {
-        let mut headers = HeaderMap::new();
-        for value in if_match {
-            headers.append(IF_MATCH, HeaderValue::from_str(value).unwrap());
-        }
-        for value in if_none_match {
-            headers.append(IF_NONE_MATCH, HeaderValue::from_str(value).unwrap());
-        }
-        condition(&headers)
-    }
-
-    fn listed(tags: &[&str]) -> Option<Tags> {
-        Some(Tags::Listed(tags.iter().map(|t| t.to_string()).collect()))
-    }
-
-    #[test]
-    fn headers_become_conditions() {
-        assert_eq!(parse(&[], &[]).unwrap(), Condition::NONE);
-        let c = parse(&["\"a\", W/\"b\"", "\"c\""], &["W/\"d\""]).unwrap();
-        assert_eq!(c.if_match, listed(&["a", "c"]));
-        assert_eq!(c.if_none_match, listed(&["d"]));
-        assert_eq!(parse(&[], &["*"]).unwrap().if_none_match, Some(Tags::Any));
-        // Only weak tags in If-Match: nothing can match, rather than no condition.
-        assert_eq!(parse(&["W/\"a\""], &[]).unwrap().if_match, listed(&[]));
-    }
-
-    #[test]
-    fn malformed_headers_are_400s() {
-        for (m, n) in [
-            (&["abc"][..], &[][..]),
-            (&["*, \"a\""], &[]),
-            (&[], &["\"a"]),
-            (&[""], &[]),
-        ] {
-            let error = parse(m, n).unwrap_err();
-            assert!(matches!(error, ApiError::BadHeader(_)), "{m:?} {n:?}");
-        }
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod asset;
 pub mod body;
+pub mod conditional;
 pub mod error;
 pub mod extensions;
 pub mod extract;

@@ -8,8 +8,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::body::{check_key, parse_bool_param, parse_put_body};
+use super::conditional::{condition, not_modified, with_etag, written_response};
 use super::error::ApiError;
-use super::extensions::{condition, not_modified, with_etag, written_response};
 use super::extract::{query_params, JsonBody, TaskCaller};
 use super::{no_content, value_response, AppState};
 use crate::store::TaskScope;
