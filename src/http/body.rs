@@ -6,15 +6,13 @@ use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ValidationIssue};
+use crate::store::rules::{self, KeyProblem, ValueProblem, MAX_KEY_CHARS};
 use crate::store::EpochMillis;
-
-/// Airflow stores keys in `VARCHAR(512)`.
-pub const MAX_KEY_CHARS: usize = 512;
 
 /// A validated PUT body.
 #[derive(Debug)]
@@ -24,27 +22,17 @@ pub struct PutBody<'a> {
     pub expires_at: Option<EpochMillis>,
 }
 
-/// Checks a key given in the path or query (`loc` says which, for the error list).
+/// Checks a key given in the path or query (`loc` says which, for the error list) by
+/// the store's rule.
 pub fn check_key(key: &str, loc: &[&str]) -> Result<(), ValidationIssue> {
-    if key.is_empty() {
-        return Err(ValidationIssue::new(
-            "string_too_short",
-            loc,
-            "String should have at least 1 character",
-            json!(key),
-        )
-        .with_ctx(json!({"min_length": 1})));
-    }
-    if key.chars().count() > MAX_KEY_CHARS {
-        return Err(ValidationIssue::new(
-            "string_too_long",
-            loc,
-            format!("String should have at most {MAX_KEY_CHARS} characters"),
-            json!(key),
-        )
-        .with_ctx(json!({"max_length": MAX_KEY_CHARS})));
-    }
-    Ok(())
+    let Err(problem) = rules::check_key(key) else {
+        return Ok(());
+    };
+    let (kind, ctx) = match problem {
+        KeyProblem::Empty => ("string_too_short", json!({"min_length": 1})),
+        KeyProblem::TooLong => ("string_too_long", json!({"max_length": MAX_KEY_CHARS})),
+    };
+    Err(ValidationIssue::new(kind, loc, problem.to_string(), json!(key)).with_ctx(ctx))
 }
 
 /// FastAPI parses a body as JSON only under a JSON media type.
@@ -208,91 +196,21 @@ fn byte_offset(text: &str, error: &serde_json::Error) -> usize {
     line_start + error.column().saturating_sub(1)
 }
 
-/// The Execution API's rules for a value, for JSON text that did not come in a request
-/// (`airstate import`): one JSON value, not `null`, finite numbers only.
-pub fn check_value_text(text: &str) -> Result<(), String> {
-    let raw: &RawValue = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    check_value(raw).map_err(|issue| issue.msg)
-}
-
-/// `null` is refused (Airflow: "value cannot be null"), and so is a non-finite number
-/// anywhere in the value: Airflow answers 500 for a top-level one and stores a nested one
-/// that later breaks every read.
+/// The store's rules for a value (see [`rules::check_value`]), as the error list shows them.
 fn check_value(raw: &RawValue) -> Result<(), ValidationIssue> {
-    let text = raw.get();
-    if text == "null" {
-        return Err(ValidationIssue::new(
+    rules::check_value(raw).map_err(|problem| {
+        let input = match problem {
+            ValueProblem::Null => Value::Null,
+            _ => json!(raw.get()),
+        };
+        ValidationIssue::new(
             "value_error",
             &["body", "value"],
-            "Value error, value cannot be null",
-            Value::Null,
+            problem.to_string(),
+            input,
         )
-        .with_ctx(json!({"error": {}})));
-    }
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    match deserializer.deserialize_any(FiniteCheck) {
-        Ok(()) => Ok(()),
-        Err(_) => Err(ValidationIssue::new(
-            "value_error",
-            &["body", "value"],
-            "Value error, value must be a finite number; NaN and Inf are not JSON representable",
-            json!(text),
-        )
-        .with_ctx(json!({"error": {}}))),
-    }
-}
-
-/// Walks a JSON value without building it, failing on a number that does not fit a
-/// finite double (serde_json reports `1e400` as out of range).
-struct FiniteCheck;
-
-impl<'de> Visitor<'de> for FiniteCheck {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        if v.is_finite() {
-            Ok(())
-        } else {
-            Err(E::custom("non-finite number"))
-        }
-    }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(FiniteSeed)?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_key::<IgnoredAny>()?.is_some() {
-            map.next_value_seed(FiniteSeed)?;
-        }
-        Ok(())
-    }
-}
-
-struct FiniteSeed;
-
-impl<'de> de::DeserializeSeed<'de> for FiniteSeed {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(FiniteCheck)
-    }
+        .with_ctx(json!({"error": {}}))
+    })
 }
 
 /// The top-level object's members in order, values left as raw JSON text.

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use super::{Item, MigrateError, Summary};
-use crate::http::body::{check_key, check_value_text};
 use crate::identity::metastore::explain;
 use crate::identity::tls::Connection;
+use crate::store::rules::{check_key, check_value_text};
 use crate::store::{now_millis, AssetKey, StateStore, TaskScope, Writer};
 
 // Times as epoch milliseconds, so no date type crosses the driver.
@@ -138,8 +138,8 @@ pub async fn import(
 }
 
 fn unusable(key: &str, json: &str) -> Option<String> {
-    if let Err(issue) = check_key(key, &["key"]) {
-        return Some(format!("key: {}", issue.msg));
+    if let Err(issue) = check_key(key) {
+        return Some(format!("key: {issue}"));
     }
     check_value_text(json)
         .err()

@@ -24,8 +24,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::http::body::{check_key, check_value_text};
 use crate::store::redis::{RedisStore, ScopeRef};
+use crate::store::rules::{check_key, check_value_text};
 use crate::store::{now_millis, AssetKey, Entry, EpochMillis, StateStore, StoreError, TaskScope};
 use crate::store::{StoredValue, Writer};
 
@@ -118,7 +118,7 @@ pub enum Item {
 impl Item {
     /// Checks a record as strictly as the Execution API checks a request.
     pub fn from_record(record: Record) -> Result<Item, String> {
-        check_key(&record.key, &["key"]).map_err(|issue| format!("key: {}", issue.msg))?;
+        check_key(&record.key).map_err(|problem| format!("key: {problem}"))?;
         let json = record.value.get().to_owned();
         check_value_text(&json).map_err(|message| format!("value: {message}"))?;
         let updated_at = parse_time(&record.updated_at)?;

@@ -10,6 +10,7 @@
 pub mod events;
 pub mod memory;
 pub mod redis;
+pub mod rules;
 pub mod version;
 
 use async_trait::async_trait;
