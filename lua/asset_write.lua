@@ -12,22 +12,9 @@
 local values, writers = KEYS[1], KEYS[2]
 local if_match, if_none_match = ARGV[5] or '', ARGV[6] or ''
 if if_match ~= '' or if_none_match ~= '' then
-  local current = nil
-  local raw = redis.call('HGET', values, ARGV[2])
-  if raw then
-    local head = string.match(raw, '^([^:]*):')
-    if head then
-      local dot = string.find(head, '.', 1, true)
-      current = dot and string.sub(head, dot + 1) or ('L' .. head)
-    end
-  end
-  local function listed(tags)
-    return tags == '*' or string.find(tags, ',' .. current .. ',', 1, true) ~= nil
-  end
-  if if_match ~= '' and (current == nil or not listed(if_match)) then
-    return 0
-  end
-  if if_none_match ~= '' and current ~= nil and listed(if_none_match) then
+  -- Asset values never expire: their expiry field is empty.
+  local current = live_version(redis.call('HGET', values, ARGV[2]), 0)
+  if not precondition_holds(current, if_match, if_none_match) then
     return 0
   end
 end

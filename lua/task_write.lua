@@ -28,22 +28,8 @@ local fresh_registry = false
 -- satisfy If-Match / If-None-Match before anything is written.
 local if_match, if_none_match = ARGV[10] or '', ARGV[11] or ''
 if (op == 'set' or op == 'del') and (if_match ~= '' or if_none_match ~= '') then
-  local current = nil
-  local raw = redis.call('HGET', scope, key)
-  if raw then
-    local head, expires = string.match(raw, '^([^:]*):([^:]*):')
-    if head and (expires == '' or tonumber(expires) > tonumber(now)) then
-      local dot = string.find(head, '.', 1, true)
-      current = dot and string.sub(head, dot + 1) or ('L' .. head)
-    end
-  end
-  local function listed(tags)
-    return tags == '*' or string.find(tags, ',' .. current .. ',', 1, true) ~= nil
-  end
-  if if_match ~= '' and (current == nil or not listed(if_match)) then
-    return {-1, 0}
-  end
-  if if_none_match ~= '' and current ~= nil and listed(if_none_match) then
+  local current = live_version(redis.call('HGET', scope, key), now)
+  if not precondition_holds(current, if_match, if_none_match) then
     return {-1, 0}
   end
 end

@@ -359,27 +359,20 @@ async fn next_event(state: &mut Stream) -> Option<SseEvent> {
         }
         let quoted = |text: &str| serde_json::to_string(text).unwrap_or_default();
         let wanted = |key: &str| state.filter.as_ref().is_none_or(|keys| keys.contains(key));
-        let (name, data) = match &event.change {
-            Change::Set { key, json, version } if wanted(key) => (
-                "set",
-                format!(
-                    "{{\"key\":{},\"value\":{json},\"etag\":{}}}",
-                    quoted(key),
-                    quoted(&format!("\"{version}\""))
-                ),
+        let data = match &event.change {
+            Change::Set { key, json, version } if wanted(key) => format!(
+                "{{\"key\":{},\"value\":{json},\"etag\":{}}}",
+                quoted(key),
+                quoted(&format!("\"{version}\""))
             ),
-            Change::Delete { key } if wanted(key) => {
-                ("delete", format!("{{\"key\":{}}}", quoted(key)))
-            }
-            Change::Clear => (
-                "clear",
-                format!(
-                    "{{\"all_map_indices\":{}}}",
-                    event.map_index.is_none() && state.watch.map_index.is_some()
-                ),
+            Change::Delete { key } if wanted(key) => format!("{{\"key\":{}}}", quoted(key)),
+            Change::Clear => format!(
+                "{{\"all_map_indices\":{}}}",
+                event.map_index.is_none() && state.watch.map_index.is_some()
             ),
             _ => continue,
         };
+        let name = event.change.kind().name();
         return Some(SseEvent::default().event(name).data(data));
     }
 }

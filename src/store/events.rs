@@ -35,6 +35,45 @@ pub enum Change {
     Clear,
 }
 
+/// What kind of change an event is: the one place Rust reads the scripts' spelling of it
+/// (the first byte of a published message, see [`parse_message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Set,
+    Delete,
+    Clear,
+}
+
+impl ChangeKind {
+    fn from_wire(op: char) -> Option<Self> {
+        match op {
+            's' => Some(ChangeKind::Set),
+            'd' => Some(ChangeKind::Delete),
+            'c' => Some(ChangeKind::Clear),
+            _ => None,
+        }
+    }
+
+    /// The name a change stream gives an event of this kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Set => "set",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Clear => "clear",
+        }
+    }
+}
+
+impl Change {
+    pub fn kind(&self) -> ChangeKind {
+        match self {
+            Change::Set { .. } => ChangeKind::Set,
+            Change::Delete { .. } => ChangeKind::Delete,
+            Change::Clear => ChangeKind::Clear,
+        }
+    }
+}
+
 /// A change, with the map index it happened at (task channels only; `None` on an asset
 /// channel, or for a clear of every map index).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,8 +249,9 @@ impl EventHub {
 /// publish (`op` is `s`et, `d`elete or `c`lear; clear has no key and an empty map index
 /// when it covers every map index). Returns the event and, for a set, the encoded value
 /// for the caller to decode.
-pub fn parse_message(message: &str) -> Option<(Option<i64>, char, Option<&str>, &str)> {
+pub fn parse_message(message: &str) -> Option<(Option<i64>, ChangeKind, Option<&str>, &str)> {
     let op = message.chars().next()?;
+    let kind = ChangeKind::from_wire(op)?;
     let rest = &message[op.len_utf8()..];
     let (index, rest) = rest.split_once(':')?;
     let map_index = if index.is_empty() {
@@ -219,13 +259,13 @@ pub fn parse_message(message: &str) -> Option<(Option<i64>, char, Option<&str>, 
     } else {
         Some(index.parse().ok()?)
     };
-    if op == 'c' {
-        return Some((map_index, op, None, ""));
+    if kind == ChangeKind::Clear {
+        return Some((map_index, kind, None, ""));
     }
     let (length, rest) = rest.split_once(':')?;
     let length: usize = length.parse().ok()?;
     let key = rest.get(..length)?;
-    Some((map_index, op, Some(key), &rest[length..]))
+    Some((map_index, kind, Some(key), &rest[length..]))
 }
 
 /// Owns the Redis subscriber connection: subscribes to a channel for its first local
@@ -329,7 +369,7 @@ mod tests {
     fn messages_parse() {
         assert_eq!(
             parse_message("s3:4:a:b:1.x::\"v\""),
-            Some((Some(3), 's', Some("a:b:"), "1.x::\"v\""))
+            Some((Some(3), ChangeKind::Set, Some("a:b:"), "1.x::\"v\""))
         );
         assert_eq!(
             parse_message("d-1:2:ké"),
@@ -338,11 +378,17 @@ mod tests {
         );
         assert_eq!(
             parse_message("d-1:3:ké"),
-            Some((Some(-1), 'd', Some("ké"), ""))
+            Some((Some(-1), ChangeKind::Delete, Some("ké"), ""))
         );
-        assert_eq!(parse_message("c:"), Some((None, 'c', None, "")));
-        assert_eq!(parse_message("c7:"), Some((Some(7), 'c', None, "")));
-        for bad in ["", "s", "sx:1:a", "s1:9:a", "s:1"] {
+        assert_eq!(
+            parse_message("c:"),
+            Some((None, ChangeKind::Clear, None, ""))
+        );
+        assert_eq!(
+            parse_message("c7:"),
+            Some((Some(7), ChangeKind::Clear, None, ""))
+        );
+        for bad in ["", "s", "sx:1:a", "s1:9:a", "s:1", "x:", "x1:1:a"] {
             assert_eq!(parse_message(bad), None, "{bad:?}");
         }
     }

@@ -8,6 +8,7 @@ use super::super::{
     Writer, Written,
 };
 use super::codec::{decode, encode, pairs};
+use super::scripts::WriteOp;
 use super::{written, RedisStore};
 
 impl RedisStore {
@@ -19,7 +20,7 @@ impl RedisStore {
     /// Runs `asset_write.lua`; false when `condition` failed and nothing was written.
     pub(super) async fn asset_write(
         &self,
-        op: &str,
+        op: WriteOp,
         key: &str,
         encoded: String,
         writer: String,
@@ -29,7 +30,7 @@ impl RedisStore {
         let (values, writers) = self.asset_keys(asset);
         let (if_match, if_none_match) = condition.to_args();
         let args: Vec<Value> = vec![
-            op.into(),
+            op.as_lua().into(),
             key.into(),
             encoded.into(),
             writer.into(),
@@ -84,7 +85,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Internal(format!("cannot encode writer: {e}")))?;
         let version = new_version();
         let encoded = encode(json, now_millis(), &version, None);
-        let applied = self.asset_write("set", key, encoded, writer, asset, condition);
+        let applied = self.asset_write(WriteOp::Set, key, encoded, writer, asset, condition);
         Ok(written(applied.await?, Some(version)))
     }
 
@@ -94,7 +95,14 @@ impl RedisStore {
         key: &str,
         condition: &Condition,
     ) -> StoreResult<Written> {
-        let applied = self.asset_write("del", key, String::new(), String::new(), asset, condition);
+        let applied = self.asset_write(
+            WriteOp::Delete,
+            key,
+            String::new(),
+            String::new(),
+            asset,
+            condition,
+        );
         Ok(written(applied.await?, None))
     }
 
@@ -171,7 +179,7 @@ impl RedisStore {
             None => String::new(),
         };
         let encoded = encode(json, updated_at, &new_version(), None);
-        self.asset_write("set", key, encoded, writer, asset, &Condition::NONE)
+        self.asset_write(WriteOp::Set, key, encoded, writer, asset, &Condition::NONE)
             .await
             .map(drop)
     }

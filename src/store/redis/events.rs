@@ -1,6 +1,8 @@
 //! Change streams on Redis pub/sub: channel names, and the subscriber side.
 
-use super::super::events::{parse_message, Change, Event, EventHub, RedisSubscriptions, Watch};
+use super::super::events::{
+    parse_message, Change, ChangeKind, Event, EventHub, RedisSubscriptions, Watch,
+};
 use super::super::{AssetKey, StoreError, StoreResult, TaskScope};
 use super::call;
 use super::codec::decode;
@@ -23,9 +25,9 @@ pub(super) fn task_channel(scope_key: &str) -> String {
 
 /// A published change message (see `events::parse_message`) as an event.
 pub(super) fn decode_event(message: &str) -> Option<Event> {
-    let (map_index, op, key, rest) = parse_message(message)?;
-    let change = match op {
-        's' => {
+    let (map_index, kind, key, rest) = parse_message(message)?;
+    let change = match kind {
+        ChangeKind::Set => {
             let value = decode(rest.to_owned()).ok()?;
             Change::Set {
                 key: key?.to_owned(),
@@ -33,11 +35,10 @@ pub(super) fn decode_event(message: &str) -> Option<Event> {
                 version: value.version,
             }
         }
-        'd' => Change::Delete {
+        ChangeKind::Delete => Change::Delete {
             key: key?.to_owned(),
         },
-        'c' => Change::Clear,
-        _ => return None,
+        ChangeKind::Clear => Change::Clear,
     };
     Some(Event { map_index, change })
 }

@@ -1,9 +1,20 @@
-//! The Lua scripts under `lua/`, compiled in and loaded by name.
+//! The Lua scripts under `lua/`, compiled in and loaded by name, and what they take.
 
 use fred::types::scripts::Script;
 
 use super::super::StoreResult;
 use super::call::Connection;
+
+/// The text of `lua/<name>.lua`, compiled in.
+macro_rules! lua {
+    ($name:literal) => {
+        include_str!(concat!("../../../lua/", $name, ".lua"))
+    };
+}
+
+/// Functions the write scripts share (the If-Match / If-None-Match check), put in front
+/// of each of them. Redis runs a script's text as one chunk and has no `require`.
+const PRECONDITION: &str = lua!("precondition");
 
 /// The scripts every handle of a store shares.
 pub(super) struct Scripts {
@@ -16,10 +27,10 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            task_write: Script::from_lua(include_str!("../../../lua/task_write.lua")),
-            task_clear: Script::from_lua(include_str!("../../../lua/task_clear.lua")),
-            asset_write: Script::from_lua(include_str!("../../../lua/asset_write.lua")),
-            asset_clear: Script::from_lua(include_str!("../../../lua/asset_clear.lua")),
+            task_write: Script::from_lua([PRECONDITION, lua!("task_write")].concat()),
+            task_clear: Script::from_lua(lua!("task_clear")),
+            asset_write: Script::from_lua([PRECONDITION, lua!("asset_write")].concat()),
+            asset_clear: Script::from_lua(lua!("asset_clear")),
         }
     }
 
@@ -36,5 +47,25 @@ impl Scripts {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// What a write script does to its key: ARGV[1] of `task_write.lua` and
+/// `asset_write.lua`, which spell it as a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WriteOp {
+    Set,
+    Delete,
+    /// Only reclaim expired keys (task scopes only).
+    Purge,
+}
+
+impl WriteOp {
+    pub(super) fn as_lua(self) -> &'static str {
+        match self {
+            WriteOp::Set => "set",
+            WriteOp::Delete => "del",
+            WriteOp::Purge => "purge",
+        }
     }
 }

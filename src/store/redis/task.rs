@@ -11,6 +11,7 @@ use super::super::{
 
 use super::codec::{decode, encode, pairs};
 use super::events::task_channel;
+use super::scripts::WriteOp;
 use super::{written, RedisStore};
 
 /// Reads of the registry before a clear-all gives up on a task still gaining map indices.
@@ -45,7 +46,7 @@ pub(super) fn task_digest(scope: &TaskScope) -> String {
 
 /// One step of `task_write.lua`.
 pub(super) struct Write<'a> {
-    op: &'a str,
+    op: WriteOp,
     key: &'a str,
     encoded: &'a str,
     expires_at: Option<EpochMillis>,
@@ -53,7 +54,7 @@ pub(super) struct Write<'a> {
 
 /// A purge: no key is written, only expired ones are reclaimed.
 pub(super) const PURGE: Write<'static> = Write {
-    op: "purge",
+    op: WriteOp::Purge,
     key: "",
     encoded: "",
     expires_at: None,
@@ -76,7 +77,7 @@ impl RedisStore {
     pub(super) async fn task_write(
         &self,
         scope: &TaskScope,
-        op: &str,
+        op: WriteOp,
         key: &str,
         encoded: &str,
         expires_at: Option<EpochMillis>,
@@ -131,11 +132,13 @@ impl RedisStore {
         let (if_match, if_none_match) = condition.to_args();
         // Only writes are published; a purge of expired keys is not a change anyone made.
         let channel = match keys.first() {
-            Some(scope_key) if write.op != PURGE.op => self.announced(task_channel(scope_key)),
+            Some(scope_key) if write.op != WriteOp::Purge => {
+                self.announced(task_channel(scope_key))
+            }
             _ => String::new(),
         };
         let args: Vec<Value> = vec![
-            write.op.into(),
+            write.op.as_lua().into(),
             write.key.into(),
             write.encoded.into(),
             write
@@ -153,7 +156,7 @@ impl RedisStore {
             channel.into(),
         ];
         // A purge changes nothing a client was promised, so it never waits for replicas.
-        let client = if write.op == PURGE.op {
+        let client = if write.op == WriteOp::Purge {
             self.redis.shared_client()
         } else {
             self.redis.write_client().await?
@@ -230,7 +233,7 @@ impl RedisStore {
         let version = new_version();
         let encoded = encode(json, now_millis(), &version, expires_at);
         let applied = self
-            .task_write(scope, "set", key, &encoded, expires_at, condition)
+            .task_write(scope, WriteOp::Set, key, &encoded, expires_at, condition)
             .await?;
         Ok(written(applied, Some(version)))
     }
@@ -242,7 +245,7 @@ impl RedisStore {
         condition: &Condition,
     ) -> StoreResult<Written> {
         let applied = self
-            .task_write(scope, "del", key, "", None, condition)
+            .task_write(scope, WriteOp::Delete, key, "", None, condition)
             .await?;
         Ok(written(applied, None))
     }
@@ -344,8 +347,15 @@ impl RedisStore {
         expires_at: Option<EpochMillis>,
     ) -> StoreResult<()> {
         let encoded = encode(json, updated_at, &new_version(), expires_at);
-        self.task_write(scope, "set", key, &encoded, expires_at, &Condition::NONE)
-            .await
-            .map(drop)
+        self.task_write(
+            scope,
+            WriteOp::Set,
+            key,
+            &encoded,
+            expires_at,
+            &Condition::NONE,
+        )
+        .await
+        .map(drop)
     }
 }
