@@ -15,7 +15,7 @@ on_every_store!(
     unknown_and_inactive_assets_are_404,
     query_validation_is_fastapi_shaped,
     delete_and_clear,
-    seed_paths_share_state_with_store_paths,
+    aip103_paths_share_state_with_store_paths,
 );
 
 fn enc(text: &str) -> String {
@@ -270,7 +270,7 @@ async fn delete_and_clear(backend: Backend) {
     assert_eq!(gw.get(&by_name(&other, "a"), &ti.token).await.status, 404);
 }
 
-async fn seed_paths_share_state_with_store_paths(backend: Backend) {
+async fn aip103_paths_share_state_with_store_paths(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
     let a = asset(&gw).await;

@@ -17,7 +17,7 @@ on_every_store!(
     missing_key_is_airflows_404,
     delete_is_idempotent_and_targets_one_key,
     store_clear_touches_only_own_map_index,
-    seed_clear_all_map_indices_is_opt_in,
+    aip103_clear_all_map_indices_is_opt_in,
     both_generations_share_state,
     retry_sees_earlier_state_and_retired_attempt_is_refused,
     unknown_task_instance_is_404,
@@ -201,7 +201,7 @@ async fn store_clear_touches_only_own_map_index(backend: Backend) {
     assert_eq!(gw.delete(&path, &tis[2].token).await.status, 204);
 }
 
-async fn seed_clear_all_map_indices_is_opt_in(backend: Backend) {
+async fn aip103_clear_all_map_indices_is_opt_in(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let tis = mapped_task(&gw).await;
     let own = format!("/execution/state/ti/{}", tis[0].id);

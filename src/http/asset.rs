@@ -240,7 +240,10 @@ pub async fn clear<const BY_URI: bool>(
     clear_all(&app, &claims, asset).await
 }
 
-// --- AIP-103 original: /execution/state/asset/{name}[/{key}] --------------------------
+// --- AIP-103's original paths: /execution/state/asset/{name}[/{key}] -----------------
+// The shape the AIP proposed, before Airflow 3.3 shipped `/execution/store/asset/...`
+// with the name in the query: the `aip103_*` handlers serve it on the same state, with
+// the name and key in the path.
 
 fn from_path(name: String, key: Option<&str>) -> Result<AssetRef, ApiError> {
     let mut issues = Vec::new();
@@ -257,7 +260,7 @@ fn from_path(name: String, key: Option<&str>) -> Result<AssetRef, ApiError> {
     }
 }
 
-pub async fn seed_get(
+pub async fn aip103_get(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
@@ -267,7 +270,7 @@ pub async fn seed_get(
     get_value(&app, &claims, asset, &key, &headers).await
 }
 
-pub async fn seed_put(
+pub async fn aip103_put(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
@@ -278,7 +281,7 @@ pub async fn seed_put(
     put_value(&app, &claims, asset, &key, &headers, &body).await
 }
 
-pub async fn seed_delete(
+pub async fn aip103_delete(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
@@ -288,7 +291,7 @@ pub async fn seed_delete(
     delete_value(&app, &claims, asset, &key, &headers).await
 }
 
-pub async fn seed_clear(
+pub async fn aip103_clear(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path(name): Path<String>,

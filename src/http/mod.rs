@@ -103,15 +103,15 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .served("/execution/state/ti/{task_instance_id}/", empty_key)
         .served(
             "/execution/state/ti/{task_instance_id}",
-            delete(task::clear_seed),
+            delete(task::aip103_clear),
         )
         .served(
             "/execution/state/asset/{name}/{*key}",
-            get(asset::seed_get)
-                .put(asset::seed_put)
-                .delete(asset::seed_delete),
+            get(asset::aip103_get)
+                .put(asset::aip103_put)
+                .delete(asset::aip103_delete),
         )
-        .served("/execution/state/asset/{name}", delete(asset::seed_clear))
+        .served("/execution/state/asset/{name}", delete(asset::aip103_clear))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(api_version))
         .layer(DefaultBodyLimit::max(max_body_bytes))

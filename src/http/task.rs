@@ -83,8 +83,10 @@ pub async fn clear(
     Ok(no_content())
 }
 
-/// AIP-103's clear: `?all_map_indices=true` wipes every map index of the task at once.
-pub async fn clear_seed(
+/// The clear of AIP-103's original path (`DELETE /execution/state/ti/{id}`, the shape the
+/// AIP proposed before Airflow 3.3 shipped `/execution/store/...`; `aip103_*` handlers
+/// serve those paths): `?all_map_indices=true` wipes every map index of the task at once.
+pub async fn aip103_clear(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
     RawQuery(query): RawQuery,
