@@ -220,7 +220,7 @@ async fn main() {
     let store = RedisStore::connect(&RedisSettings {
         command_timeout: Duration::from_secs(5),
         sweep_interval: Duration::from_secs(3600),
-        ..RedisSettings::new(&redis.url, prefix)
+        ..airstate::config::redis_defaults(&redis.url, prefix).unwrap()
     })
     .await
     .expect("fixture connection");

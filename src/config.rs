@@ -11,6 +11,7 @@ use jsonwebtoken::Algorithm;
 
 use crate::auth::AuthSettings;
 use crate::identity::metastore::{postgres_url_from_sqlalchemy, MetastoreSettings};
+use crate::store::events::DEFAULT_EVENT_BUFFER;
 use crate::store::redis::RedisSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,195 +81,225 @@ pub struct ExtensionSettings {
     pub change_stream_heartbeat: Duration,
 }
 
-impl Default for ExtensionSettings {
-    fn default() -> Self {
-        Self {
-            asset_registration_check: false,
-            change_streams: true,
-            change_stream_buffer: 256,
-            change_stream_heartbeat: Duration::from_secs(15),
+/// A variable's default: what parsing uses when the variable is unset, and what `--help`
+/// and the README's table show. Written here once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// This text, parsed as a set value would be.
+    Value(&'static str),
+    /// A number defined where it is used (and shown as its value).
+    Number(u64),
+    /// No value: the code decides (or the setting is off); the text says what happens.
+    Described(&'static str),
+}
+
+impl DefaultValue {
+    /// The value parsing falls back on; `None` for a [`DefaultValue::Described`] one.
+    pub fn value(self) -> Option<String> {
+        match self {
+            DefaultValue::Value(text) => Some(text.to_owned()),
+            DefaultValue::Number(number) => Some(number.to_string()),
+            DefaultValue::Described(_) => None,
+        }
+    }
+
+    /// As `--help` shows it.
+    pub fn text(self) -> String {
+        match self {
+            DefaultValue::Described(text) => text.to_owned(),
+            _ => self.value().unwrap_or_default(),
         }
     }
 }
 
-/// Every variable read, with its default, for `--help` and the README.
-pub const VARIABLES: &[(&str, &str, &str)] = &[
-    (
-        "AIRSTATE_LISTEN",
-        "0.0.0.0:8080",
-        "address to serve HTTP on",
-    ),
-    (
-        "AIRSTATE_REDIS_URL",
-        "(unset: embedded in-memory store)",
-        "redis[s]://host:port, redis[s]-sentinel://h:p,h:p/service, redis[s]-cluster://h:p,h:p",
-    ),
-    (
-        "AIRSTATE_KEY_PREFIX",
-        "airstate:",
-        "prefix of every Redis key; no { or }",
-    ),
-    (
-        "AIRSTATE_REDIS_POOL_SIZE",
-        "number of CPUs",
-        "Redis connections per replica",
-    ),
-    (
-        "AIRSTATE_REDIS_TIMEOUT_MS",
-        "2000",
-        "Redis command and connect timeout",
-    ),
-    (
-        "AIRSTATE_REDIS_RECONNECT_MIN_MS",
-        "50",
-        "first pause before reconnecting to Redis (doubles per attempt)",
-    ),
-    (
-        "AIRSTATE_REDIS_RECONNECT_MAX_MS",
-        "2000",
-        "longest pause between reconnect attempts",
-    ),
-    (
-        "AIRSTATE_REDIS_WAIT_REPLICAS",
-        "0 (off)",
-        "acknowledge a write only once WAIT confirms this many replicas",
-    ),
-    (
-        "AIRSTATE_REDIS_WAIT_TIMEOUT_MS",
-        "500",
-        "how long WAIT may take before the write is answered 503",
-    ),
-    (
-        "AIRSTATE_IDENTITY",
-        "metastore if a database is set, else claims",
-        "metastore | claims",
-    ),
-    (
-        "AIRSTATE_IDENTITY_CACHE_SECONDS",
-        "5",
-        "how long a resolved task instance or asset is trusted",
-    ),
-    (
-        "AIRSTATE_IDENTITY_CACHE_CAPACITY",
-        "100000",
-        "entries in each identity cache",
-    ),
-    (
-        "AIRSTATE_METASTORE_POOL_SIZE",
-        "8",
-        "metastore connections per replica",
-    ),
-    (
-        "AIRSTATE_METASTORE_TIMEOUT_MS",
-        "2000",
-        "metastore connect/query timeout",
-    ),
-    (
-        "AIRSTATE_MAX_BODY_BYTES",
-        "1048576",
-        "largest request body accepted (413 above)",
-    ),
-    (
-        "AIRSTATE_JWKS_REFRESH_SECONDS",
-        "300",
-        "how often a JWKS URL or file is re-read",
-    ),
-    (
-        "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
-        "20",
-        "longest wait for in-flight requests on SIGTERM",
-    ),
-    (
-        "AIRSTATE_SWEEP_INTERVAL_SECONDS",
-        "60",
-        "how often expired keys of mixed scopes are reclaimed",
-    ),
-    (
-        "AIRSTATE_LOG_FORMAT",
-        "json, or text on a terminal",
-        "log line format: json | text",
-    ),
-    (
-        "AIRSTATE_ADMIN_TOKEN",
-        "(unset: admin API off)",
-        "bearer token of the admin API (/admin/v1), at least 32 characters; from a Secret",
-    ),
-    (
-        "AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES",
-        "65535",
-        "largest value the admin API stores (422 above); 0 = no limit",
-    ),
+/// One environment variable the gateway reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    pub default: DefaultValue,
+    pub meaning: &'static str,
+}
+
+/// Every variable read, with its default: the one list parsing, `--help` and the README's
+/// table (checked by a test) take them from.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "AIRSTATE_LISTEN",
+        default: DefaultValue::Value("0.0.0.0:8080"),
+        meaning: "address to serve HTTP on",
+    },
+    Variable {
+        name: "AIRSTATE_REDIS_URL",
+        default: DefaultValue::Described("unset: embedded in-memory store"),
+        meaning:
+            "redis[s]://host:port, redis[s]-sentinel://h:p,h:p/service, redis[s]-cluster://h:p,h:p",
+    },
+    Variable {
+        name: "AIRSTATE_KEY_PREFIX",
+        default: DefaultValue::Value("airstate:"),
+        meaning: "prefix of every Redis key; no { or }",
+    },
+    Variable {
+        name: "AIRSTATE_REDIS_POOL_SIZE",
+        default: DefaultValue::Described("number of CPUs"),
+        meaning: "Redis connections per replica",
+    },
+    Variable {
+        name: "AIRSTATE_REDIS_TIMEOUT_MS",
+        default: DefaultValue::Value("2000"),
+        meaning: "Redis command and connect timeout",
+    },
+    Variable {
+        name: "AIRSTATE_REDIS_RECONNECT_MIN_MS",
+        default: DefaultValue::Value("50"),
+        meaning: "first pause before reconnecting to Redis (doubles per attempt)",
+    },
+    Variable {
+        name: "AIRSTATE_REDIS_RECONNECT_MAX_MS",
+        default: DefaultValue::Value("2000"),
+        meaning: "longest pause between reconnect attempts",
+    },
+    Variable {
+        name: "AIRSTATE_REDIS_WAIT_REPLICAS",
+        default: DefaultValue::Value("0"),
+        meaning: "acknowledge a write only once WAIT confirms this many replicas (0: off)",
+    },
+    Variable {
+        name: "AIRSTATE_REDIS_WAIT_TIMEOUT_MS",
+        default: DefaultValue::Value("500"),
+        meaning: "how long WAIT may take before the write is answered 503",
+    },
+    Variable {
+        name: "AIRSTATE_SWEEP_INTERVAL_SECONDS",
+        default: DefaultValue::Value("60"),
+        meaning: "how often expired keys of mixed scopes are reclaimed",
+    },
+    Variable {
+        name: "AIRSTATE_IDENTITY",
+        default: DefaultValue::Described("metastore with a database, else claims"),
+        meaning: "metastore | claims",
+    },
+    Variable {
+        name: "AIRSTATE_IDENTITY_CACHE_SECONDS",
+        default: DefaultValue::Value("5"),
+        meaning: "how long a resolved task instance or asset is trusted",
+    },
+    Variable {
+        name: "AIRSTATE_IDENTITY_CACHE_CAPACITY",
+        default: DefaultValue::Value("100000"),
+        meaning: "entries in each identity cache",
+    },
+    Variable {
+        name: "AIRSTATE_METASTORE_POOL_SIZE",
+        default: DefaultValue::Value("8"),
+        meaning: "metastore connections per replica",
+    },
+    Variable {
+        name: "AIRSTATE_METASTORE_TIMEOUT_MS",
+        default: DefaultValue::Value("2000"),
+        meaning: "metastore connect/query timeout",
+    },
+    Variable {
+        name: "AIRSTATE_MAX_BODY_BYTES",
+        default: DefaultValue::Value("1048576"),
+        meaning: "largest request body accepted (413 above)",
+    },
+    Variable {
+        name: "AIRSTATE_JWKS_REFRESH_SECONDS",
+        default: DefaultValue::Value("300"),
+        meaning: "how often a JWKS URL or file is re-read",
+    },
+    Variable {
+        name: "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
+        default: DefaultValue::Value("20"),
+        meaning: "longest wait for in-flight requests on SIGTERM",
+    },
+    Variable {
+        name: "AIRSTATE_LOG_FORMAT",
+        default: DefaultValue::Described("json, or text on a terminal"),
+        meaning: "log line format: json | text",
+    },
+    Variable {
+        name: "AIRSTATE_ADMIN_TOKEN",
+        default: DefaultValue::Described("unset: admin API off"),
+        meaning: "bearer token of the admin API (/admin/v1), at least 32 characters; from a Secret",
+    },
+    Variable {
+        name: "AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES",
+        default: DefaultValue::Value("65535"),
+        meaning: "largest value the admin API stores (422 above); 0 = no limit",
+    },
     // airstate's extensions beyond Airflow's API.
-    (
-        "AIRSTATE_ASSET_REGISTRATION_CHECK",
-        "false",
-        "true: a task may use only assets it declares as inlet/outlet",
-    ),
-    (
-        "AIRSTATE_CHANGE_STREAMS",
-        "true",
-        "false: writes publish no change events and streams are refused (406)",
-    ),
-    (
-        "AIRSTATE_CHANGE_STREAM_BUFFER",
-        "256",
-        "change events buffered per stream before it lags",
-    ),
-    (
-        "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
-        "15",
-        "keep-alive interval of idle change streams",
-    ),
-    (
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-        "(unset)",
-        "Airflow metastore, postgresql[+driver]://",
-    ),
-    (
-        "AIRFLOW__API_AUTH__JWT_SECRET",
-        "(unset)",
-        "HMAC secret shared with Airflow",
-    ),
-    (
-        "AIRFLOW__API_AUTH__TRUSTED_JWKS_URL",
-        "(unset)",
-        "JWKS file path or http(s) URL",
-    ),
-    (
-        "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH",
-        "(unset)",
-        "PEM private key Airflow signs with",
-    ),
-    (
-        "AIRFLOW__API_AUTH__JWT_ALGORITHM",
-        "HS512 / from the key",
-        "pin the signing algorithm",
-    ),
-    (
-        "AIRFLOW__API_AUTH__JWT_KID",
-        "(key thumbprint)",
-        "kid of the private key",
-    ),
-    (
-        "AIRFLOW__API_AUTH__JWT_ISSUER",
-        "(unset: not checked)",
-        "required iss claim",
-    ),
-    (
-        "AIRFLOW__API_AUTH__JWT_LEEWAY",
-        "10",
-        "clock leeway in seconds",
-    ),
-    (
-        "AIRFLOW__EXECUTION_API__JWT_AUDIENCE",
-        "urn:airflow.apache.org:task",
-        "accepted audiences, comma-separated",
-    ),
-    (
-        "AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME",
-        "600",
-        "lifetime of refreshed tokens, seconds",
-    ),
+    Variable {
+        name: "AIRSTATE_ASSET_REGISTRATION_CHECK",
+        default: DefaultValue::Value("false"),
+        meaning: "true: a task may use only assets it declares as inlet/outlet",
+    },
+    Variable {
+        name: "AIRSTATE_CHANGE_STREAMS",
+        default: DefaultValue::Value("true"),
+        meaning: "false: writes publish no change events and streams are refused (406)",
+    },
+    Variable {
+        name: "AIRSTATE_CHANGE_STREAM_BUFFER",
+        default: DefaultValue::Number(DEFAULT_EVENT_BUFFER as u64),
+        meaning: "change events buffered per stream before it lags",
+    },
+    Variable {
+        name: "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
+        default: DefaultValue::Value("15"),
+        meaning: "keep-alive interval of idle change streams",
+    },
+    Variable {
+        name: "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+        default: DefaultValue::Described("unset"),
+        meaning: "Airflow metastore, postgresql[+driver]://",
+    },
+    Variable {
+        name: "AIRFLOW__API_AUTH__JWT_SECRET",
+        default: DefaultValue::Described("unset"),
+        meaning: "HMAC secret shared with Airflow",
+    },
+    Variable {
+        name: "AIRFLOW__API_AUTH__TRUSTED_JWKS_URL",
+        default: DefaultValue::Described("unset"),
+        meaning: "JWKS file path or http(s) URL",
+    },
+    Variable {
+        name: "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH",
+        default: DefaultValue::Described("unset"),
+        meaning: "PEM private key Airflow signs with",
+    },
+    Variable {
+        name: "AIRFLOW__API_AUTH__JWT_ALGORITHM",
+        default: DefaultValue::Described("HS512 / from the key"),
+        meaning: "pin the signing algorithm",
+    },
+    Variable {
+        name: "AIRFLOW__API_AUTH__JWT_KID",
+        default: DefaultValue::Described("key thumbprint"),
+        meaning: "kid of the private key",
+    },
+    Variable {
+        name: "AIRFLOW__API_AUTH__JWT_ISSUER",
+        default: DefaultValue::Described("unset: not checked"),
+        meaning: "required iss claim",
+    },
+    Variable {
+        name: "AIRFLOW__API_AUTH__JWT_LEEWAY",
+        default: DefaultValue::Value("10"),
+        meaning: "clock leeway in seconds",
+    },
+    Variable {
+        name: "AIRFLOW__EXECUTION_API__JWT_AUDIENCE",
+        default: DefaultValue::Value("urn:airflow.apache.org:task"),
+        meaning: "accepted audiences, comma-separated",
+    },
+    Variable {
+        name: "AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME",
+        default: DefaultValue::Value("600"),
+        meaning: "lifetime of refreshed tokens, seconds",
+    },
 ];
 
 impl Config {
@@ -309,14 +340,10 @@ impl Config {
                     .map_err(|m| error("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &m))?;
                 Some(MetastoreSettings {
                     url,
-                    pool_size: env.parse("AIRSTATE_METASTORE_POOL_SIZE", 8usize)?,
-                    cache_ttl: Duration::from_secs(
-                        env.parse("AIRSTATE_IDENTITY_CACHE_SECONDS", 5u64)?,
-                    ),
-                    cache_capacity: env.parse("AIRSTATE_IDENTITY_CACHE_CAPACITY", 100_000u64)?,
-                    timeout: Duration::from_millis(
-                        env.parse("AIRSTATE_METASTORE_TIMEOUT_MS", 2000u64)?,
-                    ),
+                    pool_size: env.parse("AIRSTATE_METASTORE_POOL_SIZE")?,
+                    cache_ttl: Duration::from_secs(env.parse("AIRSTATE_IDENTITY_CACHE_SECONDS")?),
+                    cache_capacity: env.parse("AIRSTATE_IDENTITY_CACHE_CAPACITY")?,
+                    timeout: Duration::from_millis(env.parse("AIRSTATE_METASTORE_TIMEOUT_MS")?),
                 })
             }
         };
@@ -331,8 +358,7 @@ impl Config {
             })?),
         };
         let audiences: Vec<String> = env
-            .text("AIRFLOW__EXECUTION_API__JWT_AUDIENCE")
-            .unwrap_or_else(|| "urn:airflow.apache.org:task".to_owned())
+            .parse::<String>("AIRFLOW__EXECUTION_API__JWT_AUDIENCE")?
             .split(',')
             .map(|a| a.trim().to_owned())
             .filter(|a| !a.is_empty())
@@ -353,12 +379,12 @@ impl Config {
             kid: env.text("AIRFLOW__API_AUTH__JWT_KID"),
             issuer: env.text("AIRFLOW__API_AUTH__JWT_ISSUER"),
             audiences,
-            leeway: Duration::from_secs(env.parse("AIRFLOW__API_AUTH__JWT_LEEWAY", 10u64)?),
+            leeway: Duration::from_secs(env.parse("AIRFLOW__API_AUTH__JWT_LEEWAY")?),
             refreshed_lifetime: Duration::from_secs(
-                env.parse("AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME", 600u64)?,
+                env.parse("AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME")?,
             ),
             jwks_refresh: Duration::from_secs(
-                env.parse("AIRSTATE_JWKS_REFRESH_SECONDS", 300u64)?.max(1),
+                env.parse::<u64>("AIRSTATE_JWKS_REFRESH_SECONDS")?.max(1),
             ),
         };
         if auth.secret.is_none() && auth.jwks_source.is_none() && auth.private_key_path.is_none() {
@@ -370,7 +396,7 @@ impl Config {
         }
 
         // airstate's extensions beyond Airflow's API.
-        let asset_registration_check = env.parse("AIRSTATE_ASSET_REGISTRATION_CHECK", false)?;
+        let asset_registration_check = env.parse("AIRSTATE_ASSET_REGISTRATION_CHECK")?;
         if asset_registration_check && identity != IdentityMode::Metastore {
             return Err(error(
                 "AIRSTATE_ASSET_REGISTRATION_CHECK",
@@ -378,22 +404,15 @@ impl Config {
                  references live there",
             ));
         }
-        let defaults = ExtensionSettings::default();
         let change_streams = change_streams(&env)?;
-        let change_stream_buffer = env.parse(
-            "AIRSTATE_CHANGE_STREAM_BUFFER",
-            defaults.change_stream_buffer,
-        )?;
+        let change_stream_buffer: usize = env.parse("AIRSTATE_CHANGE_STREAM_BUFFER")?;
         if !(1..=1_000_000).contains(&change_stream_buffer) {
             return Err(error(
                 "AIRSTATE_CHANGE_STREAM_BUFFER",
                 "must be between 1 and 1000000",
             ));
         }
-        let heartbeat = env.parse(
-            "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
-            defaults.change_stream_heartbeat.as_secs(),
-        )?;
+        let heartbeat: u64 = env.parse("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS")?;
         if heartbeat == 0 {
             return Err(error(
                 "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
@@ -421,21 +440,18 @@ impl Config {
         }
         let admin = AdminSettings {
             token: admin_token,
-            max_value_bytes: env
-                .parse("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", 65535usize)?,
+            max_value_bytes: env.parse("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES")?,
         };
 
         Ok(Config {
             admin,
-            listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            listen: env.parse("AIRSTATE_LISTEN")?,
             redis,
             identity,
             metastore,
             auth,
-            max_body_bytes: env.parse("AIRSTATE_MAX_BODY_BYTES", 1_048_576usize)?,
-            shutdown_grace: Duration::from_secs(
-                env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS", 20u64)?,
-            ),
+            max_body_bytes: env.parse("AIRSTATE_MAX_BODY_BYTES")?,
+            shutdown_grace: Duration::from_secs(env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS")?),
             extensions,
         })
     }
@@ -449,15 +465,24 @@ pub fn redis_from_lookup(
     redis_settings(&Env(&lookup))
 }
 
+/// Redis settings with every default, for `url` and `prefix`: what a tool or test that
+/// connects on its own uses.
+pub fn redis_defaults(url: &str, key_prefix: &str) -> Result<RedisSettings, ConfigError> {
+    let settings = redis_from_lookup(|name| match name {
+        "AIRSTATE_REDIS_URL" => Some(url.to_owned()),
+        "AIRSTATE_KEY_PREFIX" => Some(key_prefix.to_owned()),
+        _ => None,
+    })?;
+    settings.ok_or_else(|| error("AIRSTATE_REDIS_URL", "must not be blank"))
+}
+
 fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
     Ok(match env.text("AIRSTATE_REDIS_URL") {
         None => None,
         Some(url) => {
             crate::store::redis::client_config(&url)
                 .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?;
-            let key_prefix = env
-                .text("AIRSTATE_KEY_PREFIX")
-                .unwrap_or_else(|| "airstate:".to_owned());
+            let key_prefix: String = env.parse("AIRSTATE_KEY_PREFIX")?;
             if key_prefix.contains(['{', '}']) {
                 return Err(error(
                     "AIRSTATE_KEY_PREFIX",
@@ -469,19 +494,15 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
                 key_prefix,
                 // fred pipelines every command of a connection; few connections batch
                 // more per syscall. One per core measured fastest (BENCHMARKS.md).
-                pool_size: env.parse("AIRSTATE_REDIS_POOL_SIZE", cores())?,
-                command_timeout: Duration::from_millis(
-                    env.parse("AIRSTATE_REDIS_TIMEOUT_MS", 2000u64)?,
-                ),
+                pool_size: env.parse_or("AIRSTATE_REDIS_POOL_SIZE", cores())?,
+                command_timeout: Duration::from_millis(env.parse("AIRSTATE_REDIS_TIMEOUT_MS")?),
                 sweep_interval: Duration::from_secs(
-                    env.parse("AIRSTATE_SWEEP_INTERVAL_SECONDS", 60u64)?.max(1),
+                    env.parse::<u64>("AIRSTATE_SWEEP_INTERVAL_SECONDS")?.max(1),
                 ),
                 reconnect: reconnect_pauses(env)?,
-                wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS", 0u32)?,
+                wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS")?,
                 change_events: change_streams(env)?,
-                wait_timeout: Duration::from_millis(
-                    env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS", 500u64)?,
-                ),
+                wait_timeout: Duration::from_millis(env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS")?),
             })
         }
     })
@@ -490,17 +511,14 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
 /// `AIRSTATE_CHANGE_STREAMS`: read for the HTTP layer (streams served or 406) and for the
 /// Redis store (writes publish or not), including in `airstate import`.
 fn change_streams(env: &Env) -> Result<bool, ConfigError> {
-    env.parse(
-        "AIRSTATE_CHANGE_STREAMS",
-        ExtensionSettings::default().change_streams,
-    )
+    env.parse("AIRSTATE_CHANGE_STREAMS")
 }
 
 /// The reconnect backoff: exponential from the first pause to the longest, retried for
 /// ever, so a replica always comes back by itself once Redis does.
 fn reconnect_pauses(env: &Env) -> Result<(Duration, Duration), ConfigError> {
-    let first = env.parse("AIRSTATE_REDIS_RECONNECT_MIN_MS", 50u64)?;
-    let longest = env.parse("AIRSTATE_REDIS_RECONNECT_MAX_MS", 2000u64)?;
+    let first: u64 = env.parse("AIRSTATE_REDIS_RECONNECT_MIN_MS")?;
+    let longest: u64 = env.parse("AIRSTATE_REDIS_RECONNECT_MAX_MS")?;
     if first == 0 || longest < first {
         return Err(error(
             "AIRSTATE_REDIS_RECONNECT_MAX_MS",
@@ -512,6 +530,24 @@ fn reconnect_pauses(env: &Env) -> Result<(Duration, Duration), ConfigError> {
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// The value `name` takes when unset, from [`VARIABLES`]; `None` when the code works it
+/// out or it has none.
+pub fn default_value(name: &str) -> Option<String> {
+    VARIABLES
+        .iter()
+        .find(|variable| variable.name == name)
+        .and_then(|variable| variable.default.value())
+}
+
+fn parse_text<T: FromStr>(name: &str, text: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    text.trim()
+        .parse()
+        .map_err(|e: T::Err| error(name, &format!("cannot parse {text:?}: {e}")))
 }
 
 fn error(variable: &str, message: &str) -> ConfigError {
@@ -529,16 +565,26 @@ impl Env<'_> {
         (self.0)(name).filter(|value| !value.trim().is_empty())
     }
 
-    fn parse<T: FromStr>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    /// The variable's value, or else its default from [`VARIABLES`], parsed the same way.
+    fn parse<T: FromStr>(&self, name: &str) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let Some(text) = self.text(name).or_else(|| default_value(name)) else {
+            // A programming error, caught by the tests that read every default.
+            return Err(error(name, "has no default value in config::VARIABLES"));
+        };
+        parse_text(name, &text)
+    }
+
+    /// For a variable whose default the code works out (a [`DefaultValue::Described`] one).
+    fn parse_or<T: FromStr>(&self, name: &str, computed: T) -> Result<T, ConfigError>
     where
         T::Err: std::fmt::Display,
     {
         match self.text(name) {
-            None => Ok(default),
-            Some(text) => text
-                .trim()
-                .parse()
-                .map_err(|e: T::Err| error(name, &format!("cannot parse {text:?}: {e}"))),
+            None => Ok(computed),
+            Some(text) => parse_text(name, &text),
         }
     }
 }
@@ -688,6 +734,87 @@ mod tests {
             }
             assert_eq!(config(&vars).unwrap_err().variable, blamed, "{var}={value}");
         }
+    }
+
+    /// The README's configuration table lists the variables of [`VARIABLES`], in its
+    /// order, with the same defaults (its meanings may say more than `--help`).
+    #[test]
+    fn readme_table_matches_the_variables() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let header = readme
+            .find("| variable | default | meaning |")
+            .expect("the README has a configuration table");
+        let rows: Vec<(String, String)> = readme[header..]
+            .lines()
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|line| {
+                let cells: Vec<&str> = line.split(" | ").collect();
+                (
+                    cells[0]
+                        .trim_start_matches("| ")
+                        .trim_matches('`')
+                        .to_owned(),
+                    cells[1].to_owned(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String)> = VARIABLES
+            .iter()
+            .map(|variable| {
+                let shown = match variable.default.value() {
+                    Some(value) => format!("`{value}`"),
+                    None => variable.default.text(),
+                };
+                (variable.name.to_owned(), shown)
+            })
+            .collect();
+        assert_eq!(rows, expected);
+    }
+
+    /// Every default in [`VARIABLES`] parses: a configuration reading every variable (a
+    /// metastore and Redis) starts from nothing but a key, the URLs and the database.
+    #[test]
+    fn every_default_parses_to_its_value() {
+        let c = config(&[
+            SECRET,
+            ("AIRSTATE_REDIS_URL", "redis://h:1"),
+            (
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                "postgresql://u@db/airflow",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.listen, SocketAddr::from(([0, 0, 0, 0], 8080)));
+        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        let redis = c.redis.unwrap();
+        assert_eq!(redis.key_prefix, "airstate:");
+        assert_eq!(redis.command_timeout, Duration::from_millis(2000));
+        assert_eq!(redis.sweep_interval, Duration::from_secs(60));
+        assert_eq!(redis.wait_timeout, Duration::from_millis(500));
+        assert!(redis.change_events);
+        let metastore = c.metastore.unwrap();
+        assert_eq!(metastore.pool_size, 8);
+        assert_eq!(metastore.cache_ttl, Duration::from_secs(5));
+        assert_eq!(metastore.cache_capacity, 100_000);
+        assert_eq!(metastore.timeout, Duration::from_millis(2000));
+        assert_eq!(c.auth.refreshed_lifetime, Duration::from_secs(600));
+        assert_eq!(c.auth.jwks_refresh, Duration::from_secs(300));
+        assert!(!c.extensions.asset_registration_check);
+        assert!(c.extensions.change_streams);
+        assert_eq!(c.extensions.change_stream_buffer, DEFAULT_EVENT_BUFFER);
+        assert_eq!(
+            c.extensions.change_stream_heartbeat,
+            Duration::from_secs(15)
+        );
+        assert_eq!(c.admin.max_value_bytes, 65535);
+        // The settings a tool connecting on its own gets are the same defaults.
+        let tool = redis_defaults("redis://h:1", "p:").unwrap();
+        assert_eq!(tool.command_timeout, redis.command_timeout);
+        assert_eq!(tool.reconnect, redis.reconnect);
+        assert_eq!(tool.key_prefix, "p:");
     }
 
     #[test]

@@ -68,20 +68,25 @@ enum Command {
 
 fn env_help() -> String {
     let mut help = String::from("Environment variables:\n");
-    for (name, default, meaning) in airstate::config::VARIABLES {
-        help.push_str(&format!("  {name}\n      {meaning} [default: {default}]\n"));
+    for variable in airstate::config::VARIABLES {
+        help.push_str(&format!(
+            "  {}\n      {} [default: {}]\n",
+            variable.name,
+            variable.meaning,
+            variable.default.text()
+        ));
     }
     help
 }
 
 fn healthcheck(url: Option<String>) -> ExitCode {
     let url = url.unwrap_or_else(|| {
-        let listen = std::env::var("AIRSTATE_LISTEN").unwrap_or_default();
-        let port = listen
-            .rsplit(':')
-            .next()
-            .filter(|p| !p.is_empty())
-            .unwrap_or("8080");
+        let listen = std::env::var("AIRSTATE_LISTEN")
+            .ok()
+            .filter(|listen| !listen.trim().is_empty())
+            .or_else(|| airstate::config::default_value("AIRSTATE_LISTEN"))
+            .unwrap_or_default();
+        let port = listen.rsplit(':').next().unwrap_or_default();
         format!("http://127.0.0.1:{port}/ready")
     });
     let agent = ureq::Agent::config_builder()

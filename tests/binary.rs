@@ -137,6 +137,16 @@ fn help_lists_commands_and_variables() {
     ] {
         assert!(help.contains(expected), "{expected} missing from:\n{help}");
     }
+    // Each variable with its default, from the same table parsing uses.
+    for variable in airstate::config::VARIABLES {
+        let entry = format!(
+            "  {}\n      {} [default: {}]\n",
+            variable.name,
+            variable.meaning,
+            variable.default.text()
+        );
+        assert!(help.contains(&entry), "{entry:?} missing from:\n{help}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

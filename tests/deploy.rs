@@ -149,7 +149,7 @@ fn env_value(documents: &[Value], name: &str) -> Option<Value> {
 fn assert_read_by_gateway(name: &str, setter: &str) {
     let known = airstate::config::VARIABLES
         .iter()
-        .any(|(v, _, _)| *v == name)
+        .any(|variable| variable.name == name)
         || name.starts_with("OTEL_")
         || name == "RUST_LOG";
     assert!(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use airstate::migrate::{self, MigrateError};
 use airstate::store::memory::MemoryStore;
-use airstate::store::redis::{RedisSettings, RedisStore};
+use airstate::store::redis::RedisStore;
 use airstate::store::{AssetKey, StateStore, TaskScope, Writer};
 use common::{redis_cli, Postgres, RedisCluster, RedisServer};
 use gateway::unique;
@@ -40,7 +40,7 @@ fn scope(dag: &str, map_index: i64) -> TaskScope {
 }
 
 async fn connect(url: &str, prefix: &str) -> RedisStore {
-    RedisStore::connect(&RedisSettings::new(url, prefix))
+    RedisStore::connect(&airstate::config::redis_defaults(url, prefix).unwrap())
         .await
         .expect("redis")
 }

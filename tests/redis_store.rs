@@ -30,7 +30,7 @@ async fn store_on(server: &RedisServer, prefix: &str) -> RedisStore {
         pool_size: 4,
         command_timeout: Duration::from_millis(1000),
         sweep_interval: Duration::from_secs(3600),
-        ..RedisSettings::new(&server.url, prefix)
+        ..airstate::config::redis_defaults(&server.url, prefix).unwrap()
     })
     .await
     .expect("connect")

@@ -20,6 +20,10 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{StoreError, StoreResult};
 
+/// Events buffered per watcher and channel unless configured (`AIRSTATE_CHANGE_STREAM_BUFFER`
+/// shows it as its default).
+pub const DEFAULT_EVENT_BUFFER: usize = 256;
+
 /// One change to a task scope or an asset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {

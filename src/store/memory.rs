@@ -32,7 +32,7 @@ impl Default for MemoryStore {
         Self {
             tasks: Mutex::default(),
             assets: Mutex::default(),
-            events: EventHub::new(super::redis::DEFAULT_EVENT_BUFFER),
+            events: EventHub::new(super::events::DEFAULT_EVENT_BUFFER),
         }
     }
 }

@@ -40,7 +40,7 @@ use fred::prelude::*;
 
 use self::call::Connection;
 use self::scripts::Scripts;
-use super::events::{EventHub, Watch};
+use super::events::{EventHub, Watch, DEFAULT_EVENT_BUFFER};
 use super::{
     AssetKey, Condition, Entry, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
     TaskScope, Writer, Written,
@@ -70,26 +70,6 @@ pub struct RedisSettings {
     /// over its bus to every node whether or not anyone listens.
     pub change_events: bool,
 }
-
-impl RedisSettings {
-    /// Settings with the gateway's defaults for everything but the URL and prefix.
-    pub fn new(url: &str, key_prefix: &str) -> Self {
-        Self {
-            url: url.to_owned(),
-            key_prefix: key_prefix.to_owned(),
-            pool_size: 2,
-            command_timeout: Duration::from_millis(2000),
-            sweep_interval: Duration::from_secs(60),
-            reconnect: (Duration::from_millis(50), Duration::from_millis(2000)),
-            wait_replicas: 0,
-            wait_timeout: Duration::from_millis(500),
-            change_events: true,
-        }
-    }
-}
-
-/// Events buffered per watcher and channel unless configured.
-pub const DEFAULT_EVENT_BUFFER: usize = 256;
 
 pub struct RedisStore {
     redis: Connection,
