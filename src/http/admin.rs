@@ -14,8 +14,6 @@ use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -23,7 +21,11 @@ use super::asset::{from_query, By};
 use super::body::{check_key, parse_bool_param, parse_patch_body, parse_put_body};
 use super::error::{ApiError, ValidationIssue};
 use super::extract::{query_params, JsonBody};
-use super::openapi::RouteServed;
+use super::openapi::{
+    ASSET_LIST_NAME, ASSET_LIST_URI, ASSET_NAME, ASSET_NAME_KEY, ASSET_URI, ASSET_URI_KEY,
+    MAP_INDEX, TASK_CLEAR, TASK_LIST,
+};
+use super::routes::{route, Route};
 use super::{no_content, AppState};
 use crate::auth::AuthError;
 use crate::store::version::Tags;
@@ -38,35 +40,174 @@ const MAX_LIMIT: usize = 1000;
 /// Attempts of a PATCH whose read-modify-write keeps meeting a concurrent write.
 const PATCH_ATTEMPTS: usize = 3;
 
-pub fn router() -> Router<Arc<AppState>> {
-    let router = Router::new()
-        .served(TASK_PATH, get(task_list).delete(task_clear))
-        .served(
-            &format!("{TASK_PATH}/{{*key}}"),
-            get(task_get)
-                .put(task_put)
-                .patch(task_patch)
-                .delete(task_delete),
-        );
-    let router = asset_routes::<false>(router, "/admin/v1/assets/by-name/state-store");
-    asset_routes::<true>(router, "/admin/v1/assets/by-uri/state-store")
-}
+const ADMIN_TASK: &str = TASK_PATH;
+const ADMIN_TASK_KEY: &str =
+    "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store/{*key}";
 
-fn asset_routes<const BY_URI: bool>(
-    router: Router<Arc<AppState>>,
-    prefix: &str,
-) -> Router<Arc<AppState>> {
-    router
-        .served(
-            prefix,
-            get(asset_list::<BY_URI>).delete(asset_clear::<BY_URI>),
-        )
-        .served(
-            &format!("{prefix}/value"),
-            get(asset_get::<BY_URI>)
-                .put(asset_put::<BY_URI>)
-                .delete(asset_delete::<BY_URI>),
-        )
+/// The admin API's part of the route table (`routes::table`).
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        route!(
+            "get",
+            ADMIN_TASK,
+            task_list,
+            "List a task scope's keys",
+            TASK_LIST,
+            None,
+            Page,
+            Admin
+        ),
+        route!(
+            "delete",
+            ADMIN_TASK,
+            task_clear,
+            "Clear a map index, or every one",
+            TASK_CLEAR,
+            None,
+            Empty,
+            Admin
+        ),
+        route!(
+            "get",
+            ADMIN_TASK_KEY,
+            task_get,
+            "Get a task state key",
+            MAP_INDEX,
+            None,
+            Entry,
+            Admin
+        ),
+        route!(
+            "put",
+            ADMIN_TASK_KEY,
+            task_put,
+            "Set a task state key",
+            MAP_INDEX,
+            TaskPut,
+            Empty,
+            Admin
+        ),
+        route!(
+            "patch",
+            ADMIN_TASK_KEY,
+            task_patch,
+            "Change a task state key's value or expiry",
+            MAP_INDEX,
+            Patch,
+            Empty,
+            Admin
+        ),
+        route!(
+            "delete",
+            ADMIN_TASK_KEY,
+            task_delete,
+            "Delete a task state key",
+            MAP_INDEX,
+            None,
+            Empty,
+            Admin
+        ),
+        route!(
+            "get",
+            "/admin/v1/assets/by-name/state-store",
+            asset_list::<false>,
+            "List an asset's keys",
+            ASSET_LIST_NAME,
+            None,
+            Page,
+            Admin
+        ),
+        route!(
+            "delete",
+            "/admin/v1/assets/by-name/state-store",
+            asset_clear::<false>,
+            "Clear an asset",
+            ASSET_NAME,
+            None,
+            Empty,
+            Admin
+        ),
+        route!(
+            "get",
+            "/admin/v1/assets/by-name/state-store/value",
+            asset_get::<false>,
+            "Get an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Entry,
+            Admin
+        ),
+        route!(
+            "put",
+            "/admin/v1/assets/by-name/state-store/value",
+            asset_put::<false>,
+            "Set an asset state key",
+            ASSET_NAME_KEY,
+            AssetPut,
+            Empty,
+            Admin
+        ),
+        route!(
+            "delete",
+            "/admin/v1/assets/by-name/state-store/value",
+            asset_delete::<false>,
+            "Delete an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Empty,
+            Admin
+        ),
+        route!(
+            "get",
+            "/admin/v1/assets/by-uri/state-store",
+            asset_list::<true>,
+            "List an asset's keys",
+            ASSET_LIST_URI,
+            None,
+            Page,
+            Admin
+        ),
+        route!(
+            "delete",
+            "/admin/v1/assets/by-uri/state-store",
+            asset_clear::<true>,
+            "Clear an asset",
+            ASSET_URI,
+            None,
+            Empty,
+            Admin
+        ),
+        route!(
+            "get",
+            "/admin/v1/assets/by-uri/state-store/value",
+            asset_get::<true>,
+            "Get an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Entry,
+            Admin
+        ),
+        route!(
+            "put",
+            "/admin/v1/assets/by-uri/state-store/value",
+            asset_put::<true>,
+            "Set an asset state key",
+            ASSET_URI_KEY,
+            AssetPut,
+            Empty,
+            Admin
+        ),
+        route!(
+            "delete",
+            "/admin/v1/assets/by-uri/state-store/value",
+            asset_delete::<true>,
+            "Delete an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Empty,
+            Admin
+        ),
+    ]
 }
 
 /// An operator holding the admin token. Checked before anything else of the request is

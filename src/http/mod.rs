@@ -10,6 +10,7 @@ pub mod extensions;
 pub mod extract;
 mod observe;
 pub mod openapi;
+pub mod routes;
 pub mod task;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,7 @@ use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tracing::Instrument;
@@ -31,7 +32,6 @@ use crate::identity::IdentityResolver;
 use crate::store::StateStore;
 use error::{ApiError, ValidationIssue};
 use extract::{AuthOutcome, BodyLimit};
-use openapi::RouteServed;
 
 /// Shared by every request; cheap to clone behind an `Arc`.
 pub struct AppState {
@@ -52,86 +52,20 @@ const API_VERSION_HEADER: HeaderName = HeaderName::from_static("airflow-api-vers
 const REFRESHED_TOKEN: HeaderName = HeaderName::from_static("refreshed-api-token");
 
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    let task_key = get(task::get).put(task::put).delete(task::delete);
-    let empty_key = get(task::empty_key)
-        .put(task::empty_key)
-        .delete(task::empty_key);
-    let execution = Router::new()
-        // Airflow 3.3 Execution API.
-        .served(
-            "/execution/store/ti/{task_instance_id}/{*key}",
-            task_key.clone(),
-        )
-        .served("/execution/store/ti/{task_instance_id}/", empty_key.clone())
-        .served(
-            "/execution/store/ti/{task_instance_id}",
-            delete(task::clear)
-                .get(extensions::task_bulk_get)
-                .post(extensions::task_bulk_post),
-        )
-        .served(
-            "/execution/store/asset/by-name/value",
-            get(asset::get::<false>)
-                .put(asset::put::<false>)
-                .delete(asset::delete::<false>),
-        )
-        .served(
-            "/execution/store/asset/by-name/clear",
-            delete(asset::clear::<false>),
-        )
-        .served(
-            "/execution/store/asset/by-uri/value",
-            get(asset::get::<true>)
-                .put(asset::put::<true>)
-                .delete(asset::delete::<true>),
-        )
-        .served(
-            "/execution/store/asset/by-uri/clear",
-            delete(asset::clear::<true>),
-        )
-        // airstate's extensions (src/http/extensions.rs).
-        .served(
-            "/execution/store/asset/by-name/values",
-            get(extensions::asset_bulk_get::<false>).post(extensions::asset_bulk_post::<false>),
-        )
-        .served(
-            "/execution/store/asset/by-uri/values",
-            get(extensions::asset_bulk_get::<true>).post(extensions::asset_bulk_post::<true>),
-        )
-        // AIP-103's original paths.
-        .served("/execution/state/ti/{task_instance_id}/{*key}", task_key)
-        .served("/execution/state/ti/{task_instance_id}/", empty_key)
-        .served(
-            "/execution/state/ti/{task_instance_id}",
-            delete(task::aip103_clear),
-        )
-        .served(
-            "/execution/state/asset/{name}/{*key}",
-            get(asset::aip103_get)
-                .put(asset::aip103_put)
-                .delete(asset::aip103_delete),
-        )
-        .served("/execution/state/asset/{name}", delete(asset::aip103_clear))
+    // Without an admin credential the admin surface does not exist (404), rather than
+    // existing and refusing everyone.
+    let routes = routes::routers(state.admin.token.is_some());
+    let execution = routes
+        .execution
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(api_version))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
-
-    let mut app = Router::new()
-        .served("/health", get(health))
-        .served("/ready", get(ready))
-        .served("/metrics", get(metrics))
-        .served("/openapi.json", get(openapi_document))
-        .merge(execution);
-    // Without an admin credential the admin surface does not exist (404), rather than
-    // existing and refusing everyone.
-    if state.admin.token.is_some() {
-        app = app.merge(
-            admin::router()
-                .layer(DefaultBodyLimit::max(max_body_bytes))
-                .layer(Extension(BodyLimit(max_body_bytes))),
-        );
-    }
+    let admin = routes
+        .admin
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(Extension(BodyLimit(max_body_bytes)));
+    let app = routes.open.merge(execution).merge(admin);
     app.fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Added with `Router::layer`, so it runs per route and sees the route template.
@@ -244,7 +178,7 @@ fn parse_version_date(text: &str) -> Option<String> {
 
 /// The OpenAPI document of what this replica serves (admin routes only when enabled).
 async fn openapi_document(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(openapi::document(app.admin.token.is_some()))
+    Json(routes::document(app.admin.token.is_some()))
 }
 
 /// Liveness: the process answers. Never tied to Redis, so a Redis outage does not get

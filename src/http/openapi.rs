@@ -1,8 +1,8 @@
 //! The OpenAPI 3.1 document of the whole HTTP surface, served at `/openapi.json`.
 //!
-//! It is built from [`operations`], and the router registers its paths through
-//! [`Served`], so a test can compare the two: a route added to the router without a
-//! line here (or the other way round) fails `tests/openapi.rs`.
+//! What the document says of an operation ([`Operation`]) and how it is rendered. The
+//! operations themselves are the route table (`routes::table`), which builds the router
+//! too; [`served`] records the paths the router was given, for `tests/openapi.rs`.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -62,524 +62,36 @@ pub struct Operation {
     pub auth: Auth,
 }
 
-const ASSET_NAME_KEY: &[(&str, bool, &str)] = &[("name", true, "string"), ("key", true, "string")];
-const ASSET_URI_KEY: &[(&str, bool, &str)] = &[("uri", true, "string"), ("key", true, "string")];
-const ASSET_NAME: &[(&str, bool, &str)] = &[("name", true, "string")];
-const ASSET_URI: &[(&str, bool, &str)] = &[("uri", true, "string")];
+pub const ASSET_NAME_KEY: &[(&str, bool, &str)] =
+    &[("name", true, "string"), ("key", true, "string")];
+pub const ASSET_URI_KEY: &[(&str, bool, &str)] =
+    &[("uri", true, "string"), ("key", true, "string")];
+pub const ASSET_NAME: &[(&str, bool, &str)] = &[("name", true, "string")];
+pub const ASSET_URI: &[(&str, bool, &str)] = &[("uri", true, "string")];
 // `keys` may be left out only with `Accept: text/event-stream` (a change stream of every key).
-const BULK_NAME: &[(&str, bool, &str)] = &[("name", true, "string"), ("keys", true, "string")];
-const BULK_URI: &[(&str, bool, &str)] = &[("uri", true, "string"), ("keys", true, "string")];
-const MAP_INDEX: &[(&str, bool, &str)] = &[("map_index", false, "integer")];
-const TASK_LIST: &[(&str, bool, &str)] = &[
+pub const BULK_NAME: &[(&str, bool, &str)] = &[("name", true, "string"), ("keys", true, "string")];
+pub const BULK_URI: &[(&str, bool, &str)] = &[("uri", true, "string"), ("keys", true, "string")];
+pub const MAP_INDEX: &[(&str, bool, &str)] = &[("map_index", false, "integer")];
+pub const TASK_LIST: &[(&str, bool, &str)] = &[
     ("map_index", false, "integer"),
     ("limit", false, "integer"),
     ("after", false, "string"),
 ];
-const TASK_CLEAR: &[(&str, bool, &str)] = &[
+pub const TASK_CLEAR: &[(&str, bool, &str)] = &[
     ("map_index", false, "integer"),
     ("all_map_indices", false, "boolean"),
 ];
-const ASSET_LIST_NAME: &[(&str, bool, &str)] = &[
+pub const ASSET_LIST_NAME: &[(&str, bool, &str)] = &[
     ("name", true, "string"),
     ("limit", false, "integer"),
     ("after", false, "string"),
 ];
-const ASSET_LIST_URI: &[(&str, bool, &str)] = &[
+pub const ASSET_LIST_URI: &[(&str, bool, &str)] = &[
     ("uri", true, "string"),
     ("limit", false, "integer"),
     ("after", false, "string"),
 ];
-const ALL_MAP_INDICES: &[(&str, bool, &str)] = &[("all_map_indices", false, "boolean")];
-
-macro_rules! op {
-    ($method:literal, $path:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
-        Operation {
-            method: $method,
-            path: $path,
-            summary: $summary,
-            query: $query,
-            body: Body::$body,
-            reply: Reply::$reply,
-            auth: Auth::$auth,
-        }
-    };
-}
-
-const TI_KEY: &str = "/execution/store/ti/{task_instance_id}/{*key}";
-const TI_SEED_KEY: &str = "/execution/state/ti/{task_instance_id}/{*key}";
-const ADMIN_TASK: &str =
-    "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store";
-const ADMIN_TASK_KEY: &str =
-    "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store/{*key}";
-
-/// Every operation the router serves (the admin ones only when enabled).
-pub fn operations() -> Vec<Operation> {
-    vec![
-        op!("get", "/health", "Liveness", &[], None, Status, None),
-        op!(
-            "get",
-            "/ready",
-            "Readiness (503 when not ready)",
-            &[],
-            None,
-            Status,
-            None
-        ),
-        op!(
-            "get",
-            "/metrics",
-            "Prometheus metrics",
-            &[],
-            None,
-            Text,
-            None
-        ),
-        op!(
-            "get",
-            "/openapi.json",
-            "This document",
-            &[],
-            None,
-            Document,
-            None
-        ),
-        // Airflow 3.3 Execution API.
-        op!(
-            "get",
-            TI_KEY,
-            "Get a task state key",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "put",
-            TI_KEY,
-            "Set a task state key",
-            &[],
-            TaskPut,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            TI_KEY,
-            "Delete a task state key",
-            &[],
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/store/ti/{task_instance_id}",
-            "Clear the task instance's own map index",
-            &[],
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/store/ti/{task_instance_id}",
-            "Bulk read (airstate), or a change stream with Accept: text/event-stream",
-            &[("keys", false, "string")],
-            None,
-            Bulk,
-            Execution
-        ),
-        op!(
-            "post",
-            "/execution/store/ti/{task_instance_id}",
-            "Bulk read of many keys (airstate)",
-            &[],
-            Keys,
-            Bulk,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/store/asset/by-name/value",
-            "Get an asset state key",
-            ASSET_NAME_KEY,
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "put",
-            "/execution/store/asset/by-name/value",
-            "Set an asset state key",
-            ASSET_NAME_KEY,
-            AssetPut,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/store/asset/by-name/value",
-            "Delete an asset state key",
-            ASSET_NAME_KEY,
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/store/asset/by-name/clear",
-            "Clear an asset",
-            ASSET_NAME,
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/store/asset/by-uri/value",
-            "Get an asset state key",
-            ASSET_URI_KEY,
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "put",
-            "/execution/store/asset/by-uri/value",
-            "Set an asset state key",
-            ASSET_URI_KEY,
-            AssetPut,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/store/asset/by-uri/value",
-            "Delete an asset state key",
-            ASSET_URI_KEY,
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/store/asset/by-uri/clear",
-            "Clear an asset",
-            ASSET_URI,
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/store/asset/by-name/values",
-            "Bulk read or change stream (airstate)",
-            BULK_NAME,
-            None,
-            Bulk,
-            Execution
-        ),
-        op!(
-            "post",
-            "/execution/store/asset/by-name/values",
-            "Bulk read (airstate)",
-            ASSET_NAME,
-            Keys,
-            Bulk,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/store/asset/by-uri/values",
-            "Bulk read or change stream (airstate)",
-            BULK_URI,
-            None,
-            Bulk,
-            Execution
-        ),
-        op!(
-            "post",
-            "/execution/store/asset/by-uri/values",
-            "Bulk read (airstate)",
-            ASSET_URI,
-            Keys,
-            Bulk,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/store/ti/{task_instance_id}/",
-            "An empty key: always 422",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "put",
-            "/execution/store/ti/{task_instance_id}/",
-            "An empty key: always 422",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/store/ti/{task_instance_id}/",
-            "An empty key: always 422",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/state/ti/{task_instance_id}/",
-            "An empty key: always 422",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "put",
-            "/execution/state/ti/{task_instance_id}/",
-            "An empty key: always 422",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/state/ti/{task_instance_id}/",
-            "An empty key: always 422",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        // AIP-103's original paths.
-        op!(
-            "get",
-            TI_SEED_KEY,
-            "Get a task state key (AIP-103 path)",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "put",
-            TI_SEED_KEY,
-            "Set a task state key (AIP-103 path)",
-            &[],
-            TaskPut,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            TI_SEED_KEY,
-            "Delete a task state key (AIP-103 path)",
-            &[],
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/state/ti/{task_instance_id}",
-            "Clear a map index, or all with all_map_indices (AIP-103 path)",
-            ALL_MAP_INDICES,
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "get",
-            "/execution/state/asset/{name}/{*key}",
-            "Get an asset state key (AIP-103 path)",
-            &[],
-            None,
-            Value,
-            Execution
-        ),
-        op!(
-            "put",
-            "/execution/state/asset/{name}/{*key}",
-            "Set an asset state key (AIP-103 path)",
-            &[],
-            AssetPut,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/state/asset/{name}/{*key}",
-            "Delete an asset state key (AIP-103 path)",
-            &[],
-            None,
-            Empty,
-            Execution
-        ),
-        op!(
-            "delete",
-            "/execution/state/asset/{name}",
-            "Clear an asset (AIP-103 path)",
-            &[],
-            None,
-            Empty,
-            Execution
-        ),
-        // Admin API.
-        op!(
-            "get",
-            ADMIN_TASK,
-            "List a task scope's keys",
-            TASK_LIST,
-            None,
-            Page,
-            Admin
-        ),
-        op!(
-            "delete",
-            ADMIN_TASK,
-            "Clear a map index, or every one",
-            TASK_CLEAR,
-            None,
-            Empty,
-            Admin
-        ),
-        op!(
-            "get",
-            ADMIN_TASK_KEY,
-            "Get a task state key",
-            MAP_INDEX,
-            None,
-            Entry,
-            Admin
-        ),
-        op!(
-            "put",
-            ADMIN_TASK_KEY,
-            "Set a task state key",
-            MAP_INDEX,
-            TaskPut,
-            Empty,
-            Admin
-        ),
-        op!(
-            "patch",
-            ADMIN_TASK_KEY,
-            "Change a task state key's value or expiry",
-            MAP_INDEX,
-            Patch,
-            Empty,
-            Admin
-        ),
-        op!(
-            "delete",
-            ADMIN_TASK_KEY,
-            "Delete a task state key",
-            MAP_INDEX,
-            None,
-            Empty,
-            Admin
-        ),
-        op!(
-            "get",
-            "/admin/v1/assets/by-name/state-store",
-            "List an asset's keys",
-            ASSET_LIST_NAME,
-            None,
-            Page,
-            Admin
-        ),
-        op!(
-            "delete",
-            "/admin/v1/assets/by-name/state-store",
-            "Clear an asset",
-            ASSET_NAME,
-            None,
-            Empty,
-            Admin
-        ),
-        op!(
-            "get",
-            "/admin/v1/assets/by-name/state-store/value",
-            "Get an asset state key",
-            ASSET_NAME_KEY,
-            None,
-            Entry,
-            Admin
-        ),
-        op!(
-            "put",
-            "/admin/v1/assets/by-name/state-store/value",
-            "Set an asset state key",
-            ASSET_NAME_KEY,
-            AssetPut,
-            Empty,
-            Admin
-        ),
-        op!(
-            "delete",
-            "/admin/v1/assets/by-name/state-store/value",
-            "Delete an asset state key",
-            ASSET_NAME_KEY,
-            None,
-            Empty,
-            Admin
-        ),
-        op!(
-            "get",
-            "/admin/v1/assets/by-uri/state-store",
-            "List an asset's keys",
-            ASSET_LIST_URI,
-            None,
-            Page,
-            Admin
-        ),
-        op!(
-            "delete",
-            "/admin/v1/assets/by-uri/state-store",
-            "Clear an asset",
-            ASSET_URI,
-            None,
-            Empty,
-            Admin
-        ),
-        op!(
-            "get",
-            "/admin/v1/assets/by-uri/state-store/value",
-            "Get an asset state key",
-            ASSET_URI_KEY,
-            None,
-            Entry,
-            Admin
-        ),
-        op!(
-            "put",
-            "/admin/v1/assets/by-uri/state-store/value",
-            "Set an asset state key",
-            ASSET_URI_KEY,
-            AssetPut,
-            Empty,
-            Admin
-        ),
-        op!(
-            "delete",
-            "/admin/v1/assets/by-uri/state-store/value",
-            "Delete an asset state key",
-            ASSET_URI_KEY,
-            None,
-            Empty,
-            Admin
-        ),
-    ]
-}
+pub const ALL_MAP_INDICES: &[(&str, bool, &str)] = &[("all_map_indices", false, "boolean")];
 
 /// `{*key}` (axum) is `{key}` in OpenAPI.
 pub fn openapi_path(template: &str) -> String {
@@ -597,18 +109,6 @@ impl Served {
 
     pub fn paths(&self) -> BTreeSet<String> {
         self.0.lock().unwrap().clone()
-    }
-}
-
-/// `Router::route`, recording the path template in [`served`].
-pub trait RouteServed<S> {
-    fn served(self, path: &str, method_router: axum::routing::MethodRouter<S>) -> Self;
-}
-
-impl<S: Clone + Send + Sync + 'static> RouteServed<S> for axum::Router<S> {
-    fn served(self, path: &str, method_router: axum::routing::MethodRouter<S>) -> Self {
-        served().record(path);
-        self.route(path, method_router)
     }
 }
 
@@ -771,17 +271,14 @@ fn operation(op: &Operation) -> Value {
     out
 }
 
-/// The document; admin operations are listed only when the admin API is on.
-pub fn document(admin: bool) -> Value {
+/// The document of `operations` (see `routes::document`).
+pub fn document<'a>(operations: impl IntoIterator<Item = &'a Operation>) -> Value {
     let mut paths = Map::new();
-    for op in operations() {
-        if op.auth == Auth::Admin && !admin {
-            continue;
-        }
+    for op in operations {
         let item = paths
             .entry(openapi_path(op.path))
             .or_insert_with(|| json!({}));
-        item[op.method] = operation(&op);
+        item[op.method] = operation(op);
     }
     json!({
         "openapi": "3.1.0",

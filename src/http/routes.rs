@@ -1,0 +1,465 @@
+//! The route table: every operation of the HTTP surface, with its handler and what the
+//! OpenAPI document says of it. The router and `/openapi.json` are both built from it, so
+//! neither can list a route the other lacks.
+
+use std::sync::Arc;
+
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::Router;
+use serde_json::Value;
+
+use super::openapi::{
+    self, Auth, Operation, ALL_MAP_INDICES, ASSET_NAME, ASSET_NAME_KEY, ASSET_URI, ASSET_URI_KEY,
+    BULK_NAME, BULK_URI,
+};
+use super::{admin, asset, extensions, health, metrics, openapi_document, ready, task, AppState};
+
+/// One operation and the handler serving it.
+pub struct Route {
+    pub operation: Operation,
+    pub handler: MethodRouter<Arc<AppState>>,
+}
+
+/// A [`Route`]: `handler` serves `method` on `path`; the rest is the operation's entry in
+/// the document (see [`Operation`]).
+macro_rules! route {
+    ($method:literal, $path:expr, $handler:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
+        $crate::http::routes::Route {
+            handler: axum::routing::on($crate::http::routes::method_filter($method), $handler),
+            operation: $crate::http::openapi::Operation {
+                method: $method,
+                path: $path,
+                summary: $summary,
+                query: $query,
+                body: $crate::http::openapi::Body::$body,
+                reply: $crate::http::openapi::Reply::$reply,
+                auth: $crate::http::openapi::Auth::$auth,
+            },
+        }
+    };
+}
+pub(crate) use route;
+
+pub fn method_filter(method: &str) -> MethodFilter {
+    match method {
+        "get" => MethodFilter::GET,
+        "put" => MethodFilter::PUT,
+        "post" => MethodFilter::POST,
+        "patch" => MethodFilter::PATCH,
+        "delete" => MethodFilter::DELETE,
+        other => panic!("no route method {other:?}"),
+    }
+}
+
+const TI_KEY: &str = "/execution/store/ti/{task_instance_id}/{*key}";
+const TI_AIP103_KEY: &str = "/execution/state/ti/{task_instance_id}/{*key}";
+
+/// Every operation: the gateway's own routes, the Execution API's (with airstate's
+/// extensions and AIP-103's original paths), then the admin API's.
+pub fn table() -> Vec<Route> {
+    let mut routes = vec![
+        route!(
+            "get",
+            "/health",
+            health,
+            "Liveness",
+            &[],
+            None,
+            Status,
+            None
+        ),
+        route!(
+            "get",
+            "/ready",
+            ready,
+            "Readiness (503 when not ready)",
+            &[],
+            None,
+            Status,
+            None
+        ),
+        route!(
+            "get",
+            "/metrics",
+            metrics,
+            "Prometheus metrics",
+            &[],
+            None,
+            Text,
+            None
+        ),
+        route!(
+            "get",
+            "/openapi.json",
+            openapi_document,
+            "This document",
+            &[],
+            None,
+            Document,
+            None
+        ),
+        // Airflow 3.3 Execution API.
+        route!(
+            "get",
+            TI_KEY,
+            task::get,
+            "Get a task state key",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "put",
+            TI_KEY,
+            task::put,
+            "Set a task state key",
+            &[],
+            TaskPut,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            TI_KEY,
+            task::delete,
+            "Delete a task state key",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/store/ti/{task_instance_id}",
+            task::clear,
+            "Clear the task instance's own map index",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/store/ti/{task_instance_id}",
+            extensions::task_bulk_get,
+            "Bulk read (airstate), or a change stream with Accept: text/event-stream",
+            &[("keys", false, "string")],
+            None,
+            Bulk,
+            Execution
+        ),
+        route!(
+            "post",
+            "/execution/store/ti/{task_instance_id}",
+            extensions::task_bulk_post,
+            "Bulk read of many keys (airstate)",
+            &[],
+            Keys,
+            Bulk,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/store/asset/by-name/value",
+            asset::get::<false>,
+            "Get an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "put",
+            "/execution/store/asset/by-name/value",
+            asset::put::<false>,
+            "Set an asset state key",
+            ASSET_NAME_KEY,
+            AssetPut,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/store/asset/by-name/value",
+            asset::delete::<false>,
+            "Delete an asset state key",
+            ASSET_NAME_KEY,
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/store/asset/by-name/clear",
+            asset::clear::<false>,
+            "Clear an asset",
+            ASSET_NAME,
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/store/asset/by-uri/value",
+            asset::get::<true>,
+            "Get an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "put",
+            "/execution/store/asset/by-uri/value",
+            asset::put::<true>,
+            "Set an asset state key",
+            ASSET_URI_KEY,
+            AssetPut,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/store/asset/by-uri/value",
+            asset::delete::<true>,
+            "Delete an asset state key",
+            ASSET_URI_KEY,
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/store/asset/by-uri/clear",
+            asset::clear::<true>,
+            "Clear an asset",
+            ASSET_URI,
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/store/asset/by-name/values",
+            extensions::asset_bulk_get::<false>,
+            "Bulk read or change stream (airstate)",
+            BULK_NAME,
+            None,
+            Bulk,
+            Execution
+        ),
+        route!(
+            "post",
+            "/execution/store/asset/by-name/values",
+            extensions::asset_bulk_post::<false>,
+            "Bulk read (airstate)",
+            ASSET_NAME,
+            Keys,
+            Bulk,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/store/asset/by-uri/values",
+            extensions::asset_bulk_get::<true>,
+            "Bulk read or change stream (airstate)",
+            BULK_URI,
+            None,
+            Bulk,
+            Execution
+        ),
+        route!(
+            "post",
+            "/execution/store/asset/by-uri/values",
+            extensions::asset_bulk_post::<true>,
+            "Bulk read (airstate)",
+            ASSET_URI,
+            Keys,
+            Bulk,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/store/ti/{task_instance_id}/",
+            task::empty_key,
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "put",
+            "/execution/store/ti/{task_instance_id}/",
+            task::empty_key,
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/store/ti/{task_instance_id}/",
+            task::empty_key,
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/state/ti/{task_instance_id}/",
+            task::empty_key,
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "put",
+            "/execution/state/ti/{task_instance_id}/",
+            task::empty_key,
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/state/ti/{task_instance_id}/",
+            task::empty_key,
+            "An empty key: always 422",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        // AIP-103's original paths.
+        route!(
+            "get",
+            TI_AIP103_KEY,
+            task::get,
+            "Get a task state key (AIP-103 path)",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "put",
+            TI_AIP103_KEY,
+            task::put,
+            "Set a task state key (AIP-103 path)",
+            &[],
+            TaskPut,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            TI_AIP103_KEY,
+            task::delete,
+            "Delete a task state key (AIP-103 path)",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/state/ti/{task_instance_id}",
+            task::aip103_clear,
+            "Clear a map index, or all with all_map_indices (AIP-103 path)",
+            ALL_MAP_INDICES,
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "get",
+            "/execution/state/asset/{name}/{*key}",
+            asset::aip103_get,
+            "Get an asset state key (AIP-103 path)",
+            &[],
+            None,
+            Value,
+            Execution
+        ),
+        route!(
+            "put",
+            "/execution/state/asset/{name}/{*key}",
+            asset::aip103_put,
+            "Set an asset state key (AIP-103 path)",
+            &[],
+            AssetPut,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/state/asset/{name}/{*key}",
+            asset::aip103_delete,
+            "Delete an asset state key (AIP-103 path)",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+        route!(
+            "delete",
+            "/execution/state/asset/{name}",
+            asset::aip103_clear,
+            "Clear an asset (AIP-103 path)",
+            &[],
+            None,
+            Empty,
+            Execution
+        ),
+    ];
+    routes.extend(admin::routes());
+    routes
+}
+
+/// The routers of [`table`], one per kind of caller, for `http::router` to put each
+/// behind its layers; the admin one is empty unless the admin API is on.
+pub struct Routers {
+    pub open: Router<Arc<AppState>>,
+    pub execution: Router<Arc<AppState>>,
+    pub admin: Router<Arc<AppState>>,
+}
+
+pub fn routers(admin_api: bool) -> Routers {
+    let mut routers = Routers {
+        open: Router::new(),
+        execution: Router::new(),
+        admin: Router::new(),
+    };
+    for Route { operation, handler } in table() {
+        let group = match operation.auth {
+            Auth::None => &mut routers.open,
+            Auth::Execution => &mut routers.execution,
+            Auth::Admin if admin_api => &mut routers.admin,
+            Auth::Admin => continue,
+        };
+        openapi::served().record(operation.path);
+        // Routes of one path are merged by axum, method by method.
+        *group = std::mem::take(group).route(operation.path, handler);
+    }
+    routers
+}
+
+/// The OpenAPI document of [`table`]; admin operations only when the admin API is on.
+pub fn document(admin_api: bool) -> Value {
+    let table = table();
+    openapi::document(
+        table
+            .iter()
+            .map(|route| &route.operation)
+            .filter(|operation| admin_api || operation.auth != Auth::Admin),
+    )
+}
