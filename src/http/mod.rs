@@ -5,9 +5,11 @@ pub mod admin;
 pub mod asset;
 pub mod body;
 pub mod conditional;
+pub mod core_api;
 pub mod error;
 pub mod extensions;
 pub mod extract;
+pub mod forward;
 mod observe;
 pub mod openapi;
 pub mod routes;
@@ -44,6 +46,12 @@ pub struct AppState {
     /// airstate's extensions beyond Airflow's API.
     pub extensions: crate::config::ExtensionSettings,
     pub admin: crate::config::AdminSettings,
+    /// Airflow's API server, which gets every request not served here (`None`: 404s).
+    pub upstream: Option<forward::Upstream>,
+    /// Airflow's Core REST API state routes are served here (an upstream to ask about
+    /// access, and the metastore identity for asset ids), rather than forwarded.
+    pub serve_core_api: bool,
+    pub access_cache: core_api::AccessCache,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.
@@ -54,7 +62,7 @@ const REFRESHED_TOKEN: HeaderName = HeaderName::from_static("refreshed-api-token
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     // Without an admin credential the admin surface does not exist (404), rather than
     // existing and refusing everyone.
-    let routes = routes::routers(state.admin.token.is_some());
+    let routes = routes::routers(state.admin.token.is_some(), state.serve_core_api);
     let execution = routes
         .execution
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -65,8 +73,12 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .admin
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
-    let app = routes.open.merge(execution).merge(admin);
-    app.fallback(|| async { ApiError::RouteNotFound })
+    let core_api = routes
+        .core_api
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(Extension(BodyLimit(max_body_bytes)));
+    let app = routes.open.merge(execution).merge(admin).merge(core_api);
+    app.fallback(forward::forward)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
@@ -178,7 +190,10 @@ fn parse_version_date(text: &str) -> Option<String> {
 
 /// The OpenAPI document of what this replica serves (admin routes only when enabled).
 async fn openapi_document(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(routes::document(app.admin.token.is_some()))
+    Json(routes::document(
+        app.admin.token.is_some(),
+        app.serve_core_api,
+    ))
 }
 
 /// Liveness: the process answers. Never tied to Redis, so a Redis outage does not get
@@ -205,8 +220,27 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         app.store.ping().await.map_err(|e| e.to_string())?;
         app.identity.ping().await.map_err(|e| e.to_string())
     };
-    match tokio::time::timeout(app.ready_timeout, checks).await {
-        Ok(Ok(())) => Json(json!({"status": "ready"})).into_response(),
+    // Airflow's API server is reported, never required: state is served without it, and
+    // every replica shares it, so taking replicas out of the Service would not help.
+    let upstream = async {
+        match &app.upstream {
+            None => None,
+            Some(upstream) => Some(match upstream.check(app.ready_timeout).await {
+                Ok(status) => format!("answers ({status})"),
+                Err(error) => format!("unreachable: {error}"),
+            }),
+        }
+    };
+    let (checks, upstream) =
+        tokio::join!(tokio::time::timeout(app.ready_timeout, checks), upstream);
+    match checks {
+        Ok(Ok(())) => {
+            let mut body = json!({"status": "ready"});
+            if let Some(upstream) = upstream {
+                body["airflow_api_server"] = json!(upstream);
+            }
+            Json(body).into_response()
+        }
         Ok(Err(reason)) => not_ready(reason),
         Err(_) => not_ready("dependency check timed out".into()),
     }

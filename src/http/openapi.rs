@@ -17,6 +17,8 @@ pub enum Auth {
     Execution,
     /// `AIRSTATE_ADMIN_TOKEN`.
     Admin,
+    /// Airflow's own credentials (its UI's session or an API token); Airflow decides.
+    Airflow,
 }
 
 /// What a successful reply carries.
@@ -31,6 +33,10 @@ pub enum Reply {
     /// An admin entry or a page of entries.
     Entry,
     Page,
+    /// Airflow's Core REST API entry, and its `{"task_state_store" | "asset_state_store",
+    /// "total_entries"}` collection.
+    AirflowEntry,
+    AirflowPage,
     /// `{"status": ...}`; `/ready` answers 503 when not ready.
     Status,
     Text,
@@ -92,6 +98,13 @@ pub const ASSET_LIST_URI: &[(&str, bool, &str)] = &[
     ("after", false, "string"),
 ];
 pub const ALL_MAP_INDICES: &[(&str, bool, &str)] = &[("all_map_indices", false, "boolean")];
+pub const CORE_TASK_LIST: &[(&str, bool, &str)] = &[
+    ("map_index", false, "integer"),
+    ("limit", false, "integer"),
+    ("offset", false, "integer"),
+];
+pub const CORE_PAGE: &[(&str, bool, &str)] =
+    &[("limit", false, "integer"), ("offset", false, "integer")];
 
 /// `{*key}` (axum) is `{key}` in OpenAPI.
 pub fn openapi_path(template: &str) -> String {
@@ -140,6 +153,18 @@ fn entry_schema(task: bool) -> Value {
     json!({"type": "object", "required": ["value", "key", "updated_at"], "properties": properties})
 }
 
+fn airflow_entry_schema(task: bool) -> Value {
+    let mut schema = entry_schema(task);
+    if !task {
+        schema["properties"]["last_updated_by"] = json!({"type": ["object", "null"], "properties": {
+            "kind": {"enum": ["task", "watcher", "api"]},
+            "dag_id": {"type": ["string", "null"]}, "run_id": {"type": ["string", "null"]},
+            "task_id": {"type": ["string", "null"]}, "map_index": {"type": ["integer", "null"]},
+        }});
+    }
+    schema
+}
+
 fn value_body(expires: bool, value_required: bool) -> Value {
     let mut properties = json!({"value": {"not": {"type": "null"}}});
     if expires {
@@ -183,6 +208,25 @@ fn success(op: &Operation) -> (String, Value) {
                 },
             })),
         ),
+        Reply::AirflowEntry => (
+            "200".into(),
+            ok(airflow_entry_schema(op.path.contains("/dags/"))),
+        ),
+        Reply::AirflowPage => {
+            let member = if op.path.contains("/dags/") {
+                "task_state_store"
+            } else {
+                "asset_state_store"
+            };
+            let mut properties = json!({"total_entries": {"type": "integer"}});
+            properties[member] = json!({"type": "array", "items": airflow_entry_schema(member == "task_state_store")});
+            (
+                "200".into(),
+                ok(
+                    json!({"type": "object", "required": [member, "total_entries"], "properties": properties}),
+                ),
+            )
+        }
         Reply::Status => (
             "200".into(),
             ok(
@@ -251,6 +295,7 @@ fn operation(op: &Operation) -> Value {
         Auth::None => {}
         Auth::Execution => out["security"] = json!([{"execution_jwt": []}]),
         Auth::Admin => out["security"] = json!([{"admin_token": []}]),
+        Auth::Airflow => out["security"] = json!([{"airflow": []}]),
     }
     let body = match op.body {
         Body::None => None,
@@ -291,6 +336,7 @@ pub fn document<'a>(operations: impl IntoIterator<Item = &'a Operation>) -> Valu
         "components": {"securitySchemes": {
             "execution_jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
             "admin_token": {"type": "http", "scheme": "bearer", "description": "AIRSTATE_ADMIN_TOKEN"},
+            "airflow": {"type": "http", "scheme": "bearer", "description": "Airflow's own API token or UI session; Airflow's API server decides access"},
         }},
     })
 }

@@ -12,7 +12,9 @@ use super::openapi::{
     self, Auth, Operation, ALL_MAP_INDICES, ASSET_NAME, ASSET_NAME_KEY, ASSET_URI, ASSET_URI_KEY,
     BULK_NAME, BULK_URI,
 };
-use super::{admin, asset, extensions, health, metrics, openapi_document, ready, task, AppState};
+use super::{
+    admin, asset, core_api, extensions, health, metrics, openapi_document, ready, task, AppState,
+};
 
 /// One operation and the handler serving it.
 pub struct Route {
@@ -55,7 +57,8 @@ const TI_KEY: &str = "/execution/store/ti/{task_instance_id}/{*key}";
 const TI_AIP103_KEY: &str = "/execution/state/ti/{task_instance_id}/{*key}";
 
 /// Every operation: the gateway's own routes, the Execution API's (with airstate's
-/// extensions and AIP-103's original paths), then the admin API's.
+/// extensions and AIP-103's original paths), then the admin API's and Airflow's Core REST
+/// API state routes.
 pub fn table() -> Vec<Route> {
     let mut routes = vec![
         route!(
@@ -422,22 +425,26 @@ pub fn table() -> Vec<Route> {
         ),
     ];
     routes.extend(admin::routes());
+    routes.extend(core_api::routes());
     routes
 }
 
 /// The routers of [`table`], one per kind of caller, for `http::router` to put each
-/// behind its layers; the admin one is empty unless the admin API is on.
+/// behind its layers; the admin one is empty unless the admin API is on, the Core API
+/// one unless those routes are served here (else they are forwarded).
 pub struct Routers {
     pub open: Router<Arc<AppState>>,
     pub execution: Router<Arc<AppState>>,
     pub admin: Router<Arc<AppState>>,
+    pub core_api: Router<Arc<AppState>>,
 }
 
-pub fn routers(admin_api: bool) -> Routers {
+pub fn routers(admin_api: bool, core_api: bool) -> Routers {
     let mut routers = Routers {
         open: Router::new(),
         execution: Router::new(),
         admin: Router::new(),
+        core_api: Router::new(),
     };
     for Route { operation, handler } in table() {
         let group = match operation.auth {
@@ -445,6 +452,8 @@ pub fn routers(admin_api: bool) -> Routers {
             Auth::Execution => &mut routers.execution,
             Auth::Admin if admin_api => &mut routers.admin,
             Auth::Admin => continue,
+            Auth::Airflow if core_api => &mut routers.core_api,
+            Auth::Airflow => continue,
         };
         openapi::served().record(operation.path);
         // Routes of one path are merged by axum, method by method.
@@ -453,13 +462,18 @@ pub fn routers(admin_api: bool) -> Routers {
     routers
 }
 
-/// The OpenAPI document of [`table`]; admin operations only when the admin API is on.
-pub fn document(admin_api: bool) -> Value {
+/// The OpenAPI document of [`table`]: admin operations only when the admin API is on,
+/// Core API ones only when served here (as [`routers`] builds them).
+pub fn document(admin_api: bool, core_api: bool) -> Value {
     let table = table();
     openapi::document(
         table
             .iter()
             .map(|route| &route.operation)
-            .filter(|operation| admin_api || operation.auth != Auth::Admin),
+            .filter(|operation| match operation.auth {
+                Auth::Admin => admin_api,
+                Auth::Airflow => core_api,
+                Auth::None | Auth::Execution => true,
+            }),
     )
 }
