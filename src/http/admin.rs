@@ -22,10 +22,9 @@ use super::body::{check_key, parse_bool_param, parse_patch_body, parse_put_body}
 use super::error::{ApiError, ValidationIssue};
 use super::extract::{query_params, JsonBody};
 use super::openapi::{
-    ASSET_LIST_NAME, ASSET_LIST_URI, ASSET_NAME, ASSET_NAME_KEY, ASSET_URI, ASSET_URI_KEY,
-    MAP_INDEX, TASK_CLEAR, TASK_LIST,
+    route, Route, ASSET_LIST_NAME, ASSET_LIST_URI, ASSET_NAME, ASSET_NAME_KEY, ASSET_URI,
+    ASSET_URI_KEY, MAP_INDEX, TASK_CLEAR, TASK_LIST,
 };
-use super::routes::{route, Route};
 use super::{no_content, AppState};
 use crate::auth::AuthError;
 use crate::store::version::Tags;

@@ -125,9 +125,19 @@ impl From<IdentityError> for ApiError {
     }
 }
 
-impl From<super::forward::ForwardError> for ApiError {
-    fn from(error: super::forward::ForwardError) -> Self {
-        use super::forward::ForwardError;
+/// Why a request did not reach the upstream or its answer did not come back.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("Airflow's API server is unreachable: {0}")]
+    Unreachable(String),
+    #[error("Airflow's API server did not answer within {0} ms")]
+    Timeout(u128),
+    #[error("{0}")]
+    BadRequest(&'static str),
+}
+
+impl From<ForwardError> for ApiError {
+    fn from(error: ForwardError) -> Self {
         match error {
             ForwardError::Unreachable(reason) => ApiError::UpstreamUnreachable(reason),
             ForwardError::Timeout(millis) => ApiError::UpstreamTimeout(millis),

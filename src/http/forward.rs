@@ -31,16 +31,8 @@ use crate::config::UpstreamSettings;
 #[derive(Clone, Copy)]
 pub struct Forwarded;
 
-/// Why a request did not reach the upstream or its answer did not come back.
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("Airflow's API server is unreachable: {0}")]
-    Unreachable(String),
-    #[error("Airflow's API server did not answer within {0} ms")]
-    Timeout(u128),
-    #[error("{0}")]
-    BadRequest(&'static str),
-}
+// Defined beside ApiError, which maps it, so that error.rs needs nothing from here.
+pub use super::error::ForwardError;
 
 /// A pooled HTTP/1.1 client to Airflow's API server.
 pub struct Upstream {

@@ -5,9 +5,12 @@
 //! too; [`served`] records the paths the router was given, for `tests/openapi.rs`.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use axum::routing::{MethodFilter, MethodRouter};
 use serde_json::{json, Map, Value};
+
+use super::AppState;
 
 /// Who may call an operation.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -105,6 +108,44 @@ pub const CORE_TASK_LIST: &[(&str, bool, &str)] = &[
 ];
 pub const CORE_PAGE: &[(&str, bool, &str)] =
     &[("limit", false, "integer"), ("offset", false, "integer")];
+
+/// One operation and the handler serving it: an entry of the route table
+/// (`routes::table`).
+pub struct Route {
+    pub operation: Operation,
+    pub handler: MethodRouter<Arc<AppState>>,
+}
+
+/// A [`Route`]: `handler` serves `method` on `path`; the rest is the operation's entry in
+/// the document (see [`Operation`]).
+macro_rules! route {
+    ($method:literal, $path:expr, $handler:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
+        $crate::http::openapi::Route {
+            handler: axum::routing::on($crate::http::openapi::method_filter($method), $handler),
+            operation: $crate::http::openapi::Operation {
+                method: $method,
+                path: $path,
+                summary: $summary,
+                query: $query,
+                body: $crate::http::openapi::Body::$body,
+                reply: $crate::http::openapi::Reply::$reply,
+                auth: $crate::http::openapi::Auth::$auth,
+            },
+        }
+    };
+}
+pub(crate) use route;
+
+pub fn method_filter(method: &str) -> MethodFilter {
+    match method {
+        "get" => MethodFilter::GET,
+        "put" => MethodFilter::PUT,
+        "post" => MethodFilter::POST,
+        "patch" => MethodFilter::PATCH,
+        "delete" => MethodFilter::DELETE,
+        other => panic!("no route method {other:?}"),
+    }
+}
 
 /// `{*key}` (axum) is `{key}` in OpenAPI.
 pub fn openapi_path(template: &str) -> String {

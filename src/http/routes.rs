@@ -4,54 +4,16 @@
 
 use std::sync::Arc;
 
-use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 use serde_json::Value;
 
 use super::openapi::{
-    self, Auth, Operation, ALL_MAP_INDICES, ASSET_NAME, ASSET_NAME_KEY, ASSET_URI, ASSET_URI_KEY,
-    BULK_NAME, BULK_URI,
+    self, route, Auth, Route, ALL_MAP_INDICES, ASSET_NAME, ASSET_NAME_KEY, ASSET_URI,
+    ASSET_URI_KEY, BULK_NAME, BULK_URI,
 };
 use super::{
     admin, asset, core_api, extensions, health, metrics, openapi_document, ready, task, AppState,
 };
-
-/// One operation and the handler serving it.
-pub struct Route {
-    pub operation: Operation,
-    pub handler: MethodRouter<Arc<AppState>>,
-}
-
-/// A [`Route`]: `handler` serves `method` on `path`; the rest is the operation's entry in
-/// the document (see [`Operation`]).
-macro_rules! route {
-    ($method:literal, $path:expr, $handler:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
-        $crate::http::routes::Route {
-            handler: axum::routing::on($crate::http::routes::method_filter($method), $handler),
-            operation: $crate::http::openapi::Operation {
-                method: $method,
-                path: $path,
-                summary: $summary,
-                query: $query,
-                body: $crate::http::openapi::Body::$body,
-                reply: $crate::http::openapi::Reply::$reply,
-                auth: $crate::http::openapi::Auth::$auth,
-            },
-        }
-    };
-}
-pub(crate) use route;
-
-pub fn method_filter(method: &str) -> MethodFilter {
-    match method {
-        "get" => MethodFilter::GET,
-        "put" => MethodFilter::PUT,
-        "post" => MethodFilter::POST,
-        "patch" => MethodFilter::PATCH,
-        "delete" => MethodFilter::DELETE,
-        other => panic!("no route method {other:?}"),
-    }
-}
 
 const TI_KEY: &str = "/execution/store/ti/{task_instance_id}/{*key}";
 const TI_AIP103_KEY: &str = "/execution/state/ti/{task_instance_id}/{*key}";
