@@ -404,6 +404,47 @@ async fn value_size_limit_applies_to_admin_writes_only(backend: Backend) {
     let kept = admin(&gw, "GET", &path, None).await;
     assert_eq!(kept.body["value"].as_str().unwrap().len(), 65533);
 
+    // A caller storing for Airflow's Execution API (the Airflow state backend) skips the
+    // limit, as that API does; a malformed flag is refused and stores nothing.
+    let refused = admin(
+        &gw,
+        "PUT",
+        &format!("{path}&skip_value_limit=maybe"),
+        Some(&over),
+    )
+    .await;
+    assert_eq!(refused.status, 422, "{refused:?}");
+    assert_eq!(
+        refused.body["detail"][0]["loc"],
+        json!(["query", "skip_value_limit"])
+    );
+    let kept = admin(&gw, "GET", &path, None).await;
+    assert_eq!(kept.body["value"].as_str().unwrap().len(), 65533);
+    let put = admin(
+        &gw,
+        "PUT",
+        &format!("{path}&skip_value_limit=true"),
+        Some(&over),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+    let stored = admin(&gw, "GET", &path, None).await;
+    assert_eq!(stored.body["value"].as_str().unwrap().len(), 65534);
+    let id = gw
+        .pg
+        .insert_asset(&unique("big"), &unique("s3://big/"), true)
+        .await;
+    let refused = admin(&gw, "PUT", &by_id(id, Some("k")), Some(&over)).await;
+    assert_eq!(refused.status, 422, "{refused:?}");
+    let put = admin(
+        &gw,
+        "PUT",
+        &format!("{}?skip_value_limit=true", by_id(id, Some("k"))),
+        Some(&over),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+
     // The Execution API only warns in Airflow: it stores the same value.
     let put = gw.put_text(&ti_path(&ti, "big"), &ti.token, &over).await;
     assert_eq!(put.status, 204, "{put:?}");

@@ -284,8 +284,18 @@ fn path_key(params: &HashMap<String, String>) -> Result<String, ApiError> {
     Ok(key)
 }
 
-/// Airflow's `max_value_storage_bytes`, measured on the JSON text as stored.
-fn check_size(app: &AppState, value: &str) -> Result<(), ApiError> {
+/// Airflow's `max_value_storage_bytes`, measured on the JSON text as stored. Airflow's
+/// Core REST API enforces it and its Execution API does not, so a caller storing on the
+/// Execution API's behalf (the Airflow state backend) skips it with
+/// `skip_value_limit=true`; the body cap (`AIRSTATE_MAX_BODY_BYTES`) still holds.
+fn check_size(app: &AppState, value: &str, query: Option<&str>) -> Result<(), ApiError> {
+    let params = query_params(query);
+    if parse_bool_param(
+        "skip_value_limit",
+        params.get("skip_value_limit").map(String::as_str),
+    )? {
+        return Ok(());
+    }
     let limit = app.admin.max_value_bytes;
     if limit == 0 || value.len() <= limit {
         return Ok(());
@@ -383,11 +393,12 @@ async fn task_put(
     RawQuery(query): RawQuery,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let query = parse_query(query.as_deref())?;
+    let query_text = query;
+    let query = parse_query(query_text.as_deref())?;
     let scope = task_scope(&params, query.map_index)?;
     let key = path_key(&params)?;
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, true)?;
-    check_size(&app, parsed.value)?;
+    check_size(&app, parsed.value, query_text.as_deref())?;
     app.store
         .put_task(&scope, &key, parsed.value, parsed.expires_at)
         .await?;
@@ -403,12 +414,13 @@ async fn task_patch(
     RawQuery(query): RawQuery,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let query = parse_query(query.as_deref())?;
+    let query_text = query;
+    let query = parse_query(query_text.as_deref())?;
     let scope = task_scope(&params, query.map_index)?;
     let key = path_key(&params)?;
     let patch = parse_patch_body(body.content_type.as_deref(), &body.bytes)?;
     if let Some(value) = patch.value {
-        check_size(&app, value)?;
+        check_size(&app, value, query_text.as_deref())?;
     }
     for _ in 0..PATCH_ATTEMPTS {
         let Some(current) = app.store.get_task(&scope, &key).await? else {
@@ -500,7 +512,14 @@ async fn asset_put<const BY_URI: bool>(
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let (asset, key) = asset_of(&app, BY_URI, query.as_deref(), true).await?;
-    put_asset_value(&app, &asset, &key.unwrap_or_default(), &body).await
+    put_asset_value(
+        &app,
+        &asset,
+        &key.unwrap_or_default(),
+        query.as_deref(),
+        &body,
+    )
+    .await
 }
 
 /// An asset PUT body: Airflow's `{"value"}`, plus an optional `last_updated_by` naming
@@ -510,12 +529,13 @@ async fn put_asset_value(
     app: &AppState,
     asset: &AssetKey,
     key: &str,
+    query: Option<&str>,
     body: &JsonBody,
 ) -> Result<Response, ApiError> {
     let (rest, writer) = split_writer(body.content_type.as_deref(), &body.bytes)?;
     let bytes = rest.as_deref().unwrap_or(&body.bytes);
     let parsed = parse_put_body(body.content_type.as_deref(), bytes, false)?;
-    check_size(app, parsed.value)?;
+    check_size(app, parsed.value, query)?;
     app.store
         .put_asset(asset, key, parsed.value, &writer)
         .await?;
@@ -739,10 +759,11 @@ async fn id_put(
     _: Admin,
     State(app): State<Arc<AppState>>,
     Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let (asset, key) = asset_by_id(&app, &params, true).await?;
-    put_asset_value(&app, &asset, &key, &body).await
+    put_asset_value(&app, &asset, &key, query.as_deref(), &body).await
 }
 
 async fn id_delete(

@@ -72,6 +72,22 @@ const ASSET_URI: &[(&str, bool, &str)] = &[("uri", true, "string")];
 const BULK_NAME: &[(&str, bool, &str)] = &[("name", true, "string"), ("keys", true, "string")];
 const BULK_URI: &[(&str, bool, &str)] = &[("uri", true, "string"), ("keys", true, "string")];
 const MAP_INDEX: &[(&str, bool, &str)] = &[("map_index", false, "integer")];
+// Admin writes: `skip_value_limit` skips max_value_storage_bytes, as Airflow's Execution API does.
+const TASK_WRITE: &[(&str, bool, &str)] = &[
+    ("map_index", false, "integer"),
+    ("skip_value_limit", false, "boolean"),
+];
+const ASSET_NAME_WRITE: &[(&str, bool, &str)] = &[
+    ("name", true, "string"),
+    ("key", true, "string"),
+    ("skip_value_limit", false, "boolean"),
+];
+const ASSET_URI_WRITE: &[(&str, bool, &str)] = &[
+    ("uri", true, "string"),
+    ("key", true, "string"),
+    ("skip_value_limit", false, "boolean"),
+];
+const SKIP_VALUE_LIMIT: &[(&str, bool, &str)] = &[("skip_value_limit", false, "boolean")];
 const TASK_LIST: &[(&str, bool, &str)] = &[
     ("map_index", false, "integer"),
     ("limit", false, "integer"),
@@ -470,7 +486,7 @@ pub fn operations() -> Vec<Operation> {
             "put",
             ADMIN_TASK_KEY,
             "Set a task state key",
-            MAP_INDEX,
+            TASK_WRITE,
             TaskPut,
             Empty,
             Admin
@@ -479,7 +495,7 @@ pub fn operations() -> Vec<Operation> {
             "patch",
             ADMIN_TASK_KEY,
             "Change a task state key's value or expiry",
-            MAP_INDEX,
+            TASK_WRITE,
             Patch,
             Empty,
             Admin
@@ -524,7 +540,7 @@ pub fn operations() -> Vec<Operation> {
             "put",
             "/admin/v1/assets/by-name/state-store/value",
             "Set an asset state key",
-            ASSET_NAME_KEY,
+            ASSET_NAME_WRITE,
             AdminAssetPut,
             Empty,
             Admin
@@ -569,7 +585,7 @@ pub fn operations() -> Vec<Operation> {
             "put",
             "/admin/v1/assets/by-uri/state-store/value",
             "Set an asset state key",
-            ASSET_URI_KEY,
+            ASSET_URI_WRITE,
             AdminAssetPut,
             Empty,
             Admin
@@ -614,7 +630,7 @@ pub fn operations() -> Vec<Operation> {
             "put",
             ADMIN_ASSET_ID_KEY,
             "Set an asset state key (and its writer), by Airflow's asset id",
-            &[],
+            SKIP_VALUE_LIMIT,
             AdminAssetPut,
             Empty,
             Admin
