@@ -187,11 +187,13 @@ def make_ti(
     """A dag, dag_run and task_instance row, as Airflow writes them (the NOT NULL columns)."""
     dag_id = dag_id or unique("dag")
     run_id = run_id or f"manual__{unique('run')}+00:00"
+    sql("INSERT INTO dag_bundle (name) VALUES ('dags-folder') ON CONFLICT DO NOTHING")
     sql(
-        "INSERT INTO dag (dag_id, is_paused, is_stale, has_task_concurrency_limits, "
-        "has_import_errors, max_active_tasks, max_consecutive_failed_dag_runs, owners, "
-        "fileloc, bundle_name, timetable_type) VALUES (%s, false, false, false, false, 16, 0, "
-        "'airflow', '/dags/x.py', 'dags-folder', '') ON CONFLICT DO NOTHING",
+        "INSERT INTO dag (dag_id, is_paused, is_stale, exceeds_max_non_backfill, bundle_name, "
+        "timetable_type, timetable_partitioned, timetable_periodic, partition_mapper_info, "
+        "max_active_tasks, max_consecutive_failed_dag_runs, has_task_concurrency_limits, "
+        "fail_fast, owners, fileloc) VALUES (%s, false, false, false, 'dags-folder', '', false, "
+        "false, '[]', 16, 0, false, false, 'airflow', '/dags/x.py') ON CONFLICT DO NOTHING",
         dag_id,
     )
     sql(
