@@ -149,7 +149,7 @@ def metastore() -> Iterator[Any]:
     from airflow.models import import_all_models
     from airflow.models.base import Base
 
-    import_all_models()
+    import_all_models()  # type: ignore[no-untyped-call]
     # The tables airstate reads are already there, from the schema file; the rest (dag,
     # log, ...) are what Airflow's routes touch besides.
     Base.metadata.create_all(settings.engine)
@@ -157,7 +157,7 @@ def metastore() -> Iterator[Any]:
 
 
 def sql(statement: str, *params: Any) -> list[tuple[Any, ...]]:
-    import psycopg2
+    import psycopg2  # type: ignore[import-untyped]
 
     with psycopg2.connect(PG_URL) as connection, connection.cursor() as cursor:
         cursor.execute(statement, params)

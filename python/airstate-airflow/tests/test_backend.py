@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -154,12 +154,13 @@ def test_asset_state_by_id_records_airflows_writer(airstate: Airstate, backend: 
 
 def test_an_asset_id_airstate_does_not_know_is_an_error_not_a_miss(backend: AirstateBackend) -> None:
     missing = AssetScope(asset_id=2_000_000_000)
-    for call in (
+    calls: list[Callable[[], object]] = [
         lambda: backend.get(missing, "k"),
         lambda: backend.set(missing, "k", "1"),
         lambda: backend.delete(missing, "k"),
         lambda: backend.clear(missing),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(AirstateError, match="Asset with id 2000000000 not found"):
             call()
 
@@ -229,13 +230,14 @@ def test_unreachable_airstate_raises_naming_the_url_and_writes_nothing(metastore
     url = f"http://127.0.0.1:{closed}"
     before = metastore_state_rows()
     b = backend_for(url)
-    for call in (
+    calls: list[Callable[[], object]] = [
         lambda: b.get(task_scope(), "k"),
         lambda: b.set(task_scope(), "k", "1"),
         lambda: b.clear(task_scope()),
         lambda: b.set_asset_state_store(AssetScope(asset_id=1), "k", "1", kind=AssetStateStoreWriterKind.WATCHER),
         lambda: asyncio.run(b.aset(task_scope(), "k", "1")),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(AirstateUnavailable, match=f"airstate at {url} is unreachable") as caught:
             call()
         assert "ConnectError" in str(caught.value)
