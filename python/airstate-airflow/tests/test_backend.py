@@ -244,37 +244,102 @@ def test_unreachable_airstate_raises_naming_the_url_and_writes_nothing(metastore
     assert metastore_state_rows() == before
 
 
-def test_a_silent_airstate_times_out_within_the_configured_bound() -> None:
-    # Accepts connections and never answers.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
+class SilentServer:
+    """Accepts connections and never answers; counts the connections it got."""
 
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
             try:
-                held.append(listener.accept()[0])
+                self.held.append(self.listener.accept()[0])
             except OSError:
                 pass
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for conn in self.held:
+            conn.close()
+        self.listener.close()
+
+
+def test_a_silent_airstate_times_out_within_the_configured_bound() -> None:
+    server = SilentServer()
     try:
-        b = backend_for(url, timeout_seconds=0.5)
+        b = backend_for(server.url, timeout_seconds=0.5)
         started = time.monotonic()
-        with pytest.raises(AirstateUnavailable, match=f"airstate at {url} is unreachable.*Timeout"):
+        with pytest.raises(AirstateUnavailable, match=f"airstate at {server.url} is unreachable.*Timeout"):
             b.get(task_scope(), "k")
         elapsed = time.monotonic() - started
         assert 0.45 <= elapsed < 1.5, elapsed
     finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
+        server.close()
+
+
+def test_connections_are_capped_by_max_connections() -> None:
+    server = SilentServer()
+    try:
+        b = backend_for(server.url, timeout_seconds=1.5, max_connections=2)
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                b.get(task_scope(), "k")
+            except BaseException as error:  # noqa: BLE001 - collected for the assertion
+                errors.append(error)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        # Before any timeout, six calls in flight hold two connections: the rest wait.
+        while len(server.held) < 2 and time.monotonic() - started < 1.0:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        in_flight = len(server.held)
+        for t in threads:
+            t.join()
+        assert in_flight == 2, in_flight
+        # Every call ended, bounded: waiting for a pooled connection counts against the timeout.
+        assert time.monotonic() - started < 5
+        assert len(errors) == 6 and all(isinstance(e, AirstateUnavailable) for e in errors), errors
+        assert any("PoolTimeout" in str(e) for e in errors), errors
+    finally:
+        server.close()
+
+
+def test_connecting_is_bounded_by_connect_timeout() -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connecting hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.2)
+    try:
+        b = backend_for(f"http://127.0.0.1:{port}", timeout_seconds=5, connect_timeout_seconds=0.3)
+        started = time.monotonic()
+        with pytest.raises(AirstateUnavailable, match="ConnectTimeout"):
+            b.get(task_scope(), "k")
+        assert time.monotonic() - started < 1.5
+    finally:
+        for filler in fillers:
+            filler.close()
         listener.close()
 
 
@@ -289,7 +354,10 @@ def test_airstate_answering_5xx_raises_unavailable() -> None:
     server = None
     try:
         deadline = time.monotonic() + 10
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
         server = start_airstate(AIRSTATE_REDIS_URL=f"redis://127.0.0.1:{port}", AIRSTATE_REDIS_TIMEOUT_MS="300")
