@@ -2,7 +2,8 @@
 //! backend over airstate: its pytest suite, run in the cached Airflow 3.3.2 virtualenv
 //! against this build's `airstate` binary, a real Redis and a real PostgreSQL holding
 //! Airflow's metastore, with Airflow's own code (`get_state_backend()`, the Execution API
-//! served in-process, `clear_on_success`) calling the backend.
+//! served in-process and behind its JWT auth, `clear_on_success`, `airflow dags test`)
+//! calling the backend.
 
 mod common;
 

@@ -146,13 +146,13 @@ def airstate() -> Iterator[Airstate]:
 def metastore() -> Iterator[Any]:
     """Airflow's SQLAlchemy engine over the test database, with all of Airflow's tables."""
     from airflow import settings
-    from airflow.models import import_all_models
-    from airflow.models.base import Base
+    from airflow.utils.db import initdb
 
-    import_all_models()  # type: ignore[no-untyped-call]
-    # The tables airstate reads are already there, from the schema file; the rest (dag,
-    # log, ...) are what Airflow's routes touch besides.
-    Base.metadata.create_all(settings.engine)
+    # The tables airstate reads are already there, from the schema file. Airflow's own
+    # initialisation of a database without an alembic version (what `airflow db migrate`
+    # does on a fresh one: create the rest from its models, stamp the head, add the
+    # default pool) adds what Airflow's routes and `airflow dags test` touch besides.
+    initdb()
     yield settings.engine
 
 

@@ -207,3 +207,80 @@ def test_airstate_down_fails_airflows_routes_and_the_metastore_stays_empty(
     assert sql("SELECT state FROM task_instance WHERE id = %s", str(ti.id)) == [("success",)]
     assert worker_get(configured, f"/store/ti/{ti.id}/kept", task_token(ti.id)).json() == {"value": "before"}
     assert metastore_state_rows() == (0, 0)
+
+
+DAG_FILE = '''
+from airflow.sdk import Asset, dag, task
+
+ASSET = Asset(name="{name}", uri="{uri}")
+
+
+@dag(dag_id="{dag_id}", schedule=None)
+def state_through_airstate():
+    @task(outlets=[ASSET])
+    def produce(**context):
+        context["task_state_store"].set("job", {{"id": "j-1", "n": 1.0}})
+        context["asset_state_store"][ASSET].set("watermark", "2026-05-01")
+
+    @task(inlets=[ASSET])
+    def consume(**context):
+        seen = context["asset_state_store"][ASSET].get("watermark")
+        context["task_state_store"].set("seen", seen)
+
+    produce() >> consume()
+
+
+state_through_airstate()
+'''
+
+
+def test_airflow_dags_test_reads_and_writes_through_airstate(configured: Airstate, tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import unique
+
+    dag_id = unique("dags_test").replace("-", "_")
+    asset_id, name, uri = make_asset()
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "state_dag.py").write_text(DAG_FILE.format(dag_id=dag_id, name=name, uri=uri))
+    env = dict(os.environ)
+    env.update(
+        {
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            # Keep the tasks' state after success, so that it can be looked at.
+            "AIRFLOW__STATE_STORE__CLEAR_ON_SUCCESS": "False",
+            "AIRSTATE_URL": configured.url,
+            "AIRSTATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        }
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "airflow", "dags", "test", dag_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_id = sql("SELECT run_id FROM dag_run WHERE dag_id = %s", dag_id)[0][0]
+    states = dict(sql("SELECT task_id, state FROM task_instance WHERE dag_id = %s", dag_id))
+    assert states == {"produce": "success", "consume": "success"}, run.stdout[-3000:] + run.stderr[-3000:]
+    from urllib.parse import quote
+
+    base = f"/admin/v1/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances"
+    job = configured.admin("GET", f"{base}/produce/state-store/job")
+    assert job.status_code == 200, job.text
+    assert job.json()["value"] == {"id": "j-1", "n": 1.0}
+    # Task keys carry Airflow's retention (default_retention_days = 30).
+    expires = datetime.fromisoformat(job.json()["expires_at"].replace("Z", "+00:00"))
+    assert timedelta(days=29) < expires - datetime.now(timezone.utc) < timedelta(days=31)
+    # The second task read the first one's asset write back through the backend.
+    seen = configured.admin("GET", f"{base}/consume/state-store/seen")
+    assert seen.json()["value"] == "2026-05-01", seen.text
+    watermark = configured.admin("GET", f"/admin/v1/assets/by-id/{asset_id}/state-store/watermark").json()
+    assert watermark["value"] == "2026-05-01"
+    # `dags test` serves the API in-process with the all-zero subject: a watcher write.
+    assert watermark["last_updated_by"] == {"kind": "watcher"}
+    assert metastore_state_rows() == (0, 0)
