@@ -194,6 +194,10 @@ def test_bad_input_is_refused_before_anything_is_sent(backend: AirstateBackend) 
         backend.set(scope, "k", '1, "expires_at": null')
     with pytest.raises(ValueError, match="time zone"):
         backend.set(scope, "k", "1", expires_at=datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="must not be empty"):
+        backend.delete(scope, "")
+    with pytest.raises(ValueError, match="must not be empty"):
+        backend.get(AssetScope(asset_id=1), "")
     with pytest.raises(TypeError, match="TaskScope or AssetScope"):
         backend.get(("d", "r", "t"), "k")  # type: ignore[arg-type]
     # airstate's own validation (a key over 512 characters) surfaces as a clear error.

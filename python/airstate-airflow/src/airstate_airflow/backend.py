@@ -51,7 +51,15 @@ def _segment(text: str) -> str:
     return quote(text, safe="")
 
 
+def _checked_key(key: str | None) -> str | None:
+    # An empty key would address the scope itself; Airflow's routes never send one.
+    if key is not None and not key:
+        raise ValueError("a state key must not be empty")
+    return key
+
+
 def _task_path(scope: TaskScope, key: str | None = None) -> str:
+    key = _checked_key(key)
     path = (
         f"/admin/v1/dags/{_segment(scope.dag_id)}/dagRuns/{_segment(scope.run_id)}"
         f"/taskInstances/{_segment(scope.task_id)}/state-store"
@@ -62,6 +70,7 @@ def _task_path(scope: TaskScope, key: str | None = None) -> str:
 def _asset_target(scope: AssetScope, key: str | None = None) -> tuple[str, dict[str, str]]:
     # Server-side, Airflow always hands over the asset id; name and URI are what a
     # worker-side caller has.
+    key = _checked_key(key)
     if scope.asset_id is not None:
         path = f"/admin/v1/assets/by-id/{int(scope.asset_id)}/state-store"
         return (path if key is None else f"{path}/{_segment(key)}"), {}
