@@ -24,6 +24,10 @@ if [ -d "$root/python/airstate-airflow" ]; then
   if ! "$python" -c 'import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' >/dev/null 2>&1; then
     "$python" -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1' >&2
   fi
+  # tests/airflow_backend.rs type-checks the package with mypy --strict.
+  if ! "$python" -c 'import mypy' >/dev/null 2>&1; then
+    "$python" -m pip install --quiet --disable-pip-version-check 'mypy>=1.10,<3' >&2
+  fi
   "$python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
     -e "$root/python/airstate-airflow" >&2
 fi

@@ -97,3 +97,27 @@ fn airstate_airflow_backend_under_airflow() {
         assert!(total >= 15, "only {total} tests ran");
     }
 }
+
+/// The package promises types (`py.typed`): mypy --strict over it and its tests, against
+/// Airflow 3.3.2's own annotations.
+#[test]
+fn airstate_airflow_is_strictly_typed() {
+    let python = airflow_python();
+    let package = concat!(env!("CARGO_MANIFEST_DIR"), "/python/airstate-airflow");
+    let cache = tempfile::tempdir().unwrap();
+    let output = Command::new(&python)
+        .args(["-m", "mypy", "--strict", "--no-error-summary"])
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .args(["src", "tests"])
+        .current_dir(package)
+        .env("MYPYPATH", "tests")
+        .output()
+        .expect("mypy");
+    assert!(
+        output.status.success(),
+        "mypy --strict found problems:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

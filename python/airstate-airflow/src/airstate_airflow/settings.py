@@ -24,7 +24,7 @@ class Settings:
 
     url: str
     token: str
-    #: Longest wait for one request: connecting, a pooled connection, sending, the reply.
+    #: Longest wait for each step of a request: a free pooled connection, sending, each read.
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     #: Connections kept per process (and the most opened at once).
