@@ -20,10 +20,9 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-use serde_json::value::RawValue;
 
 use super::asset::{from_query, By};
 use super::body::{check_key, parse_bool_param, parse_patch_body, parse_put_body};
