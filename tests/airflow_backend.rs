@@ -63,7 +63,15 @@ fn airstate_airflow_backend_under_airflow() {
     let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/python/airstate-airflow/tests");
     let mut pytest = Command::new(&python);
     pytest
-        .args(["-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-q"])
+        .args([
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-rfEs",
+            "-q",
+            "--durations=5",
+        ])
         .arg(format!("--junitxml={}", report.display()))
         .arg(tests)
         .current_dir(work.path())
@@ -71,7 +79,12 @@ fn airstate_airflow_backend_under_airflow() {
         .env("AIRSTATE_TEST_REDIS_URL", &redis.url)
         .env("AIRSTATE_TEST_PG_URL", &pg.plain_url)
         .env("AIRSTATE_TEST_PORTS", ports.join(","))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // This clone's package, whichever clone the shared venv's editable install points at.
+        .env(
+            "PYTHONPATH",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/python/airstate-airflow/src"),
+        );
     // One test at a time while iterating: AIRSTATE_PYTEST_K=<expression>.
     if let Ok(filter) = std::env::var("AIRSTATE_PYTEST_K") {
         pytest.args(["-k", &filter]);
@@ -117,7 +130,7 @@ fn airstate_airflow_is_strictly_typed() {
         ])
         .args(["src", "tests"])
         .current_dir(package)
-        .env("MYPYPATH", "tests")
+        .env("MYPYPATH", "src:tests")
         .output()
         .expect("mypy");
     assert!(

@@ -57,6 +57,10 @@ os.environ.update(
         "AIRFLOW__STATE_STORE__BACKEND": "airstate_airflow.AirstateBackend",
         "AIRFLOW__STATE_STORE__CLEAR_ON_SUCCESS": "True",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        # The Task SDK client retries a 5xx (as it does for a metastore error); quickly here.
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "3",
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MIN": "0.1",
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MAX": "0.3",
     }
 )
 
