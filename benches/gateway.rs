@@ -8,8 +8,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use airstate::store::{StateStore, TaskScope};
 use common::{RedisServer, ServedBinary};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
+use support::{median, median_run, wrk, wrk_script, Run};
 use uuid::Uuid;
 
 const SECRET: &str = "bench-secret";
@@ -46,27 +47,6 @@ fn options() -> Options {
     }
 }
 
-/// Requests per second and latency percentiles, in milliseconds.
-#[derive(Clone, Copy, Debug, Default)]
-struct Run {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
-}
-
-fn median_run(runs: &[Run]) -> Run {
-    Run {
-        rps: median(runs.iter().map(|r| r.rps).collect()),
-        p50: median(runs.iter().map(|r| r.p50).collect()),
-        p99: median(runs.iter().map(|r| r.p99).collect()),
-    }
-}
-
 fn redis_benchmark(port: u16, concurrency: usize, requests: usize, command: &[&str]) -> Run {
     let output = Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-c", &concurrency.to_string()])
@@ -86,63 +66,8 @@ fn redis_benchmark(port: u16, concurrency: usize, requests: usize, command: &[&s
         rps: fields[0],
         p50: fields[3],
         p99: fields[5],
+        requests: requests as u64,
     }
-}
-
-fn wrk_script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    path
-}
-
-/// Parses wrk's `--latency` report.
-fn wrk(url: &str, concurrency: usize, seconds: u64, script: &std::path::Path) -> Run {
-    let output = Command::new("wrk")
-        .args([
-            "-t",
-            "2",
-            "-c",
-            &concurrency.to_string(),
-            "-d",
-            &format!("{seconds}s"),
-        ])
-        .args(["--latency", "-s"])
-        .arg(script)
-        .arg(url)
-        .output()
-        .expect("wrk on PATH (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let millis = |token: &str| -> f64 {
-        let (number, unit) = token.split_at(
-            token
-                .find(|c: char| c.is_alphabetic())
-                .unwrap_or(token.len()),
-        );
-        let n: f64 = number.parse().unwrap_or(f64::NAN);
-        match unit {
-            "us" => n / 1000.0,
-            "ms" => n,
-            "s" => n * 1000.0,
-            _ => f64::NAN,
-        }
-    };
-    let mut run = Run::default();
-    for line in text.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("Requests/sec:") {
-            run.rps = rest.trim().parse().unwrap_or(f64::NAN);
-        } else if let Some(rest) = line.strip_prefix("50%") {
-            run.p50 = millis(rest.trim());
-        } else if let Some(rest) = line.strip_prefix("99%") {
-            run.p99 = millis(rest.trim());
-        }
-    }
-    if text.contains("Non-2xx") {
-        panic!("wrk saw error responses:\n{text}");
-    }
-    run
 }
 
 fn start_gateway(redis: &RedisServer, prefix: &str) -> ServedBinary {

@@ -53,6 +53,8 @@ pub enum Body {
     TaskPut,
     /// `{"value"}`.
     AssetPut,
+    /// `{"value", "last_updated_by"?}`: an admin asset write naming its writer.
+    AdminAssetPut,
     /// `{"value"?, "expires_at"?}`.
     Patch,
     /// `{"keys": [...]}`.
@@ -81,6 +83,22 @@ pub const ASSET_URI: &[(&str, bool, &str)] = &[("uri", true, "string")];
 pub const BULK_NAME: &[(&str, bool, &str)] = &[("name", true, "string"), ("keys", true, "string")];
 pub const BULK_URI: &[(&str, bool, &str)] = &[("uri", true, "string"), ("keys", true, "string")];
 pub const MAP_INDEX: &[(&str, bool, &str)] = &[("map_index", false, "integer")];
+// Admin writes: `skip_value_limit` skips max_value_storage_bytes, as Airflow's Execution API does.
+pub const TASK_WRITE: &[(&str, bool, &str)] = &[
+    ("map_index", false, "integer"),
+    ("skip_value_limit", false, "boolean"),
+];
+pub const ASSET_NAME_WRITE: &[(&str, bool, &str)] = &[
+    ("name", true, "string"),
+    ("key", true, "string"),
+    ("skip_value_limit", false, "boolean"),
+];
+pub const ASSET_URI_WRITE: &[(&str, bool, &str)] = &[
+    ("uri", true, "string"),
+    ("key", true, "string"),
+    ("skip_value_limit", false, "boolean"),
+];
+pub const SKIP_VALUE_LIMIT: &[(&str, bool, &str)] = &[("skip_value_limit", false, "boolean")];
 pub const TASK_LIST: &[(&str, bool, &str)] = &[
     ("map_index", false, "integer"),
     ("limit", false, "integer"),
@@ -101,6 +119,8 @@ pub const ASSET_LIST_URI: &[(&str, bool, &str)] = &[
     ("after", false, "string"),
 ];
 pub const ALL_MAP_INDICES: &[(&str, bool, &str)] = &[("all_map_indices", false, "boolean")];
+pub const PAGING: &[(&str, bool, &str)] =
+    &[("limit", false, "integer"), ("after", false, "string")];
 pub const CORE_TASK_LIST: &[(&str, bool, &str)] = &[
     ("map_index", false, "integer"),
     ("limit", false, "integer"),
@@ -192,6 +212,20 @@ fn entry_schema(task: bool) -> Value {
         properties["last_updated_by"] = json!({"type": ["object", "null"]});
     }
     json!({"type": "object", "required": ["value", "key", "updated_at"], "properties": properties})
+}
+
+/// Airflow's writer record: `task` names its task instance, `watcher` and `api` nothing.
+fn writer_schema() -> Value {
+    let text = json!({"type": "string", "minLength": 1, "maxLength": 250});
+    json!({"oneOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["kind", "dag_id", "run_id", "task_id", "map_index"],
+         "additionalProperties": false,
+         "properties": {"kind": {"const": "task"}, "dag_id": text, "run_id": text,
+                        "task_id": text, "map_index": {"type": "integer", "minimum": -1}}},
+        {"type": "object", "required": ["kind"], "additionalProperties": false,
+         "properties": {"kind": {"enum": ["watcher", "api"]}}},
+    ]})
 }
 
 fn airflow_entry_schema(task: bool) -> Value {
@@ -289,6 +323,7 @@ fn operation(op: &Operation) -> Value {
         if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
             let schema = match name {
                 "task_instance_id" => json!({"type": "string", "format": "uuid"}),
+                "asset_id" => json!({"type": "integer"}),
                 "dag_id" | "run_id" | "task_id" => {
                     json!({"type": "string", "minLength": 1, "maxLength": 250})
                 }
@@ -342,6 +377,11 @@ fn operation(op: &Operation) -> Value {
         Body::None => None,
         Body::TaskPut => Some(value_body(true, true)),
         Body::AssetPut => Some(value_body(false, true)),
+        Body::AdminAssetPut => {
+            let mut schema = value_body(false, true);
+            schema["properties"]["last_updated_by"] = writer_schema();
+            Some(schema)
+        }
         Body::Patch => Some(value_body(true, false)),
         Body::Keys => Some(json!({
             "type": "object", "required": ["keys"], "additionalProperties": false,
