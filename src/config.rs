@@ -161,7 +161,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "AIRSTATE_METASTORE_TIMEOUT_MS",
         "2000",
-        "metastore connect/query timeout",
+        "metastore connect, pool wait and per-statement timeout (waiting in PgBouncer's queue counts)",
     ),
     (
         "AIRSTATE_MAX_BODY_BYTES",

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::{Item, MigrateError, Summary};
 use crate::http::body::{check_key, check_value_text};
@@ -41,10 +42,9 @@ pub async fn import(
     let now = now_millis();
     let mut summary = Summary::default();
     let mut items = Vec::new();
-    let no_params: [&str; 0] = [];
 
     let rows = client
-        .query_raw(TASK_ROWS, no_params.iter())
+        .query_typed_raw(TASK_ROWS, no_params())
         .await
         .map_err(failed)?;
     let mut rows = std::pin::pin!(rows);
@@ -81,7 +81,7 @@ pub async fn import(
     }
 
     let rows = client
-        .query_raw(ASSET_ROWS, no_params.iter())
+        .query_typed_raw(ASSET_ROWS, no_params())
         .await
         .map_err(failed)?;
     let mut rows = std::pin::pin!(rows);
@@ -135,6 +135,13 @@ pub async fn import(
     drop(client);
     connection.abort();
     super::write_all(store, items, summary).await
+}
+
+/// Statements run with `query_typed_raw`: PostgreSQL's unnamed statement in one round
+/// trip, never a named prepared statement that PgBouncer in transaction pooling mode could
+/// send to another server connection than the one that prepared it.
+fn no_params() -> std::iter::Empty<(&'static (dyn ToSql + Sync), Type)> {
+    std::iter::empty()
 }
 
 fn unusable(key: &str, json: &str) -> Option<String> {
