@@ -11,10 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use moka::future::Cache;
+use tokio_postgres::types::{ToSql, Type};
 use tracing::Instrument;
 use uuid::Uuid;
-
-use tokio_postgres::types::{ToSql, Type};
 
 use super::tls::Connection;
 use super::{AssetRef, IdentityError, IdentityResolver};
