@@ -56,15 +56,7 @@ fn stderr(output: &Output) -> String {
 
 /// Airflow 3.3.2's MetastoreBackend `get` for each scope and key (tests/airflow/read_metastore_state.py).
 fn airflow_reads(pg: &Postgres, asked: &Value) -> Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/airflow-venv.sh");
-    let venv = Command::new("bash").arg(script).output().unwrap();
-    assert!(venv.status.success(), "{}", stderr(&venv));
-    let python = String::from_utf8_lossy(&venv.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_owned();
+    let python = common::airflow_python();
     let home = tempfile::tempdir().unwrap();
     let mut child = Command::new(python)
         .arg(concat!(

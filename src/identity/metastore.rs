@@ -59,6 +59,10 @@ const REGISTRATION_SQL: &str = "SELECT 1 FROM task_inlet_asset_reference \
      WHERE asset_id = $1 AND dag_id = $2 AND task_id = $3 \
      UNION ALL SELECT 1 FROM task_outlet_asset_reference \
      WHERE asset_id = $1 AND dag_id = $2 AND task_id = $3 LIMIT 1";
+// Any map index when the last parameter is NULL, as Airflow checks a clear of every index.
+const TASK_INSTANCE_EXISTS_SQL: &str = "SELECT 1 FROM task_instance \
+     WHERE dag_id = $1 AND run_id = $2 AND task_id = $3 \
+     AND ($4::integer IS NULL OR map_index = $4::integer) LIMIT 1";
 const ASSET_BY_URI_SQL: &str = "SELECT a.id FROM asset a \
      JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.uri = $1 LIMIT 1";
 
@@ -279,6 +283,32 @@ impl IdentityResolver for MetastoreResolver {
             self.registrations.insert(key, ()).await;
         }
         Ok(registered)
+    }
+
+    async fn task_instance_exists(
+        &self,
+        dag_id: &str,
+        run_id: &str,
+        task_id: &str,
+        map_index: Option<i64>,
+    ) -> Result<bool, IdentityError> {
+        // A map index beyond i32 matches no row (the column is an integer).
+        let map_index = match map_index.map(i32::try_from) {
+            None => None,
+            Some(Ok(index)) => Some(index),
+            Some(Err(_)) => return Ok(false),
+        };
+        let params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&dag_id, Type::VARCHAR),
+            (&run_id, Type::VARCHAR),
+            (&task_id, Type::VARCHAR),
+            (&map_index, Type::INT4),
+        ];
+        let row = self
+            .query_opt(TASK_INSTANCE_EXISTS_SQL, &params)
+            .await
+            .map_err(IdentityError::Unavailable)?;
+        Ok(row.is_some())
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {
