@@ -433,7 +433,9 @@ async fn a_query_queued_behind_a_busy_pgbouncer_pool_times_out_as_503() {
         let (status, body) = send(&http, &gateway.base, &read).await;
         let took = started.elapsed();
         assert_eq!(status, 503, "{body}");
-        assert!(took < Duration::from_secs(3), "took {took:?}");
+        // Pool wait, connecting and the statement are each bounded by the 500 ms (PgBouncer
+        // itself would hold the query for its query_wait_timeout, 60 s here).
+        assert!(took < Duration::from_secs(5), "took {took:?}");
         eprintln!("queued behind a busy PgBouncer pool: 503 after {took:?}");
     }
     let logged = std::fs::read_to_string(log.path()).unwrap();
