@@ -262,12 +262,9 @@ pub async fn export(
         client,
         batch: batch.max(1),
         now: now_millis(),
-        tasks: Vec::new(),
+        tasks: Vec::with_capacity(batch.clamp(1, 10_000)),
         assets: Vec::new(),
-        summary: Summary {
-            unplaced: Some(Unplaced::default()),
-            ..Summary::default()
-        },
+        summary: Summary::default(),
         unplaced: Unplaced::default(),
         task_scopes: HashSet::new(),
         asset_ids: HashSet::new(),
