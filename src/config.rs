@@ -222,7 +222,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "AIRSTATE_METASTORE_TIMEOUT_MS",
         default: DefaultValue::Value("2000"),
-        meaning: "metastore connect/query timeout",
+        meaning: "metastore connect, pool wait and per-statement timeout (waiting in PgBouncer's queue counts)",
     },
     Variable {
         name: "AIRSTATE_MAX_BODY_BYTES",

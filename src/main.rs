@@ -30,11 +30,23 @@ enum Command {
         url: Option<String>,
     },
     /// Write every task and asset scope in Redis as JSON lines (AIRSTATE_REDIS_URL,
-    /// AIRSTATE_KEY_PREFIX). Progress on a terminal; a summary on stderr at the end.
+    /// AIRSTATE_KEY_PREFIX), or with --to-metastore into Airflow's task_state_store and
+    /// asset_state_store tables (AIRFLOW__DATABASE__SQL_ALCHEMY_CONN) for a rollback to
+    /// Airflow's own backend: upserts, idempotent; skips (and counts) expired keys, keys of
+    /// DAG runs no longer in dag_run and asset keys that are not Airflow asset ids. Progress
+    /// on a terminal; a summary on stderr at the end.
     Export {
         /// File to write; `-` is standard output.
-        #[arg(long, short, default_value = "-")]
+        #[arg(long, short, default_value = "-", conflicts_with = "to_metastore")]
         output: String,
+        /// Write into Airflow's metastore tables instead of JSON lines.
+        #[arg(long)]
+        to_metastore: bool,
+        /// Keys written per metastore transaction (with --to-metastore).
+        #[arg(long, default_value_t = airstate::migrate::metastore::EXPORT_BATCH as u32,
+              value_parser = clap::value_parser!(u32).range(1..=10_000),
+              requires = "to_metastore")]
+        batch_size: u32,
     },
     /// Write JSON lines made by `export` into Redis (every line is checked first; a bad
     /// file changes nothing), or with --from-metastore Airflow's task_state_store and
@@ -43,6 +55,7 @@ enum Command {
         /// File to read; `-` is standard input.
         #[arg(long, short, default_value = "-", conflicts_with = "from_metastore")]
         input: String,
+        /// Read Airflow's metastore tables instead of JSON lines.
         #[arg(long)]
         from_metastore: bool,
     },
@@ -110,6 +123,19 @@ enum Migration {
     Export(String),
     Import(String),
     FromMetastore,
+    ToMetastore { batch: usize },
+}
+
+/// The metastore URL for --from-metastore / --to-metastore, as the gateway reads it.
+fn metastore_url(flag: &str) -> Result<String, airstate::migrate::MigrateError> {
+    use airstate::migrate::MigrateError;
+    let conn = std::env::var("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN").map_err(|_| {
+        MigrateError::Metastore(format!(
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN is required with {flag}"
+        ))
+    })?;
+    airstate::identity::metastore::postgres_url_from_sqlalchemy(&conn)
+        .map_err(MigrateError::Metastore)
 }
 
 /// Export and import need Redis (and the metastore), never a JWT key.
@@ -150,16 +176,13 @@ fn migrate(migration: Migration) -> ExitCode {
                         airstate::migrate::import(std::sync::Arc::new(store), &mut input).await?;
                     Ok(("imported", summary))
                 }
+                Migration::ToMetastore { batch } => {
+                    let url = metastore_url("--to-metastore")?;
+                    let summary = airstate::migrate::metastore::export(&store, &url, batch).await?;
+                    Ok(("exported", summary))
+                }
                 Migration::FromMetastore => {
-                    let conn =
-                        std::env::var("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN").map_err(|_| {
-                            MigrateError::Metastore(
-                            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN is required with --from-metastore"
-                                .into(),
-                        )
-                        })?;
-                    let url = airstate::identity::metastore::postgres_url_from_sqlalchemy(&conn)
-                        .map_err(MigrateError::Metastore)?;
+                    let url = metastore_url("--from-metastore")?;
                     let summary =
                         airstate::migrate::metastore::import(std::sync::Arc::new(store), &url)
                             .await?;
@@ -183,7 +206,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Healthcheck { url } => return healthcheck(url.clone()),
-        Command::Export { output } => return migrate(Migration::Export(output.clone())),
+        Command::Export {
+            output,
+            to_metastore,
+            batch_size,
+        } => {
+            return migrate(if *to_metastore {
+                Migration::ToMetastore {
+                    batch: *batch_size as usize,
+                }
+            } else {
+                Migration::Export(output.clone())
+            })
+        }
         Command::Import {
             input,
             from_metastore,

@@ -605,3 +605,67 @@ fn dockerfile_builds_a_small_non_root_image_without_a_shell() {
         .unwrap();
     assert!(!check.status.success());
 }
+
+/// Every TCP port the NetworkPolicy lets the gateway reach.
+fn egress_tcp_ports(documents: &[Value]) -> Vec<i64> {
+    let policy = find(documents, "NetworkPolicy").expect("a NetworkPolicy");
+    let mut ports: Vec<i64> = policy["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_array().cloned().unwrap_or_default())
+        .filter(|port| port["protocol"] == "TCP")
+        .map(|port| port["port"].as_i64().expect("a numeric port"))
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+#[test]
+fn the_network_policy_opens_the_configured_metastore_port() {
+    // Default: PostgreSQL's port (and 8080: forwarding to Airflow's API server is on).
+    let documents = yaml_documents(&render("ingress-values.yaml", &[]).unwrap());
+    assert_eq!(egress_tcp_ports(&documents), [53, 5432, 6379, 8080, 26379]);
+    // The Airflow chart's PgBouncer, named explicitly (its Secret is not readable here).
+    let documents =
+        yaml_documents(&render("ingress-values.yaml", &["metastore.port=6543"]).unwrap());
+    assert_eq!(egress_tcp_ports(&documents), [53, 6379, 6543, 8080, 26379]);
+    // Or read from a connection URL given to the chart.
+    let documents = yaml_documents(
+        &render(
+            "ingress-values.yaml",
+            &["metastore.connection=postgresql+psycopg2://airflow:pw@airflow-pgbouncer.airflow:6543/airflow-metadata?sslmode=disable"],
+        )
+        .unwrap(),
+    );
+    assert_eq!(egress_tcp_ports(&documents), [53, 6379, 6543, 8080, 26379]);
+    // A URL without a port is PostgreSQL's default; metastore.port wins over the URL.
+    let documents = yaml_documents(
+        &render(
+            "ingress-values.yaml",
+            &["metastore.connection=postgresql://airflow@db/airflow"],
+        )
+        .unwrap(),
+    );
+    assert_eq!(egress_tcp_ports(&documents), [53, 5432, 6379, 8080, 26379]);
+    let documents = yaml_documents(
+        &render(
+            "ingress-values.yaml",
+            &[
+                "metastore.connection=postgresql://airflow@db:5433/airflow",
+                "metastore.port=6432",
+            ],
+        )
+        .unwrap(),
+    );
+    assert_eq!(egress_tcp_ports(&documents), [53, 6379, 6432, 8080, 26379]);
+    // Not a port: refused by the schema, nothing rendered.
+    for bad in [
+        "metastore.port=0",
+        "metastore.port=70000",
+        "metastore.port=pgbouncer",
+    ] {
+        let refused = render("ingress-values.yaml", &[bad]).unwrap_err();
+        assert!(refused.contains("metastore.port:"), "{bad}: {refused}");
+    }
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use moka::future::Cache;
+use tokio_postgres::types::{ToSql, Type};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -38,6 +39,8 @@ pub struct MetastoreResolver {
     /// (asset id, dag_id, task_id) pairs found registered; refusals are not cached.
     registrations: Cache<(i32, String, String), ()>,
     registration_check: bool,
+    /// The longest one statement may take (waiting in PgBouncer's queue included).
+    timeout: Duration,
     display: String,
 }
 
@@ -111,6 +114,7 @@ impl MetastoreResolver {
             asset_ids: bounded_cache(settings),
             registrations: bounded_cache(settings),
             registration_check: false,
+            timeout: settings.timeout,
             display,
         })
     }
@@ -128,51 +132,67 @@ impl MetastoreResolver {
         dag_id: &str,
         task_id: &str,
     ) -> Result<bool, IdentityError> {
-        let unavailable = |e: &dyn std::error::Error| IdentityError::Unavailable(explain(e));
-        let query = async {
-            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
-            let statement = client
-                .prepare_cached(REGISTRATION_SQL)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            client
-                .query_opt(&statement, &[&asset_id, &dag_id, &task_id])
-                .await
-                .map_err(|e| unavailable(&e))
-        };
-        let span = tracing::info_span!(
-            "metastore.query",
-            otel.kind = "client",
-            db.system = "postgresql"
-        );
-        Ok(query.instrument(span).await?.is_some())
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&asset_id, Type::INT4),
+            (&dag_id, Type::VARCHAR),
+            (&task_id, Type::VARCHAR),
+        ];
+        let row = self
+            .query_opt(REGISTRATION_SQL, &params)
+            .await
+            .map_err(IdentityError::Unavailable)?;
+        Ok(row.is_some())
     }
 
     async fn query_one<T>(
         &self,
         sql: &str,
-        param: &(dyn tokio_postgres::types::ToSql + Sync),
+        param: (&(dyn ToSql + Sync), Type),
         read: impl FnOnce(&tokio_postgres::Row) -> T,
     ) -> Result<T, Miss> {
-        let unavailable = |e: &dyn std::error::Error| Miss::Unavailable(explain(e));
-        let query = async {
-            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
-            let statement = client
-                .prepare_cached(sql)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            client
-                .query_opt(&statement, &[param])
-                .await
-                .map_err(|e| unavailable(&e))
-        };
+        let row = self
+            .query_opt(sql, &[param])
+            .await
+            .map_err(Miss::Unavailable)?;
+        row.as_ref().map(read).ok_or(Miss::NotFound)
+    }
+
+    /// One statement, as PostgreSQL's unnamed statement in a single round trip
+    /// (Parse/Bind/Execute/Sync): behind PgBouncer in transaction pooling mode each round
+    /// trip may reach a different server connection, where a named prepared statement
+    /// would not exist. The parameter types are given, and are all built-in, so no type
+    /// lookup (which prepares statements of its own) happens either.
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<tokio_postgres::Row>, String> {
         let span = tracing::info_span!(
             "metastore.query",
             otel.kind = "client",
             db.system = "postgresql"
         );
-        let row = query.instrument(span).await?;
-        row.as_ref().map(read).ok_or(Miss::NotFound)
+        async {
+            let client = self.pool.get().await.map_err(|e| explain(&e))?;
+            let query = client.query_typed_opt(sql, params);
+            match tokio::time::timeout(self.timeout, query).await {
+                Ok(result) => result.map_err(|e| explain(&e)),
+                Err(_) => Err(self.abandon(client)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// A statement over its time (still running, or queued in PgBouncer for a server
+    /// connection) keeps its connection busy: the connection leaves the pool and closes,
+    /// rather than making the next request wait behind it.
+    fn abandon(&self, client: deadpool_postgres::Object) -> String {
+        drop(deadpool_postgres::Object::take(client));
+        format!(
+            "metastore query timed out after {} ms",
+            self.timeout.as_millis()
+        )
     }
 }
 
@@ -281,35 +301,23 @@ impl IdentityResolver for MetastoreResolver {
         task_id: &str,
         map_index: Option<i64>,
     ) -> Result<bool, IdentityError> {
-        let unavailable = |e: &dyn std::error::Error| IdentityError::Unavailable(explain(e));
         // A map index beyond i32 matches no row (the column is an integer).
         let map_index = match map_index.map(i32::try_from) {
             None => None,
             Some(Ok(index)) => Some(index),
             Some(Err(_)) => return Ok(false),
         };
-        let query = async {
-            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
-            // Unnamed statement: works through PgBouncer in transaction mode.
-            client
-                .query_typed_opt(
-                    TASK_INSTANCE_EXISTS_SQL,
-                    &[
-                        (&dag_id, tokio_postgres::types::Type::VARCHAR),
-                        (&run_id, tokio_postgres::types::Type::VARCHAR),
-                        (&task_id, tokio_postgres::types::Type::VARCHAR),
-                        (&map_index, tokio_postgres::types::Type::INT4),
-                    ],
-                )
-                .await
-                .map_err(|e| unavailable(&e))
-        };
-        let span = tracing::info_span!(
-            "metastore.query",
-            otel.kind = "client",
-            db.system = "postgresql"
-        );
-        Ok(query.instrument(span).await?.is_some())
+        let params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&dag_id, Type::VARCHAR),
+            (&run_id, Type::VARCHAR),
+            (&task_id, Type::VARCHAR),
+            (&map_index, Type::INT4),
+        ];
+        let row = self
+            .query_opt(TASK_INSTANCE_EXISTS_SQL, &params)
+            .await
+            .map_err(IdentityError::Unavailable)?;
+        Ok(row.is_some())
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {
@@ -318,11 +326,13 @@ impl IdentityResolver for MetastoreResolver {
             .get()
             .await
             .map_err(|e| IdentityError::Unavailable(explain(&e)))?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| IdentityError::Unavailable(explain(&e)))?;
-        Ok(())
+        // The simple query protocol: no prepared statement at all.
+        match tokio::time::timeout(self.timeout, client.simple_query("SELECT 1")).await {
+            Ok(result) => result
+                .map(drop)
+                .map_err(|e| IdentityError::Unavailable(explain(&e))),
+            Err(_) => Err(IdentityError::Unavailable(self.abandon(client))),
+        }
     }
 
     fn describe(&self) -> String {
@@ -349,7 +359,7 @@ impl MetastoreResolver {
         let result = self
             .tasks
             .try_get_with(ti, async {
-                self.query_one(TASK_SQL, &ti, |row| TaskScope {
+                self.query_one(TASK_SQL, (&ti, Type::UUID), |row| TaskScope {
                     dag_id: row.get(0),
                     run_id: row.get(1),
                     task_id: row.get(2),
@@ -374,8 +384,10 @@ impl MetastoreResolver {
                     AssetRef::Name(name) => (ASSET_BY_NAME_SQL, name),
                     AssetRef::Uri(uri) => (ASSET_BY_URI_SQL, uri),
                 };
-                self.query_one(sql, text, |row| AssetKey(row.get::<_, i32>(0).to_string()))
-                    .await
+                self.query_one(sql, (text, Type::VARCHAR), |row| {
+                    AssetKey(row.get::<_, i32>(0).to_string())
+                })
+                .await
             })
             .await;
         settle(result)
@@ -394,9 +406,11 @@ impl MetastoreResolver {
         let result = self
             .asset_ids
             .try_get_with(id, async {
-                self.query_one(ASSET_BY_ID_SQL, &id, |row| {
-                    AssetKey(row.get::<_, i32>(0).to_string())
-                })
+                self.query_one(
+                    ASSET_BY_ID_SQL,
+                    (&id, tokio_postgres::types::Type::INT4),
+                    |row| AssetKey(row.get::<_, i32>(0).to_string()),
+                )
                 .await
             })
             .await;

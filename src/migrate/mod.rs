@@ -253,8 +253,21 @@ pub struct Summary {
     pub assets: usize,
     /// Expired when read (never exported, never imported).
     pub expired: usize,
-    /// Rows the metastore import could not use (see its warnings).
+    /// Rows the metastore import could not use, or keys the metastore export could not
+    /// write (see their warnings).
     pub invalid: usize,
+    /// `export --to-metastore` only.
+    pub unplaced: Option<Unplaced>,
+}
+
+/// Keys `export --to-metastore` leaves out because Airflow's tables have nothing to hang
+/// them on (both tables have foreign keys).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    /// Task keys whose DAG run no longer exists in `dag_run`.
+    pub no_dag_run: usize,
+    /// Asset keys that are no Airflow asset id (claims-mode keys), or whose `asset` row is gone.
+    pub no_asset: usize,
 }
 
 impl std::fmt::Display for Summary {
@@ -263,7 +276,15 @@ impl std::fmt::Display for Summary {
             f,
             "{} task keys in {} task scopes, {} asset keys in {} assets; {} expired skipped, {} invalid skipped",
             self.task_keys, self.task_scopes, self.asset_keys, self.assets, self.expired, self.invalid
-        )
+        )?;
+        if let Some(unplaced) = &self.unplaced {
+            write!(
+                f,
+                ", {} task keys without a dag_run skipped, {} asset keys without an Airflow asset skipped",
+                unplaced.no_dag_run, unplaced.no_asset
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -304,10 +325,19 @@ fn splice(head: serde_json::Value, value: &StoredValue, tail: serde_json::Value)
     )
 }
 
-/// Writes every task scope and asset of `store` as JSON lines, scopes in the order of
-/// their Redis key names (so two exports of the same data are byte-identical), keys
-/// sorted within a scope. Only the key names are held in memory; values stream.
-pub async fn export(store: &RedisStore, out: &mut dyn Write) -> Result<Summary, MigrateError> {
+/// A scope found in the store, with its live keys sorted by key.
+pub enum Found {
+    Task(TaskScope, Vec<Entry>),
+    Asset(AssetKey, Vec<Entry>),
+}
+
+/// Hands every non-empty task scope and asset of `store` to `visit`, scopes in the order
+/// of their Redis key names, keys sorted within a scope. Only the key names and one
+/// scope's entries are held in memory. Expired keys are never listed.
+pub async fn walk(
+    store: &RedisStore,
+    mut visit: impl AsyncFnMut(Found) -> Result<(), MigrateError>,
+) -> Result<(), MigrateError> {
     let mut names = Vec::new();
     let mut scan = std::pin::pin!(store.scan_scopes());
     while let Some(name) = scan.next().await {
@@ -315,39 +345,54 @@ pub async fn export(store: &RedisStore, out: &mut dyn Write) -> Result<Summary, 
     }
     names.sort_unstable();
     names.dedup();
-    let mut summary = Summary::default();
-    let mut progress = Progress::new("exported");
     for name in names {
         match store.scope_of_key(&name).await? {
             None => {}
             Some(ScopeRef::Task(scopes)) => {
                 for scope in scopes {
                     let entries = store.list_task(&scope).await?;
-                    if entries.is_empty() {
-                        continue;
+                    if !entries.is_empty() {
+                        visit(Found::Task(scope, entries)).await?;
                     }
-                    summary.task_scopes += 1;
-                    for entry in &entries {
-                        writeln!(out, "{}", task_line(&scope, entry))?;
-                        summary.task_keys += 1;
-                    }
-                    progress.tick(summary.task_keys + summary.asset_keys);
                 }
             }
             Some(ScopeRef::Asset(asset)) => {
                 let entries = store.list_asset(&asset).await?;
-                if entries.is_empty() {
-                    continue;
+                if !entries.is_empty() {
+                    visit(Found::Asset(asset, entries)).await?;
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes every task scope and asset of `store` as JSON lines, in [`walk`]'s order (so two
+/// exports of the same data are byte-identical). Values stream.
+pub async fn export(store: &RedisStore, out: &mut dyn Write) -> Result<Summary, MigrateError> {
+    let mut summary = Summary::default();
+    let mut progress = Progress::new("exported");
+    walk(store, async |found| {
+        match found {
+            Found::Task(scope, entries) => {
+                summary.task_scopes += 1;
+                for entry in &entries {
+                    writeln!(out, "{}", task_line(&scope, entry))?;
+                    summary.task_keys += 1;
+                }
+            }
+            Found::Asset(asset, entries) => {
                 summary.assets += 1;
                 for entry in &entries {
                     writeln!(out, "{}", asset_line(&asset, entry))?;
                     summary.asset_keys += 1;
                 }
-                progress.tick(summary.task_keys + summary.asset_keys);
             }
         }
-    }
+        progress.tick(summary.task_keys + summary.asset_keys);
+        Ok(())
+    })
+    .await?;
     out.flush()?;
     progress.finish();
     Ok(summary)

@@ -730,6 +730,127 @@ impl Postgres {
     }
 }
 
+/// PgBouncer in transaction pooling mode (what the official Airflow chart's
+/// `pgbouncer.enabled` deploys) in front of `postgres`, on a free port, with a server pool
+/// of `pool_size` connections. Clients log in with SCRAM as `postgres` / [`PgBouncer::PASSWORD`].
+/// Stopped on drop.
+pub struct PgBouncer {
+    pub port: u16,
+    /// Airflow's SQLAlchemy form, as `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` carries it.
+    pub url: String,
+    /// The same, as a plain `postgresql://` URL.
+    pub plain_url: String,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    pub const PASSWORD: &'static str = "pgbouncer-secret";
+
+    pub fn start(postgres: &Postgres, pool_size: u32) -> PgBouncer {
+        let dir = kept_temp_dir("airstate-pgbouncer-");
+        let port = free_port();
+        std::fs::write(
+            dir.join("userlist.txt"),
+            format!("\"postgres\" \"{}\"\n", Self::PASSWORD),
+        )
+        .unwrap();
+        // No Unix socket: the machine's own PgBouncer or PostgreSQL may own the default one.
+        let config = format!(
+            "[databases]\n\
+             airflow = host=127.0.0.1 port={pg} dbname=airflow user=postgres\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = scram-sha-256\n\
+             auth_file = {dir}/userlist.txt\n\
+             pool_mode = transaction\n\
+             default_pool_size = {pool_size}\n\
+             min_pool_size = 0\n\
+             reserve_pool_size = 0\n\
+             max_client_conn = 500\n\
+             query_wait_timeout = 60\n\
+             ignore_startup_parameters = extra_float_digits\n\
+             logfile = {dir}/pgbouncer.log\n\
+             pidfile = {dir}/pgbouncer.pid\n",
+            pg = postgres.port,
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), config).unwrap();
+        // PgBouncer refuses to run as root, like postgres.
+        if unsafe { libc::geteuid() } == 0 {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status();
+            assert!(status.is_ok_and(|s| s.success()), "chown to postgres");
+        }
+        let binary = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain([PathBuf::from("/usr/sbin")])
+            .map(|path| path.join("pgbouncer"))
+            .find(|path| path.exists())
+            .expect("pgbouncer (apt-get install pgbouncer)");
+        let command = as_server_user(&format!(
+            "{} {}/pgbouncer.ini",
+            binary.display(),
+            dir.display()
+        ));
+        let mut words = command.split_whitespace();
+        let child = Command::new(words.next().unwrap())
+            .args(words)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pgbouncer");
+        let mut bouncer = PgBouncer {
+            port,
+            url: format!(
+                "postgresql+psycopg2://postgres:{}@127.0.0.1:{port}/airflow",
+                Self::PASSWORD
+            ),
+            plain_url: format!(
+                "postgresql://postgres:{}@127.0.0.1:{port}/airflow",
+                Self::PASSWORD
+            ),
+            child,
+            dir,
+        };
+        wait_until("pgbouncer", Duration::from_secs(20), || {
+            assert!(
+                bouncer.child.try_wait().unwrap().is_none(),
+                "pgbouncer exited: {}",
+                bouncer.log()
+            );
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        bouncer
+    }
+
+    /// A client connection through PgBouncer (in transaction mode: a server connection is
+    /// its own only inside a transaction).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.plain_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect through pgbouncer");
+        tokio::spawn(connection);
+        client
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The real `airstate` binary serving on a free loopback port; killed on drop.
 pub struct ServedBinary {
     pub child: Child,

@@ -55,6 +55,24 @@ existing one (by default the official Airflow chart's "<release>-jwt-secret"). *
 {{- end }}
 {{- end }}
 
+{{/* The metastore's TCP port, for the NetworkPolicy: metastore.port, else the port written
+in metastore.connection, else PostgreSQL's 5432. A URL in an existing Secret cannot be read
+at render time, so PgBouncer (6543 in the Airflow chart) needs metastore.port. */}}
+{{- define "airstate.metastorePort" -}}
+{{- if .Values.metastore.port }}
+{{- .Values.metastore.port }}
+{{- else if .Values.metastore.connection }}
+{{- $host := (urlParse .Values.metastore.connection).host }}
+{{- if regexMatch ":[0-9]+$" $host }}
+{{- regexFind "[0-9]+$" $host }}
+{{- else }}
+{{- 5432 }}
+{{- end }}
+{{- else }}
+{{- 5432 }}
+{{- end }}
+{{- end }}
+
 {{/* AIRSTATE_REDIS_URL from url, sentinel or cluster settings; $(REDIS_PASSWORD) is
 expanded by Kubernetes from the env var defined before it. */}}
 {{- define "airstate.redisUrl" -}}
