@@ -40,6 +40,24 @@ pub struct Config {
     /// airstate's extensions beyond Airflow's API.
     pub extensions: ExtensionSettings,
     pub admin: AdminSettings,
+    /// `None`: requests airstate does not serve itself are 404s, as before forwarding existed.
+    pub upstream: Option<UpstreamSettings>,
+}
+
+/// Airflow's API server behind airstate (README, "Running with Airflow"): everything airstate
+/// does not serve itself is forwarded there, so workers and the UI need one URL.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// `http://host:port` with an optional path prefix; no query, no credentials.
+    pub url: axum::http::Uri,
+    /// Establishing a TCP connection to the upstream (502 when it fails or takes longer).
+    pub connect_timeout: Duration,
+    /// From sending the request until the upstream's response headers (504 when longer).
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections kept per replica.
+    pub pool_idle: usize,
+    /// How long an idle kept connection may stay unused before it is closed.
+    pub pool_idle_timeout: Duration,
 }
 
 /// The admin API (`/admin/v1/...`, README "Admin API").
@@ -218,6 +236,32 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
         "15",
         "keep-alive interval of idle change streams",
+    ),
+    // Forwarding to Airflow's API server.
+    (
+        "AIRSTATE_AIRFLOW_API_URL",
+        "(unset: nothing forwarded, 404)",
+        "Airflow's API server, http://host:port: every request airstate does not serve is forwarded there",
+    ),
+    (
+        "AIRSTATE_AIRFLOW_API_CONNECT_TIMEOUT_MS",
+        "2000",
+        "connecting to Airflow's API server (502 after)",
+    ),
+    (
+        "AIRSTATE_AIRFLOW_API_TIMEOUT_MS",
+        "60000",
+        "wait for Airflow's response headers (504 after)",
+    ),
+    (
+        "AIRSTATE_AIRFLOW_API_POOL_IDLE",
+        "32",
+        "idle keep-alive connections to Airflow's API server per replica",
+    ),
+    (
+        "AIRSTATE_AIRFLOW_API_POOL_IDLE_SECONDS",
+        "60",
+        "how long an idle connection to Airflow's API server is kept",
     ),
     (
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
@@ -426,6 +470,7 @@ impl Config {
         };
 
         Ok(Config {
+            upstream: upstream_settings(&env)?,
             admin,
             listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             redis,
@@ -485,6 +530,57 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
             })
         }
     })
+}
+
+fn upstream_settings(env: &Env) -> Result<Option<UpstreamSettings>, ConfigError> {
+    const VARIABLE: &str = "AIRSTATE_AIRFLOW_API_URL";
+    let Some(text) = env.text(VARIABLE) else {
+        return Ok(None);
+    };
+    let url: axum::http::Uri = text
+        .trim()
+        .parse()
+        .map_err(|e| error(VARIABLE, &format!("not a URL ({e})")))?;
+    match url.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(error(
+                VARIABLE,
+                "https is not supported: point it at the API server's in-cluster Service over http",
+            ))
+        }
+        _ => return Err(error(VARIABLE, "must start with http://")),
+    }
+    let Some(authority) = url.authority() else {
+        return Err(error(
+            VARIABLE,
+            "needs a host, as in http://airflow-api-server:8080",
+        ));
+    };
+    if authority.as_str().contains('@') {
+        return Err(error(VARIABLE, "must not carry credentials"));
+    }
+    if url.query().is_some() {
+        return Err(error(VARIABLE, "must not carry a query"));
+    }
+    let connect_timeout = env.parse("AIRSTATE_AIRFLOW_API_CONNECT_TIMEOUT_MS", 2000u64)?;
+    let response_timeout = env.parse("AIRSTATE_AIRFLOW_API_TIMEOUT_MS", 60_000u64)?;
+    if connect_timeout == 0 || response_timeout == 0 {
+        return Err(error(
+            "AIRSTATE_AIRFLOW_API_TIMEOUT_MS",
+            "timeouts to Airflow's API server must be at least 1 ms",
+        ));
+    }
+    Ok(Some(UpstreamSettings {
+        url,
+        connect_timeout: Duration::from_millis(connect_timeout),
+        response_timeout: Duration::from_millis(response_timeout),
+        pool_idle: env.parse("AIRSTATE_AIRFLOW_API_POOL_IDLE", 32usize)?,
+        pool_idle_timeout: Duration::from_secs(
+            env.parse("AIRSTATE_AIRFLOW_API_POOL_IDLE_SECONDS", 60u64)?
+                .max(1),
+        ),
+    }))
 }
 
 /// `AIRSTATE_CHANGE_STREAMS`: read for the HTTP layer (streams served or 406) and for the
@@ -566,6 +662,27 @@ mod tests {
         assert_eq!(c.identity, IdentityMode::Claims);
         assert_eq!(c.auth.audiences, ["urn:airflow.apache.org:task"]);
         assert_eq!(c.auth.leeway, Duration::from_secs(10));
+        assert!(c.upstream.is_none());
+    }
+
+    #[test]
+    fn upstream_url_and_timeouts() {
+        let c = config(&[
+            SECRET,
+            ("AIRSTATE_AIRFLOW_API_URL", "http://airflow-api-server:8080"),
+            ("AIRSTATE_AIRFLOW_API_TIMEOUT_MS", "1500"),
+        ])
+        .unwrap();
+        let upstream = c.upstream.unwrap();
+        assert_eq!(upstream.url.authority().unwrap(), "airflow-api-server:8080");
+        assert_eq!(upstream.response_timeout, Duration::from_millis(1500));
+        assert_eq!(upstream.connect_timeout, Duration::from_millis(2000));
+        assert_eq!(upstream.pool_idle, 32);
+        let url = ("AIRSTATE_AIRFLOW_API_URL", "http://airflow:8080");
+        for bad in ["soon", "0"] {
+            let err = config(&[SECRET, url, ("AIRSTATE_AIRFLOW_API_TIMEOUT_MS", bad)]).unwrap_err();
+            assert_eq!(err.variable, "AIRSTATE_AIRFLOW_API_TIMEOUT_MS", "{bad}");
+        }
     }
 
     #[test]
@@ -587,6 +704,10 @@ mod tests {
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
             ("AIRSTATE_ADMIN_TOKEN", "too-short"),
             ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "-1"),
+            ("AIRSTATE_AIRFLOW_API_URL", "airflow:8080"),
+            ("AIRSTATE_AIRFLOW_API_URL", "https://airflow:8080"),
+            ("AIRSTATE_AIRFLOW_API_URL", "http://user:pw@airflow:8080"),
+            ("AIRSTATE_AIRFLOW_API_URL", "http://airflow:8080/?x=1"),
         ] {
             let err = config(&[SECRET, (var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");

@@ -77,6 +77,9 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         None => Arc::new(MemoryStore::new().with_event_buffer(buffer)),
     };
     tracing::info!(store = %store.describe(), identity = %identity.describe(), keys = %auth.describe(), "airstate configured");
+    if let Some(upstream) = &config.upstream {
+        tracing::info!(upstream = %upstream.url, "forwarding every other request to Airflow's API server");
+    }
     if config.redis.is_none() {
         tracing::warn!("no AIRSTATE_REDIS_URL: serving from the embedded in-memory store; state is lost on restart and not shared between replicas");
     }
@@ -88,6 +91,8 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         ready_timeout: Duration::from_secs(2),
         extensions: config.extensions.clone(),
         admin: config.admin.clone(),
+        // Lazy: an upstream down at start-up is not fatal, state is served regardless.
+        upstream: config.upstream.as_ref().map(http::forward::Upstream::new),
     }))
 }
 
@@ -107,6 +112,8 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = config.shutdown_grace;
     let shutdown_state = state.clone();
+    // The peer address feeds `X-Forwarded-For` on forwarded requests.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         shutdown_state.shutting_down.store(true, Ordering::Relaxed);

@@ -26,6 +26,33 @@ pub fn traces_exported() -> bool {
     TRACES_EXPORTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+struct HeaderInjector<'a>(&'a mut axum::http::HeaderMap);
+
+impl opentelemetry::propagation::Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(key.as_bytes()),
+            axum::http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Puts the current span's W3C trace context into an outgoing request, so the next hop's
+/// spans join our trace under it. When nothing is exported there is no local span to name:
+/// the caller's own `traceparent` then passes on untouched.
+pub fn inject_trace_context(headers: &mut axum::http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !traces_exported() {
+        return;
+    }
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut HeaderInjector(headers))
+    });
+}
+
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes what is buffered.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,

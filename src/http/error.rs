@@ -93,6 +93,15 @@ pub enum ApiError {
     /// `If-Match` / `If-None-Match` did not hold; nothing was written.
     #[error("precondition failed")]
     PreconditionFailed,
+    /// Forwarding: Airflow's API server refused the connection or broke it off.
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
+    /// Forwarding: Airflow's API server did not answer within the timeout.
+    #[error("upstream timed out after {0} ms")]
+    UpstreamTimeout(u128),
+    /// A request that is malformed at the HTTP level (framing, target).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -112,6 +121,17 @@ impl From<IdentityError> for ApiError {
     fn from(error: IdentityError) -> Self {
         match error {
             IdentityError::Unavailable(reason) => ApiError::Unavailable(reason),
+        }
+    }
+}
+
+impl From<super::forward::ForwardError> for ApiError {
+    fn from(error: super::forward::ForwardError) -> Self {
+        use super::forward::ForwardError;
+        match error {
+            ForwardError::Unreachable(reason) => ApiError::UpstreamUnreachable(reason),
+            ForwardError::Timeout(millis) => ApiError::UpstreamTimeout(millis),
+            ForwardError::BadRequest(message) => ApiError::BadRequest(message),
         }
     }
 }
@@ -254,6 +274,17 @@ impl ApiError {
                     "message": "The key's current version does not satisfy If-Match / If-None-Match; nothing was changed",
                 }),
             ),
+            UpstreamUnreachable(_) => (
+                StatusCode::BAD_GATEWAY,
+                json!("Airflow's API server is unreachable, retry later"),
+            ),
+            UpstreamTimeout(millis) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                json!(format!(
+                    "Airflow's API server did not answer within {millis} ms"
+                )),
+            ),
+            BadRequest(message) => (StatusCode::BAD_REQUEST, json!(message)),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!("State store temporarily unavailable, retry later"),
@@ -271,7 +302,9 @@ impl IntoResponse for ApiError {
         let (status, detail) = self.status_and_detail();
         match &self {
             ApiError::Internal(reason) => tracing::error!(%reason, "internal error"),
-            ApiError::Unavailable(reason) => tracing::warn!(%reason, "dependency unavailable"),
+            ApiError::Unavailable(reason) | ApiError::UpstreamUnreachable(reason) => {
+                tracing::warn!(%reason, "dependency unavailable")
+            }
             _ => {}
         }
         let mut response = (status, axum::Json(json!({ "detail": detail }))).into_response();

@@ -7,6 +7,7 @@ pub mod body;
 pub mod error;
 pub mod extensions;
 pub mod extract;
+pub mod forward;
 mod observe;
 pub mod openapi;
 pub mod task;
@@ -43,6 +44,8 @@ pub struct AppState {
     /// airstate's extensions beyond Airflow's API.
     pub extensions: crate::config::ExtensionSettings,
     pub admin: crate::config::AdminSettings,
+    /// Airflow's API server, which gets every request not served here (`None`: 404s).
+    pub upstream: Option<forward::Upstream>,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.
@@ -131,7 +134,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
                 .layer(Extension(BodyLimit(max_body_bytes))),
         );
     }
-    app.fallback(|| async { ApiError::RouteNotFound })
+    app.fallback(forward::forward)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
@@ -270,8 +273,27 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         app.store.ping().await.map_err(|e| e.to_string())?;
         app.identity.ping().await.map_err(|e| e.to_string())
     };
-    match tokio::time::timeout(app.ready_timeout, checks).await {
-        Ok(Ok(())) => Json(json!({"status": "ready"})).into_response(),
+    // Airflow's API server is reported, never required: state is served without it, and
+    // every replica shares it, so taking replicas out of the Service would not help.
+    let upstream = async {
+        match &app.upstream {
+            None => None,
+            Some(upstream) => Some(match upstream.check(app.ready_timeout).await {
+                Ok(status) => format!("answers ({status})"),
+                Err(error) => format!("unreachable: {error}"),
+            }),
+        }
+    };
+    let (checks, upstream) =
+        tokio::join!(tokio::time::timeout(app.ready_timeout, checks), upstream);
+    match checks {
+        Ok(Ok(())) => {
+            let mut body = json!({"status": "ready"});
+            if let Some(upstream) = upstream {
+                body["airflow_api_server"] = json!(upstream);
+            }
+            Json(body).into_response()
+        }
         Ok(Err(reason)) => not_ready(reason),
         Err(_) => not_ready("dependency check timed out".into()),
     }

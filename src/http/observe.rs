@@ -154,6 +154,18 @@ pub async fn observe(matched: Option<MatchedPath>, request: Request, next: Next)
         response.headers_mut().insert(CORRELATION_ID, id);
     }
 
+    // Forwarded requests have no route template; one label keeps the series bounded.
+    let route = if response
+        .extensions()
+        .get::<super::forward::Forwarded>()
+        .is_some()
+    {
+        span.record("otel.name", format!("{method} forwarded"));
+        span.record("http.route", "forwarded");
+        "forwarded"
+    } else {
+        route
+    };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.record("http.response.status_code", status);
