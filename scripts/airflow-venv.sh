@@ -18,7 +18,12 @@ if ! [ -x "$python" ] || ! "$python" -c 'import airflow.state, psycopg2, pytest'
   "$python" -c 'import airflow.state, psycopg2, pytest' >&2
 fi
 # The backend package is installed from this clone each time (cheap: editable, no deps).
+# Without build isolation that needs a setuptools that builds wheels by itself (>= 70.1;
+# the venv's own 65 needs the separate `wheel` package).
 if [ -d "$root/python/airstate-airflow" ]; then
+  if ! "$python" -c 'import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' >/dev/null 2>&1; then
+    "$python" -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1' >&2
+  fi
   "$python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
     -e "$root/python/airstate-airflow" >&2
 fi

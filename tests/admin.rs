@@ -19,6 +19,9 @@ on_every_store!(
     value_size_limit_applies_to_admin_writes_only,
     bad_input_is_refused_and_leaves_data_unharmed,
     admin_writes_are_announced_on_change_streams,
+    assets_by_airflow_id_with_the_writer_airflow_records,
+    bad_writers_are_refused_and_leave_data_unharmed,
+    asset_ids_need_the_metastore_identity,
 );
 
 const ADMIN: &str = "admin-token-0123456789abcdef0123456789abcdef";
@@ -401,6 +404,47 @@ async fn value_size_limit_applies_to_admin_writes_only(backend: Backend) {
     let kept = admin(&gw, "GET", &path, None).await;
     assert_eq!(kept.body["value"].as_str().unwrap().len(), 65533);
 
+    // A caller storing for Airflow's Execution API (the Airflow state backend) skips the
+    // limit, as that API does; a malformed flag is refused and stores nothing.
+    let refused = admin(
+        &gw,
+        "PUT",
+        &format!("{path}&skip_value_limit=maybe"),
+        Some(&over),
+    )
+    .await;
+    assert_eq!(refused.status, 422, "{refused:?}");
+    assert_eq!(
+        refused.body["detail"][0]["loc"],
+        json!(["query", "skip_value_limit"])
+    );
+    let kept = admin(&gw, "GET", &path, None).await;
+    assert_eq!(kept.body["value"].as_str().unwrap().len(), 65533);
+    let put = admin(
+        &gw,
+        "PUT",
+        &format!("{path}&skip_value_limit=true"),
+        Some(&over),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+    let stored = admin(&gw, "GET", &path, None).await;
+    assert_eq!(stored.body["value"].as_str().unwrap().len(), 65534);
+    let id = gw
+        .pg
+        .insert_asset(&unique("big"), &unique("s3://big/"), true)
+        .await;
+    let refused = admin(&gw, "PUT", &by_id(id, Some("k")), Some(&over)).await;
+    assert_eq!(refused.status, 422, "{refused:?}");
+    let put = admin(
+        &gw,
+        "PUT",
+        &format!("{}?skip_value_limit=true", by_id(id, Some("k"))),
+        Some(&over),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+
     // The Execution API only warns in Airflow: it stores the same value.
     let put = gw.put_text(&ti_path(&ti, "big"), &ti.token, &over).await;
     assert_eq!(put.status, 204, "{put:?}");
@@ -532,4 +576,309 @@ async fn admin_writes_are_announced_on_change_streams(backend: Backend) {
         204
     );
     assert_eq!(next_change(&mut watch).await, Change::Clear);
+}
+
+fn by_id(id: impl std::fmt::Display, key: Option<&str>) -> String {
+    match key {
+        Some(key) => format!("/admin/v1/assets/by-id/{id}/state-store/{}", seg(key)),
+        None => format!("/admin/v1/assets/by-id/{id}/state-store"),
+    }
+}
+
+/// What `airstate_airflow.AirstateBackend` relies on: Airflow hands its backend the
+/// integer asset id and, for a write, who wrote it; the id reaches the same asset as its
+/// name and URI on the Execution API, and the writer reads back as Airflow records it.
+async fn assets_by_airflow_id_with_the_writer_airflow_records(backend: Backend) {
+    let gw = start(backend).await;
+    let name = unique("by-id");
+    let uri = format!("s3://bucket/{}", unique("by-id"));
+    let id = gw.pg.insert_asset(&name, &uri, true).await;
+    let task_writer = json!({
+        "kind": "task", "dag_id": "etl", "run_id": "manual__1", "task_id": "load", "map_index": 3
+    });
+    let put = admin(
+        &gw,
+        "PUT",
+        &by_id(id, Some("wm/a b")),
+        Some(&format!(
+            r#"{{"last_updated_by": {task_writer}, "value": {{"n": 1180591620717411303424, "f": 1.0}}}}"#
+        )),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+    let got = admin(&gw, "GET", &by_id(id, Some("wm/a b")), None).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(
+        got.text
+            .starts_with(r#"{"value":{"n": 1180591620717411303424, "f": 1.0},"key":"wm/a b""#),
+        "{got:?}"
+    );
+    assert_eq!(got.body["last_updated_by"], task_writer);
+    assert_eq!(
+        gw.state
+            .store
+            .asset_writer(&AssetKey(id.to_string()), "wm/a b")
+            .await
+            .unwrap(),
+        Some(Writer::Task {
+            dag_id: "etl".into(),
+            run_id: "manual__1".into(),
+            task_id: "load".into(),
+            map_index: 3
+        })
+    );
+    // The same asset as by name (admin API) and by URI (a task, on the Execution API).
+    let by_name = admin(
+        &gw,
+        "GET",
+        &format!(
+            "/admin/v1/assets/by-name/state-store/value?name={}&key={}",
+            enc(&name),
+            enc("wm/a b")
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(by_name.body["last_updated_by"], task_writer, "{by_name:?}");
+    let ti = gw.task().await;
+    let seen = gw
+        .get(
+            &format!(
+                "/execution/store/asset/by-uri/value?uri={}&key={}",
+                enc(&uri),
+                enc("wm/a b")
+            ),
+            &ti.token,
+        )
+        .await;
+    assert_eq!(seen.status, 200, "{seen:?}");
+    assert!(seen.text.contains("1180591620717411303424"), "{seen:?}");
+
+    // A watcher's write, then an operator's (no writer given: Airflow's `api` kind), also
+    // through the by-name route.
+    let put = admin(
+        &gw,
+        "PUT",
+        &by_id(id, Some("w")),
+        Some(r#"{"value": 1, "last_updated_by": {"kind": "watcher"}}"#),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+    let got = admin(&gw, "GET", &by_id(id, Some("w")), None).await;
+    assert_eq!(got.body["last_updated_by"], json!({"kind": "watcher"}));
+    let put = admin(&gw, "PUT", &by_id(id, Some("w")), Some(r#"{"value": 2}"#)).await;
+    assert_eq!(put.status, 204, "{put:?}");
+    let got = admin(&gw, "GET", &by_id(id, Some("w")), None).await;
+    assert_eq!(got.body["value"], 2);
+    assert_eq!(got.body["last_updated_by"], json!({"kind": "api"}));
+    let put = admin(
+        &gw,
+        "PUT",
+        &format!(
+            "/admin/v1/assets/by-name/state-store/value?name={}&key=w",
+            enc(&name)
+        ),
+        Some(r#"{"value": 3, "last_updated_by": {"kind": "watcher"}}"#),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+    let got = admin(&gw, "GET", &by_id(id, Some("w")), None).await;
+    assert_eq!(
+        (
+            got.body["value"].clone(),
+            got.body["last_updated_by"].clone()
+        ),
+        (json!(3), json!({"kind": "watcher"}))
+    );
+
+    let list = admin(&gw, "GET", &format!("{}?limit=1", by_id(id, None)), None).await;
+    assert_eq!(list.status, 200, "{list:?}");
+    assert_eq!(list.body["total_entries"], 2);
+    assert_eq!(list.body["entries"][0]["key"], "w");
+    assert_eq!(list.body["next_after"], "w");
+    let rest = admin(&gw, "GET", &format!("{}?after=w", by_id(id, None)), None).await;
+    assert_eq!(rest.body["entries"][0]["key"], "wm/a b", "{rest:?}");
+
+    assert_eq!(
+        admin(&gw, "DELETE", &by_id(id, Some("w")), None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        admin(&gw, "GET", &by_id(id, Some("w")), None).await.status,
+        404
+    );
+    assert_eq!(
+        admin(&gw, "DELETE", &by_id(id, None), None).await.status,
+        204
+    );
+    let gone = admin(&gw, "GET", &by_id(id, Some("wm/a b")), None).await;
+    assert_eq!(gone.status, 404, "{gone:?}");
+    assert_eq!(
+        gone.body["detail"]["message"],
+        "Asset state store key 'wm/a b' not found"
+    );
+
+    // An id is any row of `asset`, active or not, as in Airflow's Core REST API.
+    let inactive = gw
+        .pg
+        .insert_asset(&unique("gone"), &unique("s3://gone/"), false)
+        .await;
+    let put = admin(
+        &gw,
+        "PUT",
+        &by_id(inactive, Some("k")),
+        Some(r#"{"value": 1}"#),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+    assert_eq!(
+        admin(&gw, "GET", &by_id(inactive, Some("k")), None)
+            .await
+            .body["value"],
+        1
+    );
+    for missing in [i64::from(i32::MAX), 1 << 40, -5] {
+        let reply = admin(&gw, "GET", &by_id(missing, Some("k")), None).await;
+        assert_eq!(reply.status, 404, "{missing}: {reply:?}");
+        assert_eq!(
+            reply.body["detail"],
+            json!({"reason": "not_found", "message": format!("Asset with id {missing} not found")})
+        );
+    }
+    let put = admin(
+        &gw,
+        "PUT",
+        &by_id(i32::MAX, Some("k")),
+        Some(r#"{"value": 1}"#),
+    )
+    .await;
+    assert_eq!(put.status, 404, "{put:?}");
+
+    // The admin credential alone opens these routes.
+    let refused = gw.get(&by_id(id, Some("k")), &ti.token).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let missing = gw.send("GET", &by_id(id, None), None, None).await;
+    assert_eq!(missing.status, 401, "{missing:?}");
+    let off = Gateway::start(backend).await;
+    assert_eq!(off.get(&by_id(id, None), ADMIN).await.status, 404);
+}
+
+async fn bad_writers_are_refused_and_leave_data_unharmed(backend: Backend) {
+    let gw = start(backend).await;
+    let id = gw
+        .pg
+        .insert_asset(&unique("w"), &unique("s3://w/"), true)
+        .await;
+    let path = by_id(id, Some("k"));
+    let put = admin(
+        &gw,
+        "PUT",
+        &path,
+        Some(r#"{"value": "original", "last_updated_by": {"kind": "watcher"}}"#),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{put:?}");
+    for (body, loc) in [
+        (
+            r#"{"value": 1, "last_updated_by": {"kind": "robot"}}"#,
+            json!(["body", "last_updated_by", "kind"]),
+        ),
+        (
+            r#"{"value": 1, "last_updated_by": {}}"#,
+            json!(["body", "last_updated_by", "kind"]),
+        ),
+        (
+            r#"{"value": 1, "last_updated_by": "api"}"#,
+            json!(["body", "last_updated_by"]),
+        ),
+        // Airflow's rule: a task writer names its task instance in full...
+        (
+            r#"{"value": 1, "last_updated_by": {"kind": "task", "dag_id": "d", "run_id": "r", "task_id": "t"}}"#,
+            json!(["body", "last_updated_by", "map_index"]),
+        ),
+        (
+            r#"{"value": 1, "last_updated_by": {"kind": "task", "dag_id": "", "run_id": "r", "task_id": "t", "map_index": 0}}"#,
+            json!(["body", "last_updated_by", "dag_id"]),
+        ),
+        (
+            r#"{"value": 1, "last_updated_by": {"kind": "task", "dag_id": "d", "run_id": "r", "task_id": "t", "map_index": -2}}"#,
+            json!(["body", "last_updated_by", "map_index"]),
+        ),
+        // ...and a watcher or an operator names none.
+        (
+            r#"{"value": 1, "last_updated_by": {"kind": "watcher", "dag_id": "d"}}"#,
+            json!(["body", "last_updated_by", "dag_id"]),
+        ),
+        (
+            r#"{"value": 1, "last_updated_by": {"kind": "api", "extra": 1}}"#,
+            json!(["body", "last_updated_by", "extra"]),
+        ),
+        // The value's own rules still hold.
+        (
+            r#"{"value": null, "last_updated_by": {"kind": "api"}}"#,
+            json!(["body", "value"]),
+        ),
+        (
+            r#"{"last_updated_by": {"kind": "api"}}"#,
+            json!(["body", "value"]),
+        ),
+        (
+            r#"{"value": 1, "expires_at": 5, "last_updated_by": {"kind": "api"}}"#,
+            json!(["body", "expires_at"]),
+        ),
+    ] {
+        let reply = admin(&gw, "PUT", &path, Some(body)).await;
+        assert_eq!(reply.status, 422, "{body}: {reply:?}");
+        assert_eq!(reply.body["detail"][0]["loc"], loc, "{body}: {reply:?}");
+    }
+    let reply = admin(&gw, "PUT", &by_id("x", Some("k")), Some(r#"{"value": 1}"#)).await;
+    assert_eq!(reply.status, 422, "{reply:?}");
+    assert_eq!(reply.body["detail"][0]["loc"], json!(["path", "asset_id"]));
+    let reply = admin(&gw, "GET", &format!("{}?limit=0", by_id(id, None)), None).await;
+    assert_eq!(reply.status, 422, "{reply:?}");
+    let reply = admin(
+        &gw,
+        "PUT",
+        &by_id(id, Some(&"k".repeat(513))),
+        Some(r#"{"value": 1}"#),
+    )
+    .await;
+    assert_eq!(reply.status, 422, "{reply:?}");
+    let kept = admin(&gw, "GET", &path, None).await;
+    assert_eq!(kept.body["value"], "original");
+    assert_eq!(kept.body["last_updated_by"], json!({"kind": "watcher"}));
+}
+
+async fn asset_ids_need_the_metastore_identity(backend: Backend) {
+    let gw = Gateway::start_with(
+        backend,
+        &[
+            ("AIRSTATE_ADMIN_TOKEN", ADMIN),
+            ("AIRSTATE_IDENTITY", "claims"),
+        ],
+    )
+    .await;
+    for (method, path, body) in [
+        ("GET", by_id(1, Some("k")), None),
+        ("PUT", by_id(1, Some("k")), Some(r#"{"value": 1}"#)),
+        ("DELETE", by_id(1, Some("k")), None),
+        ("GET", by_id(1, None), None),
+        ("DELETE", by_id(1, None), None),
+    ] {
+        let reply = admin(&gw, method, &path, body).await;
+        assert_eq!(reply.status, 400, "{method} {path}: {reply:?}");
+        assert_eq!(reply.body["detail"]["reason"], "asset_ids_need_metastore");
+        assert!(
+            reply.body["detail"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("AIRSTATE_IDENTITY=metastore"),
+            "{reply:?}"
+        );
+    }
+    // The credential is still checked first.
+    let reply = gw.send("GET", &by_id(1, None), None, None).await;
+    assert_eq!(reply.status, 401, "{reply:?}");
 }

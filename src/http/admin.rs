@@ -5,9 +5,13 @@
 //! task's JWT reaches only its own scope, while an admin reaches every scope. Tasks are
 //! named by (dag_id, run_id, task_id) in the path and `map_index` in the query, as in
 //! Airflow's `/api/v2/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/state-store`;
-//! assets by name or URI, as on the Execution API (only active assets resolve).
+//! assets by name or URI, as on the Execution API (only active assets resolve), or by
+//! Airflow's integer asset id, as in Airflow's `/api/v2/assets/{asset_id}/state-store`
+//! (any asset row; metastore identity only). The last is what `airstate_airflow`, the
+//! Airflow state backend in `python/airstate-airflow`, uses: Airflow hands its backends
+//! asset ids, and the writer Airflow records travels in the PUT body's `last_updated_by`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
@@ -18,6 +22,8 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+use serde_json::value::RawValue;
 
 use super::asset::{from_query, By};
 use super::body::{check_key, parse_bool_param, parse_patch_body, parse_put_body};
@@ -50,7 +56,15 @@ pub fn router() -> Router<Arc<AppState>> {
         );
     let router = asset_routes::<false>(router, "/admin/v1/assets/by-name/state-store");
     asset_routes::<true>(router, "/admin/v1/assets/by-uri/state-store")
+        .served(ASSET_ID_PATH, get(id_list).delete(id_clear))
+        .served(
+            &format!("{ASSET_ID_PATH}/{{*key}}"),
+            get(id_get).put(id_put).delete(id_delete),
+        )
 }
+
+/// Assets by Airflow's integer id; the key, which may hold `/`, follows in the path.
+pub const ASSET_ID_PATH: &str = "/admin/v1/assets/by-id/{asset_id}/state-store";
 
 fn asset_routes<const BY_URI: bool>(
     router: Router<Arc<AppState>>,
@@ -270,8 +284,18 @@ fn path_key(params: &HashMap<String, String>) -> Result<String, ApiError> {
     Ok(key)
 }
 
-/// Airflow's `max_value_storage_bytes`, measured on the JSON text as stored.
-fn check_size(app: &AppState, value: &str) -> Result<(), ApiError> {
+/// Airflow's `max_value_storage_bytes`, measured on the JSON text as stored. Airflow's
+/// Core REST API enforces it and its Execution API does not, so a caller storing on the
+/// Execution API's behalf (the Airflow state backend) skips it with
+/// `skip_value_limit=true`; the body cap (`AIRSTATE_MAX_BODY_BYTES`) still holds.
+fn check_size(app: &AppState, value: &str, query: Option<&str>) -> Result<(), ApiError> {
+    let params = query_params(query);
+    if parse_bool_param(
+        "skip_value_limit",
+        params.get("skip_value_limit").map(String::as_str),
+    )? {
+        return Ok(());
+    }
     let limit = app.admin.max_value_bytes;
     if limit == 0 || value.len() <= limit {
         return Ok(());
@@ -369,11 +393,12 @@ async fn task_put(
     RawQuery(query): RawQuery,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let query = parse_query(query.as_deref())?;
+    let query_text = query;
+    let query = parse_query(query_text.as_deref())?;
     let scope = task_scope(&params, query.map_index)?;
     let key = path_key(&params)?;
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, true)?;
-    check_size(&app, parsed.value)?;
+    check_size(&app, parsed.value, query_text.as_deref())?;
     app.store
         .put_task(&scope, &key, parsed.value, parsed.expires_at)
         .await?;
@@ -389,12 +414,13 @@ async fn task_patch(
     RawQuery(query): RawQuery,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let query = parse_query(query.as_deref())?;
+    let query_text = query;
+    let query = parse_query(query_text.as_deref())?;
     let scope = task_scope(&params, query.map_index)?;
     let key = path_key(&params)?;
     let patch = parse_patch_body(body.content_type.as_deref(), &body.bytes)?;
     if let Some(value) = patch.value {
-        check_size(&app, value)?;
+        check_size(&app, value, query_text.as_deref())?;
     }
     for _ in 0..PATCH_ATTEMPTS {
         let Some(current) = app.store.get_task(&scope, &key).await? else {
@@ -486,13 +512,173 @@ async fn asset_put<const BY_URI: bool>(
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let (asset, key) = asset_of(&app, BY_URI, query.as_deref(), true).await?;
-    let key = key.unwrap_or_default();
-    let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?;
-    check_size(&app, parsed.value)?;
+    put_asset_value(
+        &app,
+        &asset,
+        &key.unwrap_or_default(),
+        query.as_deref(),
+        &body,
+    )
+    .await
+}
+
+/// An asset PUT body: Airflow's `{"value"}`, plus an optional `last_updated_by` naming
+/// the writer to record (as the admin API's reads show it). Without it the writer is
+/// Airflow's `api` kind, which its Core REST API records for an operator's write.
+async fn put_asset_value(
+    app: &AppState,
+    asset: &AssetKey,
+    key: &str,
+    query: Option<&str>,
+    body: &JsonBody,
+) -> Result<Response, ApiError> {
+    let (rest, writer) = split_writer(body.content_type.as_deref(), &body.bytes)?;
+    let bytes = rest.as_deref().unwrap_or(&body.bytes);
+    let parsed = parse_put_body(body.content_type.as_deref(), bytes, false)?;
+    check_size(app, parsed.value, query)?;
     app.store
-        .put_asset(&asset, &key, parsed.value, &Writer::Api)
+        .put_asset(asset, key, parsed.value, &writer)
         .await?;
     Ok(no_content())
+}
+
+/// Takes `last_updated_by` out of a JSON object body: the writer it names, and the body
+/// without it (`None` when the member is absent, or the body is no object, which
+/// [`parse_put_body`] then reports as it always does). The other members stay the
+/// exact text received.
+fn split_writer(
+    content_type: Option<&str>,
+    bytes: &[u8],
+) -> Result<(Option<Vec<u8>>, Writer), ApiError> {
+    if !super::body::is_json_content_type(content_type) {
+        return Ok((None, Writer::Api));
+    }
+    // Later duplicates win, as in Python's json (and `parse_put_body`).
+    let Ok(mut members) = serde_json::from_slice::<BTreeMap<String, Box<RawValue>>>(bytes) else {
+        return Ok((None, Writer::Api));
+    };
+    let Some(raw) = members.remove("last_updated_by") else {
+        return Ok((None, Writer::Api));
+    };
+    let writer = parse_writer(&serde_json::from_str(raw.get()).unwrap_or(Value::Null))?;
+    let rest = serde_json::to_vec(&members).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((Some(rest), writer))
+}
+
+/// Airflow's writer kinds and its rule (`validate_writer_fields`): a task writer names
+/// its task instance in full; a watcher or an operator (`api`) names none.
+fn parse_writer(value: &Value) -> Result<Writer, ApiError> {
+    const LOC: &str = "last_updated_by";
+    let issue = |field: &str, kind: &'static str, msg: &str, input: &Value| {
+        let loc: Vec<&str> = if field.is_empty() {
+            vec!["body", LOC]
+        } else {
+            vec!["body", LOC, field]
+        };
+        ValidationIssue::new(kind, &loc, msg, input.clone())
+    };
+    let Value::Object(members) = value else {
+        if value.is_null() {
+            return Ok(Writer::Api);
+        }
+        return Err(issue(
+            "",
+            "model_attributes_type",
+            "Input should be a valid dictionary or object to extract fields from",
+            value,
+        )
+        .into());
+    };
+    let kind = members.get("kind").and_then(Value::as_str);
+    let task_fields = ["dag_id", "run_id", "task_id", "map_index"];
+    let mut issues = Vec::new();
+    for name in members.keys() {
+        if name != "kind" && !(kind == Some("task") && task_fields.contains(&name.as_str())) {
+            issues.push(issue(
+                name,
+                "extra_forbidden",
+                "Extra inputs are not permitted (a task writer alone names dag_id, run_id, task_id and map_index)",
+                &members[name],
+            ));
+        }
+    }
+    let writer = match kind {
+        Some("watcher") => Some(Writer::Watcher),
+        Some("api") => Some(Writer::Api),
+        Some("task") => {
+            let mut text = |name: &str| match members.get(name) {
+                Some(Value::String(text)) if (1..=250).contains(&text.chars().count()) => {
+                    text.clone()
+                }
+                Some(other) => {
+                    issues.push(
+                        issue(
+                            name,
+                            "string_type",
+                            "Input should be a string of 1 to 250 characters",
+                            other,
+                        )
+                        .with_ctx(json!({"min_length": 1, "max_length": 250})),
+                    );
+                    String::new()
+                }
+                None => {
+                    issues.push(ValidationIssue::missing(
+                        &["body", LOC, name],
+                        value.clone(),
+                    ));
+                    String::new()
+                }
+            };
+            let (dag_id, run_id, task_id) = (text("dag_id"), text("run_id"), text("task_id"));
+            let map_index = match members.get("map_index") {
+                Some(index) => match index.as_i64() {
+                    Some(index) if index >= -1 => index,
+                    _ => {
+                        issues.push(
+                            issue(
+                                "map_index",
+                                "int_type",
+                                "Input should be an integer greater than or equal to -1",
+                                index,
+                            )
+                            .with_ctx(json!({"ge": -1})),
+                        );
+                        -1
+                    }
+                },
+                None => {
+                    issues.push(ValidationIssue::missing(
+                        &["body", LOC, "map_index"],
+                        value.clone(),
+                    ));
+                    -1
+                }
+            };
+            Some(Writer::Task {
+                dag_id,
+                run_id,
+                task_id,
+                map_index,
+            })
+        }
+        _ => {
+            issues.push(
+                issue(
+                    "kind",
+                    "enum",
+                    "Input should be 'task', 'watcher' or 'api'",
+                    members.get("kind").unwrap_or(&Value::Null),
+                )
+                .with_ctx(json!({"expected": "'task', 'watcher' or 'api'"})),
+            );
+            None
+        }
+    };
+    match writer {
+        Some(writer) if issues.is_empty() => Ok(writer),
+        _ => Err(ApiError::Validation(issues)),
+    }
 }
 
 async fn asset_delete<const BY_URI: bool>(
@@ -504,6 +690,89 @@ async fn asset_delete<const BY_URI: bool>(
     app.store
         .delete_asset(&asset, &key.unwrap_or_default())
         .await?;
+    Ok(no_content())
+}
+
+/// The asset of a `/by-id/{asset_id}` route, and its key when the route has one.
+async fn asset_by_id(
+    app: &AppState,
+    params: &HashMap<String, String>,
+    with_key: bool,
+) -> Result<(AssetKey, String), ApiError> {
+    let text = params.get("asset_id").map(String::as_str).unwrap_or("");
+    let id = text.parse::<i64>().map_err(|_| {
+        ValidationIssue::new(
+            "int_parsing",
+            &["path", "asset_id"],
+            "Input should be a valid integer, unable to parse string as an integer",
+            json!(text),
+        )
+    })?;
+    let key = if with_key {
+        path_key(params)?
+    } else {
+        String::new()
+    };
+    match app.identity.asset_by_id(id).await? {
+        Some(asset) => Ok((asset, key)),
+        None => Err(ApiError::AssetIdNotFound(id)),
+    }
+}
+
+async fn id_list(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let paging = parse_query(query.as_deref())?;
+    let (asset, _) = asset_by_id(&app, &params, false).await?;
+    let entries = app.store.list_asset(&asset).await?;
+    Ok(page(entries, paging.after.as_deref(), paging.limit, false))
+}
+
+async fn id_clear(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let (asset, _) = asset_by_id(&app, &params, false).await?;
+    app.store.clear_asset(&asset).await?;
+    Ok(no_content())
+}
+
+async fn id_get(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let (asset, key) = asset_by_id(&app, &params, true).await?;
+    let Some(value) = app.store.get_asset(&asset, &key).await? else {
+        return Err(ApiError::AssetKeyNotFound(key));
+    };
+    let writer = app.store.asset_writer(&asset, &key).await?;
+    let entry = Entry { key, value, writer };
+    Ok(raw_json_response(entry_text(&entry, false)))
+}
+
+async fn id_put(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let (asset, key) = asset_by_id(&app, &params, true).await?;
+    put_asset_value(&app, &asset, &key, query.as_deref(), &body).await
+}
+
+async fn id_delete(
+    _: Admin,
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let (asset, key) = asset_by_id(&app, &params, true).await?;
+    app.store.delete_asset(&asset, &key).await?;
     Ok(no_content())
 }
 

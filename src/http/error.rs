@@ -66,6 +66,12 @@ pub enum ApiError {
     WriterNotFound(Uuid),
     #[error("asset not found")]
     AssetNotFound(AssetRef),
+    /// The admin API's `/assets/by-id/{asset_id}` names no row of Airflow's `asset` table.
+    #[error("asset id {0} not found")]
+    AssetIdNotFound(i64),
+    /// Asset ids asked of a gateway whose identity is not the metastore.
+    #[error("asset ids need the metastore identity")]
+    NoAssetIds,
     #[error("task state key not found")]
     TaskKeyNotFound(String),
     #[error("asset state key not found")]
@@ -121,6 +127,7 @@ impl From<IdentityError> for ApiError {
     fn from(error: IdentityError) -> Self {
         match error {
             IdentityError::Unavailable(reason) => ApiError::Unavailable(reason),
+            IdentityError::NoAssetIds => ApiError::NoAssetIds,
         }
     }
 }
@@ -214,6 +221,20 @@ impl ApiError {
                     )),
                 )
             }
+            // Worded as Airflow's Core REST API words it.
+            AssetIdNotFound(id) => (
+                StatusCode::NOT_FOUND,
+                not_found(format!("Asset with id {id} not found")),
+            ),
+            NoAssetIds => (
+                StatusCode::BAD_REQUEST,
+                json!({
+                    "reason": "asset_ids_need_metastore",
+                    "message": "Assets are addressed by Airflow's asset id only when airstate reads \
+                                Airflow's metastore (AIRSTATE_IDENTITY=metastore); this gateway takes \
+                                identity from token claims, so name the asset by name or URI",
+                }),
+            ),
             TaskKeyNotFound(key) => (
                 StatusCode::NOT_FOUND,
                 not_found(format!(

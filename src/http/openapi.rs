@@ -44,6 +44,8 @@ pub enum Body {
     TaskPut,
     /// `{"value"}`.
     AssetPut,
+    /// `{"value", "last_updated_by"?}`: an admin asset write naming its writer.
+    AdminAssetPut,
     /// `{"value"?, "expires_at"?}`.
     Patch,
     /// `{"keys": [...]}`.
@@ -70,6 +72,22 @@ const ASSET_URI: &[(&str, bool, &str)] = &[("uri", true, "string")];
 const BULK_NAME: &[(&str, bool, &str)] = &[("name", true, "string"), ("keys", true, "string")];
 const BULK_URI: &[(&str, bool, &str)] = &[("uri", true, "string"), ("keys", true, "string")];
 const MAP_INDEX: &[(&str, bool, &str)] = &[("map_index", false, "integer")];
+// Admin writes: `skip_value_limit` skips max_value_storage_bytes, as Airflow's Execution API does.
+const TASK_WRITE: &[(&str, bool, &str)] = &[
+    ("map_index", false, "integer"),
+    ("skip_value_limit", false, "boolean"),
+];
+const ASSET_NAME_WRITE: &[(&str, bool, &str)] = &[
+    ("name", true, "string"),
+    ("key", true, "string"),
+    ("skip_value_limit", false, "boolean"),
+];
+const ASSET_URI_WRITE: &[(&str, bool, &str)] = &[
+    ("uri", true, "string"),
+    ("key", true, "string"),
+    ("skip_value_limit", false, "boolean"),
+];
+const SKIP_VALUE_LIMIT: &[(&str, bool, &str)] = &[("skip_value_limit", false, "boolean")];
 const TASK_LIST: &[(&str, bool, &str)] = &[
     ("map_index", false, "integer"),
     ("limit", false, "integer"),
@@ -90,6 +108,7 @@ const ASSET_LIST_URI: &[(&str, bool, &str)] = &[
     ("after", false, "string"),
 ];
 const ALL_MAP_INDICES: &[(&str, bool, &str)] = &[("all_map_indices", false, "boolean")];
+const PAGING: &[(&str, bool, &str)] = &[("limit", false, "integer"), ("after", false, "string")];
 
 macro_rules! op {
     ($method:literal, $path:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
@@ -111,6 +130,8 @@ const ADMIN_TASK: &str =
     "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store";
 const ADMIN_TASK_KEY: &str =
     "/admin/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store/{*key}";
+const ADMIN_ASSET_ID: &str = "/admin/v1/assets/by-id/{asset_id}/state-store";
+const ADMIN_ASSET_ID_KEY: &str = "/admin/v1/assets/by-id/{asset_id}/state-store/{*key}";
 
 /// Every operation the router serves (the admin ones only when enabled).
 pub fn operations() -> Vec<Operation> {
@@ -465,7 +486,7 @@ pub fn operations() -> Vec<Operation> {
             "put",
             ADMIN_TASK_KEY,
             "Set a task state key",
-            MAP_INDEX,
+            TASK_WRITE,
             TaskPut,
             Empty,
             Admin
@@ -474,7 +495,7 @@ pub fn operations() -> Vec<Operation> {
             "patch",
             ADMIN_TASK_KEY,
             "Change a task state key's value or expiry",
-            MAP_INDEX,
+            TASK_WRITE,
             Patch,
             Empty,
             Admin
@@ -519,8 +540,8 @@ pub fn operations() -> Vec<Operation> {
             "put",
             "/admin/v1/assets/by-name/state-store/value",
             "Set an asset state key",
-            ASSET_NAME_KEY,
-            AssetPut,
+            ASSET_NAME_WRITE,
+            AdminAssetPut,
             Empty,
             Admin
         ),
@@ -564,8 +585,8 @@ pub fn operations() -> Vec<Operation> {
             "put",
             "/admin/v1/assets/by-uri/state-store/value",
             "Set an asset state key",
-            ASSET_URI_KEY,
-            AssetPut,
+            ASSET_URI_WRITE,
+            AdminAssetPut,
             Empty,
             Admin
         ),
@@ -574,6 +595,51 @@ pub fn operations() -> Vec<Operation> {
             "/admin/v1/assets/by-uri/state-store/value",
             "Delete an asset state key",
             ASSET_URI_KEY,
+            None,
+            Empty,
+            Admin
+        ),
+        op!(
+            "get",
+            ADMIN_ASSET_ID,
+            "List an asset's keys, by Airflow's asset id",
+            PAGING,
+            None,
+            Page,
+            Admin
+        ),
+        op!(
+            "delete",
+            ADMIN_ASSET_ID,
+            "Clear an asset, by Airflow's asset id",
+            &[],
+            None,
+            Empty,
+            Admin
+        ),
+        op!(
+            "get",
+            ADMIN_ASSET_ID_KEY,
+            "Get an asset state key, by Airflow's asset id",
+            &[],
+            None,
+            Entry,
+            Admin
+        ),
+        op!(
+            "put",
+            ADMIN_ASSET_ID_KEY,
+            "Set an asset state key (and its writer), by Airflow's asset id",
+            SKIP_VALUE_LIMIT,
+            AdminAssetPut,
+            Empty,
+            Admin
+        ),
+        op!(
+            "delete",
+            ADMIN_ASSET_ID_KEY,
+            "Delete an asset state key, by Airflow's asset id",
+            &[],
             None,
             Empty,
             Admin
@@ -640,6 +706,20 @@ fn entry_schema(task: bool) -> Value {
     json!({"type": "object", "required": ["value", "key", "updated_at"], "properties": properties})
 }
 
+/// Airflow's writer record: `task` names its task instance, `watcher` and `api` nothing.
+fn writer_schema() -> Value {
+    let text = json!({"type": "string", "minLength": 1, "maxLength": 250});
+    json!({"oneOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["kind", "dag_id", "run_id", "task_id", "map_index"],
+         "additionalProperties": false,
+         "properties": {"kind": {"const": "task"}, "dag_id": text, "run_id": text,
+                        "task_id": text, "map_index": {"type": "integer", "minimum": -1}}},
+        {"type": "object", "required": ["kind"], "additionalProperties": false,
+         "properties": {"kind": {"enum": ["watcher", "api"]}}},
+    ]})
+}
+
 fn value_body(expires: bool, value_required: bool) -> Value {
     let mut properties = json!({"value": {"not": {"type": "null"}}});
     if expires {
@@ -704,6 +784,7 @@ fn operation(op: &Operation) -> Value {
         if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
             let schema = match name {
                 "task_instance_id" => json!({"type": "string", "format": "uuid"}),
+                "asset_id" => json!({"type": "integer"}),
                 "dag_id" | "run_id" | "task_id" => {
                     json!({"type": "string", "minLength": 1, "maxLength": 250})
                 }
@@ -756,6 +837,11 @@ fn operation(op: &Operation) -> Value {
         Body::None => None,
         Body::TaskPut => Some(value_body(true, true)),
         Body::AssetPut => Some(value_body(false, true)),
+        Body::AdminAssetPut => {
+            let mut schema = value_body(false, true);
+            schema["properties"]["last_updated_by"] = writer_schema();
+            Some(schema)
+        }
         Body::Patch => Some(value_body(true, false)),
         Body::Keys => Some(json!({
             "type": "object", "required": ["keys"], "additionalProperties": false,

@@ -34,6 +34,7 @@ pub struct MetastoreResolver {
     pool: Pool,
     tasks: Cache<Uuid, TaskScope>,
     assets: Cache<AssetRef, AssetKey>,
+    asset_ids: Cache<i32, AssetKey>,
     /// (asset id, dag_id, task_id) pairs found registered; refusals are not cached.
     registrations: Cache<(i32, String, String), ()>,
     registration_check: bool,
@@ -56,6 +57,8 @@ const REGISTRATION_SQL: &str = "SELECT 1 FROM task_inlet_asset_reference \
      WHERE asset_id = $1 AND dag_id = $2 AND task_id = $3 \
      UNION ALL SELECT 1 FROM task_outlet_asset_reference \
      WHERE asset_id = $1 AND dag_id = $2 AND task_id = $3 LIMIT 1";
+// By id, as Airflow's Core REST API: the asset row must exist, active or not.
+const ASSET_BY_ID_SQL: &str = "SELECT id FROM asset WHERE id = $1";
 const ASSET_BY_URI_SQL: &str = "SELECT a.id FROM asset a \
      JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.uri = $1 LIMIT 1";
 
@@ -101,6 +104,7 @@ impl MetastoreResolver {
             pool,
             tasks: bounded_cache(settings),
             assets: bounded_cache(settings),
+            asset_ids: bounded_cache(settings),
             registrations: bounded_cache(settings),
             registration_check: false,
             display,
@@ -233,6 +237,11 @@ impl IdentityResolver for MetastoreResolver {
         self.resolve_asset(asset).instrument(span).await
     }
 
+    async fn asset_by_id(&self, id: i64) -> Result<Option<AssetKey>, IdentityError> {
+        let span = tracing::info_span!("identity.asset", cache = tracing::field::Empty);
+        self.resolve_asset_id(id).instrument(span).await
+    }
+
     fn checks_asset_registration(&self) -> bool {
         self.registration_check
     }
@@ -325,6 +334,28 @@ impl MetastoreResolver {
                 };
                 self.query_one(sql, text, |row| AssetKey(row.get::<_, i32>(0).to_string()))
                     .await
+            })
+            .await;
+        settle(result)
+    }
+
+    async fn resolve_asset_id(&self, id: i64) -> Result<Option<AssetKey>, IdentityError> {
+        // `asset.id` is an INTEGER: an id beyond it names no asset.
+        let Ok(id) = i32::try_from(id) else {
+            return Ok(None);
+        };
+        if let Some(key) = self.asset_ids.get(&id).await {
+            cache_outcome("asset", true);
+            return Ok(Some(key));
+        }
+        cache_outcome("asset", false);
+        let result = self
+            .asset_ids
+            .try_get_with(id, async {
+                self.query_one(ASSET_BY_ID_SQL, &id, |row| {
+                    AssetKey(row.get::<_, i32>(0).to_string())
+                })
+                .await
             })
             .await;
         settle(result)

@@ -28,6 +28,9 @@ pub enum IdentityError {
     /// The metastore cannot be reached now; the request may be retried.
     #[error("identity source unavailable: {0}")]
     Unavailable(String),
+    /// Airflow's integer asset ids mean something only where Airflow's `asset` table is.
+    #[error("asset ids need the metastore identity")]
+    NoAssetIds,
 }
 
 #[async_trait]
@@ -37,6 +40,12 @@ pub trait IdentityResolver: Send + Sync + 'static {
     async fn task(&self, ti: Uuid, claims: &Claims) -> Result<Option<TaskScope>, IdentityError>;
     /// The store key of an active asset; `None` when no active asset matches.
     async fn asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError>;
+    /// The store key of the asset with Airflow's integer id, active or not (as Airflow's
+    /// Core REST API addresses assets); `None` when there is no such asset. Only a
+    /// resolver that reads Airflow's `asset` table can answer.
+    async fn asset_by_id(&self, _id: i64) -> Result<Option<AssetKey>, IdentityError> {
+        Err(IdentityError::NoAssetIds)
+    }
     /// Whether asset state is limited to the tasks registered with the asset (airstate's
     /// opt-in `AIRSTATE_ASSET_REGISTRATION_CHECK`).
     fn checks_asset_registration(&self) -> bool {
