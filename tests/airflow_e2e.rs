@@ -37,10 +37,6 @@ const KEY_PREFIX: &str = "e2e:";
 /// The DAGs of tests/airflow/dags (e2e_triggers.py holds none) plus the orphan scenario's.
 const DAG_COUNT: u64 = 9;
 
-/// Whether the workers and the test's REST calls go through airstate. Off only while
-/// request forwarding has not landed (then the workers talk to the API server directly).
-const THROUGH_AIRSTATE: bool = false;
-
 // ---------------------------------------------------------------------------------------
 // Processes
 
@@ -130,17 +126,16 @@ fn stop_groups(members: &mut [Proc], grace: Duration) {
         unsafe { libc::kill(-(p.child.id() as i32), libc::SIGTERM) };
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline
-        && members
-            .iter()
-            .any(|p| group_alive(p.child.id() as i32))
-    {
+    while Instant::now() < deadline && members.iter().any(|p| group_alive(p.child.id() as i32)) {
         std::thread::sleep(Duration::from_millis(100));
     }
     for p in members.iter_mut() {
         let pgid = p.child.id() as i32;
         if group_alive(pgid) {
-            eprintln!("airflow_e2e: {} did not stop in {grace:?}; killing it", p.name);
+            eprintln!(
+                "airflow_e2e: {} did not stop in {grace:?}; killing it",
+                p.name
+            );
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let deadline = Instant::now() + Duration::from_secs(5);
             while group_alive(pgid) && Instant::now() < deadline {
@@ -157,8 +152,7 @@ fn stop_everything() {
         let _ = watchdog.kill();
         let _ = watchdog.wait();
     }
-    let (mut stores, mut services): (Vec<Proc>, Vec<Proc>) =
-        all.drain(..).partition(|p| p.store);
+    let (mut stores, mut services): (Vec<Proc>, Vec<Proc>) = all.drain(..).partition(|p| p.store);
     stop_groups(&mut services, Duration::from_secs(30));
     stop_groups(&mut stores, Duration::from_secs(15));
     while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
@@ -225,7 +219,10 @@ fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
 /// The venv's python, from scripts/airflow-venv.sh (which makes the venv when missing).
 fn airflow_python() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/airflow-venv.sh");
-    let made = Command::new("bash").arg(script).output().expect("airflow-venv.sh");
+    let made = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("airflow-venv.sh");
     assert!(
         made.status.success(),
         "scripts/airflow-venv.sh failed:\n{}",
@@ -243,7 +240,10 @@ fn airflow_python() -> PathBuf {
 /// playwright-core's folder, from scripts/browser-tools.sh.
 fn playwright_core() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/browser-tools.sh");
-    let made = Command::new("bash").arg(script).output().expect("browser-tools.sh");
+    let made = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("browser-tools.sh");
     assert!(
         made.status.success(),
         "scripts/browser-tools.sh failed:\n{}",
@@ -340,11 +340,7 @@ fn http_body(url: &str) -> Option<String> {
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     let mut stream = TcpStream::connect(host).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n"
-    )
-    .ok()?;
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
     let mut reply = String::new();
     std::io::Read::read_to_string(&mut stream, &mut reply).ok()?;
     reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
@@ -410,7 +406,14 @@ impl Deployment {
         let mut redis = Command::new("redis-server");
         redis
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory-policy",
+                "noeviction",
+            ])
             .arg("--dir")
             .arg(&redis_dir);
         spawn(&root, "redis", redis, true);
@@ -431,7 +434,6 @@ impl Deployment {
         let airstate_port = free_port();
         let api = format!("http://127.0.0.1:{api_port}");
         let front = format!("http://127.0.0.1:{airstate_port}");
-        let execution = if THROUGH_AIRSTATE { &front } else { &api };
         let home = root.join("home");
         fs::create_dir_all(&home).unwrap();
         let path = format!(
@@ -458,7 +460,7 @@ impl Deployment {
             ("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True"),
             (
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
-                &format!("{execution}/execution/"),
+                &format!("{front}/execution/"),
             ),
             ("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET),
             ("AIRFLOW__API__HOST", "127.0.0.1"),
@@ -469,9 +471,28 @@ impl Deployment {
             ("AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL", "10"),
             ("AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL", "60"),
             ("AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL", "1"),
-            // A failing state route fails the task in seconds, not after minutes of retries.
+            // A failing state route fails the task in seconds, not after minutes of retries;
+            // a slow answer on this loaded 2-core machine is waited for instead (5 s default).
             ("AIRFLOW__WORKERS__EXECUTION_API_RETRIES", "3"),
             ("AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MAX", "3"),
+            ("AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT", "60"),
+            // The scheduler's and the triggerer's log servers, off their fixed default ports.
+            (
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT",
+                &free_port().to_string(),
+            ),
+            (
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT",
+                &free_port().to_string(),
+            ),
+            // Airflow's own state paths (the triggerer's watchers, clear_on_success, the
+            // api-server's Execution API routes) store through airstate as well.
+            (
+                "AIRFLOW__STATE_STORE__BACKEND",
+                "airstate_airflow.AirstateBackend",
+            ),
+            ("AIRSTATE_URL", front.as_str()),
+            ("AIRSTATE_ADMIN_TOKEN", ADMIN_TOKEN),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -479,7 +500,10 @@ impl Deployment {
 
         let migrate_start = Instant::now();
         let mut migrate = Command::new(&airflow);
-        migrate.args(["db", "migrate"]).env_clear().envs(env.iter().cloned());
+        migrate
+            .args(["db", "migrate"])
+            .env_clear()
+            .envs(env.iter().cloned());
         let log = root.join("logs").join("db-migrate.log");
         let out = run_bounded(migrate, &log, Duration::from_secs(240));
         assert!(out, "airflow db migrate failed:\n{}", tail(&log, 40));
@@ -495,7 +519,10 @@ impl Deployment {
             .env("AIRSTATE_LISTEN", format!("127.0.0.1:{airstate_port}"))
             .env("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET)
             .env("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &sql_conn)
-            .env("AIRSTATE_REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
+            .env(
+                "AIRSTATE_REDIS_URL",
+                format!("redis://127.0.0.1:{redis_port}"),
+            )
             .env("AIRSTATE_KEY_PREFIX", KEY_PREFIX)
             .env("AIRSTATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("AIRSTATE_AIRFLOW_API_URL", &api)
@@ -541,7 +568,10 @@ impl Deployment {
                     .all(|c| v[c]["status"] == "healthy")
             },
         );
-        let listing = format!("{}/api/v2/dags?dag_id_pattern=e2e_&limit=100", deployment.api);
+        let listing = format!(
+            "{}/api/v2/dags?dag_id_pattern=e2e_&limit=100",
+            deployment.api
+        );
         wait_until("every DAG parsed", Duration::from_secs(180), || {
             http_body(&listing)
                 .and_then(|b| serde_json::from_str::<Value>(&b).ok())
@@ -565,6 +595,19 @@ impl Deployment {
         wait_until("api-server", Duration::from_secs(120), || {
             http_status(&version) == Some(200)
         });
+        // The Execution API is built on its first request, which took the API server 20 s
+        // on a loaded machine, timing out the first task's start; pay for it here.
+        let warm = Instant::now();
+        let health = format!("{}/execution/health", self.api);
+        wait_until(
+            "api-server's Execution API",
+            Duration::from_secs(120),
+            || http_status(&health) == Some(200),
+        );
+        eprintln!(
+            "airflow_e2e: api-server's Execution API answered in {:.1?}",
+            warm.elapsed()
+        );
     }
 
     fn restart_api_server(&self, extra: &[(&str, &str)]) {
@@ -577,20 +620,19 @@ impl Deployment {
         };
         // Keep the old log beside the new one.
         for p in &mut old {
-            let _ = fs::rename(&p.log, p.log.with_extension(format!("{}.log", p.child.id())));
+            let _ = fs::rename(
+                &p.log,
+                p.log.with_extension(format!("{}.log", p.child.id())),
+            );
             p.log = p.log.with_extension(format!("{}.log", p.child.id()));
         }
         stop_groups(&mut old, Duration::from_secs(30));
         self.start_api_server(extra);
     }
 
-    /// Base URL for Airflow's REST API and UI as users reach it.
+    /// Base URL for Airflow's REST API and UI as users reach it: airstate's.
     fn rest(&self) -> &str {
-        if THROUGH_AIRSTATE {
-            &self.front
-        } else {
-            &self.api
-        }
+        &self.front
     }
 }
 
@@ -755,19 +797,29 @@ impl Deployment {
                 .bearer_auth(ADMIN_TOKEN),
         )
         .await;
-        assert_eq!(status, 200, "admin listing of {dag} {run_id} {task}: {body}");
+        assert_eq!(
+            status, 200,
+            "admin listing of {dag} {run_id} {task}: {body}"
+        );
         entries_by_key(&body)
     }
 
-    /// An asset's keys and entries through the admin API: (status, {key: entry}).
+    /// An asset's entries through the admin API, by name (active assets only): (status,
+    /// {key: entry}).
     async fn asset_state(&self, name: &str) -> (u16, Value) {
+        self.admin_asset(&format!("by-name/state-store?name={}", enc(name)))
+            .await
+    }
+
+    /// The same by Airflow's asset id, which reaches an asset whether active or not.
+    async fn asset_state_by_id(&self, id: i64) -> (u16, Value) {
+        self.admin_asset(&format!("by-id/{id}/state-store")).await
+    }
+
+    async fn admin_asset(&self, route: &str) -> (u16, Value) {
         let (status, body) = send(
             client()
-                .get(format!(
-                    "{}/admin/v1/assets/by-name/state-store?name={}",
-                    self.front,
-                    enc(name)
-                ))
+                .get(format!("{}/admin/v1/assets/{route}", self.front))
                 .bearer_auth(ADMIN_TOKEN),
         )
         .await;
@@ -821,14 +873,8 @@ fn entries_by_key(listing: &Value) -> Value {
     Value::Object(by_key)
 }
 
-fn assert_state_in_airstate_not_sql(what: &str, redis_view: &Value, sql_rows: i64) {
-    if THROUGH_AIRSTATE {
-        assert_eq!(sql_rows, 0, "{what}: Airflow's tables hold {sql_rows} rows");
-    } else {
-        // Workers straight at the API server: the state is in Airflow's tables.
-        assert!(sql_rows > 0, "{what}: nothing in Airflow's tables");
-        let _ = redis_view;
-    }
+fn assert_not_in_airflows_tables(what: &str, sql_rows: i64) {
+    assert_eq!(sql_rows, 0, "{what}: Airflow's tables hold {sql_rows} rows");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -841,16 +887,20 @@ fn a_retry_reads_the_state_its_first_try_wrote() {
         d.expect_success("e2e_retry", "retry-1").await;
         let ti = d.task_instance("e2e_retry", "retry-1", "flaky").await;
         assert_eq!(ti["try_number"], 2, "the task was not retried: {ti}");
+        let keys = redis_cli(
+            d.redis_port,
+            &["--scan", "--pattern", &format!("{KEY_PREFIX}*")],
+        );
+        assert!(!keys.is_empty(), "airstate's Redis holds no keys");
         let sql = d.sql_task_rows("e2e_retry").await;
-        if THROUGH_AIRSTATE {
-            let state = d.task_state("e2e_retry", "retry-1", "flaky", -1).await;
-            assert_eq!(
-                state,
-                json!({"first/try": {"try": 1, "job": "j-1/a"},
-                       "second/try": {"try": 2, "resumed": "j-1/a"}})
-            );
-        }
-        assert_state_in_airstate_not_sql("retry", &Value::Null, sql);
+        let state = d.task_state("e2e_retry", "retry-1", "flaky", -1).await;
+        assert_eq!(
+            state,
+            json!({"first/try": {"try": 1, "job": "j-1/a"},
+                   "second/try": {"try": 2, "resumed": "j-1/a"}})
+        );
+
+        assert_not_in_airflows_tables("retry", sql);
     });
 }
 
@@ -859,23 +909,22 @@ fn a_task_mapped_over_three_keeps_keys_holding_slashes_per_map_index() {
     scenario("mapped", &["e2e_mapped"], false, |d| async move {
         d.trigger("e2e_mapped", "mapped-1", json!({})).await;
         d.expect_success("e2e_mapped", "mapped-1").await;
-        if THROUGH_AIRSTATE {
-            for n in 0..3 {
-                let state = d.task_state("e2e_mapped", "mapped-1", "each", n).await;
-                assert_eq!(
-                    state,
-                    json!({format!("part/{n}/of/3"): {"n": n}, "shared/name": format!("index-{n}")}),
-                    "map index {n}"
-                );
-            }
+        for n in 0..3 {
+            let state = d.task_state("e2e_mapped", "mapped-1", "each", n).await;
             assert_eq!(
-                d.task_state("e2e_mapped", "mapped-1", "each", -1).await,
-                json!({}),
-                "nothing under map index -1"
+                state,
+                json!({format!("part/{n}/of/3"): {"n": n}, "shared/name": format!("index-{n}")}),
+                "map index {n}"
             );
         }
+        assert_eq!(
+            d.task_state("e2e_mapped", "mapped-1", "each", -1).await,
+            json!({}),
+            "nothing under map index -1"
+        );
+
         let sql = d.sql_task_rows("e2e_mapped").await;
-        assert_state_in_airstate_not_sql("mapped", &Value::Null, sql);
+        assert_not_in_airflows_tables("mapped", sql);
     });
 }
 
@@ -884,16 +933,19 @@ fn a_producer_writes_asset_state_that_a_consumer_reads() {
     scenario("assets", &["e2e_assets"], false, |d| async move {
         d.trigger("e2e_assets", "assets-1", json!({})).await;
         d.expect_success("e2e_assets", "assets-1").await;
-        if THROUGH_AIRSTATE {
-            let (status, state) = d.asset_state("e2e_orders").await;
-            assert_eq!(status, 200, "{state}");
-            let entry = &state["watermark/2026-12"];
-            assert_eq!(entry["value"], json!({"rows": 42, "run": "assets-1"}), "{state}");
-            assert_eq!(entry["last_updated_by"]["kind"], "task", "{entry}");
-            assert_eq!(entry["last_updated_by"]["task_id"], "produce", "{entry}");
-        }
+        let (status, state) = d.asset_state("e2e_orders").await;
+        assert_eq!(status, 200, "{state}");
+        let entry = &state["watermark/2026-12"];
+        assert_eq!(
+            entry["value"],
+            json!({"rows": 42, "run": "assets-1"}),
+            "{state}"
+        );
+        assert_eq!(entry["last_updated_by"]["kind"], "task", "{entry}");
+        assert_eq!(entry["last_updated_by"]["task_id"], "produce", "{entry}");
+
         let sql = d.sql_asset_rows("e2e_orders").await;
-        assert_state_in_airstate_not_sql("assets", &Value::Null, sql);
+        assert_not_in_airflows_tables("assets", sql);
     });
 }
 
@@ -906,7 +958,10 @@ fn a_variable_and_an_xcom_pass_through_the_forwarded_routes() {
                 .json(&json!({"key": "e2e_variable", "value": "through the front door"})),
         )
         .await;
-        assert!(status == 201 || status == 200, "setting the variable: {status} {body}");
+        assert!(
+            status == 201 || status == 200,
+            "setting the variable: {status} {body}"
+        );
         d.trigger("e2e_forwarded", "forwarded-1", json!({})).await;
         d.expect_success("e2e_forwarded", "forwarded-1").await;
         let (status, xcom) = send(client().get(format!(
@@ -915,6 +970,22 @@ fn a_variable_and_an_xcom_pass_through_the_forwarded_routes() {
         )))
         .await;
         assert_eq!(status, 200, "{xcom}");
+        // The workers' calls went through airstate: forwarded ones and served state routes.
+        let metrics = reqwest::get(format!("{}/metrics", d.front))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted = |route: &str| {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("airstate_http_requests_total{") && l.contains(route))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        assert!(counted("route=\"forwarded\"") > 0.0, "{metrics}");
+        assert!(counted("/execution/store/ti/") > 0.0, "{metrics}");
         let value = match &xcom["value"] {
             Value::String(s) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
             other => other.clone(),
@@ -929,7 +1000,8 @@ fn a_variable_and_an_xcom_pass_through_the_forwarded_routes() {
 /// A JWT Airflow did not sign (same claims shape, another key).
 fn forged_token() -> String {
     let now = chrono::Utc::now().timestamp();
-    let claims = json!({"sub": "admin", "aud": "apache-airflow", "iat": now, "nbf": now, "exp": now + 600});
+    let claims =
+        json!({"sub": "admin", "aud": "apache-airflow", "iat": now, "nbf": now, "exp": now + 600});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
         &claims,
@@ -939,19 +1011,18 @@ fn forged_token() -> String {
 }
 
 #[test]
+#[ignore = "needs airstate to serve Airflow's Core REST API state routes (issue 12 item 2)"]
 fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
     scenario("ui", &["e2e_ui"], false, |d| async move {
         let marker = format!("m-{}", uuid::Uuid::new_v4().simple());
         d.trigger("e2e_ui", "ui-1", json!({"marker": marker})).await;
         d.expect_success("e2e_ui", "ui-1").await;
         let sql = d.sql_task_rows("e2e_ui").await;
-        assert_state_in_airstate_not_sql("ui", &Value::Null, sql);
-        if THROUGH_AIRSTATE {
-            assert_eq!(
-                d.task_state("e2e_ui", "ui-1", "write", -1).await,
-                json!({"shown/in-the-ui": {"written_by": "worker", "marker": marker}})
-            );
-        }
+        assert_not_in_airflows_tables("ui", sql);
+        assert_eq!(
+            d.task_state("e2e_ui", "ui-1", "write", -1).await,
+            json!({"shown/in-the-ui": {"written_by": "worker", "marker": marker}})
+        );
 
         // Airflow's Core REST API route, as the UI calls it, through airstate.
         let route = format!(
@@ -984,15 +1055,17 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
         )
         .await;
         assert!((200..300).contains(&status), "{status} {body}");
-        if THROUGH_AIRSTATE {
-            let state = d.task_state("e2e_ui", "ui-1", "write", -1).await;
-            assert_eq!(state["edited/in-the-ui"], json!({"by": "operator"}), "{state}");
-            assert_eq!(
-                d.sql_task_rows("e2e_ui").await,
-                0,
-                "the edit went to Airflow's tables"
-            );
-        }
+        let state = d.task_state("e2e_ui", "ui-1", "write", -1).await;
+        assert_eq!(
+            state["edited/in-the-ui"],
+            json!({"by": "operator"}),
+            "{state}"
+        );
+        assert_eq!(
+            d.sql_task_rows("e2e_ui").await,
+            0,
+            "the edit went to Airflow's tables"
+        );
 
         // The UI itself, in headless Chromium, through airstate's URL.
         let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -1007,7 +1080,10 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
             d.rest()
         );
         let playwright = playwright_core();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/airflow/ui_state_view.js");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/airflow/ui_state_view.js"
+        );
         let mut browser = Command::new("node");
         browser
             .arg(script)
@@ -1032,7 +1108,10 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
         assert!(finished && report["ok"] == true, "browser: {output}");
         let text = report["text"].as_str().unwrap_or("");
         assert!(text.contains("shown/in-the-ui"), "page text: {text}");
-        assert!(text.contains(&marker), "the value is not on the page: {text}");
+        assert!(
+            text.contains(&marker),
+            "the value is not on the page: {text}"
+        );
         let requests: Vec<&str> = report["requests"]
             .as_array()
             .unwrap()
@@ -1043,9 +1122,15 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
             .iter()
             .filter(|r| r.contains("/state-store"))
             .collect();
-        assert!(!state_calls.is_empty(), "the UI read no state: {requests:?}");
+        assert!(
+            !state_calls.is_empty(),
+            "the UI read no state: {requests:?}"
+        );
         for call in &requests {
-            assert!(call.contains(d.rest()), "the UI left the front door: {call}");
+            assert!(
+                call.contains(d.rest()),
+                "the UI left the front door: {call}"
+            );
         }
         for call in &state_calls {
             assert!(call.starts_with("200 "), "state call failed: {call}");
@@ -1059,32 +1144,34 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
 // Issue 13: Airflow's lifecycle, followed by airstate
 
 #[test]
+#[ignore = "needs airstate to delete the state of deleted DAG runs (issue 13 item 2, helper lifecycle)"]
 fn a_deleted_run_recreated_with_the_same_run_id_starts_empty() {
     scenario("rerun", &["e2e_rerun"], false, |d| async move {
-        d.trigger("e2e_rerun", "rerun-1", json!({"generation": 1})).await;
+        d.trigger("e2e_rerun", "rerun-1", json!({"generation": 1}))
+            .await;
         d.expect_success("e2e_rerun", "rerun-1").await;
-        if THROUGH_AIRSTATE {
-            assert_eq!(
-                d.task_state("e2e_rerun", "rerun-1", "remember", -1).await,
-                json!({"runs/seen": {"generation": 1}})
-            );
-        }
-        let (status, body) = send(
-            client().delete(format!("{}/api/v2/dags/e2e_rerun/dagRuns/rerun-1", d.rest())),
-        )
+        assert_eq!(
+            d.task_state("e2e_rerun", "rerun-1", "remember", -1).await,
+            json!({"runs/seen": {"generation": 1}})
+        );
+
+        let (status, body) = send(client().delete(format!(
+            "{}/api/v2/dags/e2e_rerun/dagRuns/rerun-1",
+            d.rest()
+        )))
         .await;
         assert_eq!(status, 204, "deleting the run: {body}");
         // Re-created at once: the new run must not see the deleted run's state.
-        d.trigger("e2e_rerun", "rerun-1", json!({"generation": 2})).await;
+        d.trigger("e2e_rerun", "rerun-1", json!({"generation": 2}))
+            .await;
         d.expect_success("e2e_rerun", "rerun-1").await;
-        if THROUGH_AIRSTATE {
-            assert_eq!(
-                d.task_state("e2e_rerun", "rerun-1", "remember", -1).await,
-                json!({"runs/seen": {"generation": 2}})
-            );
-        }
+        assert_eq!(
+            d.task_state("e2e_rerun", "rerun-1", "remember", -1).await,
+            json!({"runs/seen": {"generation": 2}})
+        );
+
         let sql = d.sql_task_rows("e2e_rerun").await;
-        assert_state_in_airstate_not_sql("rerun", &Value::Null, sql);
+        assert_not_in_airflows_tables("rerun", sql);
     });
 }
 
@@ -1107,13 +1194,13 @@ impl Deployment {
     /// Rewrites the orphan DAG's file for `asset` and asks Airflow to parse it now.
     async fn point_orphan_dag_at(&self, asset: &str) {
         write_orphan_dag(&self.root.join("dags"), asset);
-        let (status, details) = send(client().get(format!(
-            "{}/api/v2/dags/e2e_orphan/details",
-            self.rest()
-        )))
-        .await;
+        let (status, details) =
+            send(client().get(format!("{}/api/v2/dags/e2e_orphan/details", self.rest()))).await;
         assert_eq!(status, 200, "{details}");
-        let token = details["file_token"].as_str().expect("file_token").to_owned();
+        let token = details["file_token"]
+            .as_str()
+            .expect("file_token")
+            .to_owned();
         let (status, body) = send(client().put(format!(
             "{}/api/v2/parseDagFile/{}",
             self.rest(),
@@ -1133,6 +1220,7 @@ impl Deployment {
 }
 
 #[test]
+#[ignore = "needs airstate to delete the state of orphaned assets (issue 13 item 2, helper lifecycle)"]
 fn an_orphaned_asset_loses_its_state_and_comes_back_empty() {
     scenario("orphan", &["e2e_orphan"], false, |d| async move {
         let (a, b) = ("e2e_orphan_a", "e2e_orphan_b");
@@ -1143,13 +1231,15 @@ fn an_orphaned_asset_loses_its_state_and_comes_back_empty() {
         d.trigger("e2e_orphan", "orphan-1", json!({})).await;
         d.expect_success("e2e_orphan", "orphan-1").await;
         let id = d.asset_id(a).await;
-        let hash = format!("{KEY_PREFIX}{{a:{id}}}");
-        if THROUGH_AIRSTATE {
-            let (status, state) = d.asset_state(a).await;
-            assert_eq!(status, 200, "{state}");
-            assert_eq!(state["orphan/probe"]["value"], json!({"run": "orphan-1"}));
-            assert_eq!(redis_cli(d.redis_port, &["EXISTS", &hash]), "1", "{hash}");
-        }
+        let (status, state) = d.asset_state(a).await;
+        assert_eq!(status, 200, "{state}");
+        assert_eq!(state["orphan/probe"]["value"], json!({"run": "orphan-1"}));
+        let (status, by_id) = d.asset_state_by_id(id).await;
+        assert_eq!(
+            (status, by_id.as_object().map(|o| o.len())),
+            (200, Some(1)),
+            "{by_id}"
+        );
 
         // The DAG now names another asset: the scheduler's pass orphans the first one.
         d.point_orphan_dag_at(b).await;
@@ -1157,33 +1247,29 @@ fn an_orphaned_asset_loses_its_state_and_comes_back_empty() {
             !d.asset_active(a).await
         })
         .await;
-        if THROUGH_AIRSTATE {
-            d.wait_for("asset a's state deleted", Duration::from_secs(60), async || {
-                redis_cli(d.redis_port, &["EXISTS", &hash]) == "0"
-            })
-            .await;
-        } else {
-            d.wait_for("asset a's rows deleted", Duration::from_secs(60), async || {
-                d.sql_asset_rows(a).await == 0
-            })
-            .await;
-        }
+        d.wait_for(
+            "asset a's state deleted",
+            Duration::from_secs(60),
+            async || d.asset_state_by_id(id).await == (200, json!({})),
+        )
+        .await;
 
         // Named again, the asset comes back empty: the task asserts it.
         d.point_orphan_dag_at(a).await;
-        d.wait_for("asset a active again", Duration::from_secs(120), async || {
-            d.asset_active(a).await
-        })
+        d.wait_for(
+            "asset a active again",
+            Duration::from_secs(120),
+            async || d.asset_active(a).await,
+        )
         .await;
         assert_eq!(d.asset_id(a).await, id, "Airflow kept the asset's id");
-        if THROUGH_AIRSTATE {
-            let (status, state) = d.asset_state(a).await;
-            assert_eq!((status, &state), (200, &json!({})));
-        }
+        let (status, state) = d.asset_state(a).await;
+        assert_eq!((status, &state), (200, &json!({})));
+
         d.trigger("e2e_orphan", "orphan-2", json!({})).await;
         d.expect_success("e2e_orphan", "orphan-2").await;
         let sql = d.sql_asset_rows(a).await;
-        assert_state_in_airstate_not_sql("orphan", &Value::Null, sql);
+        assert_not_in_airflows_tables("orphan", sql);
     });
 }
 
@@ -1192,53 +1278,60 @@ fn a_watchers_trigger_writes_asset_state_that_a_task_reads() {
     scenario("watcher", &["e2e_watcher"], false, |d| async move {
         // The trigger fires once, soon after the triggerer picks the watcher up.
         let mut run_id = String::new();
-        d.wait_for("a run of e2e_watcher", Duration::from_secs(180), async || {
-            let (_, runs) = send(client().get(format!(
-                "{}/api/v2/dags/e2e_watcher/dagRuns",
-                d.rest()
-            )))
-            .await;
-            match runs["dag_runs"].as_array().and_then(|r| r.first()) {
-                Some(run) => {
-                    run_id = run["dag_run_id"].as_str().unwrap().to_owned();
-                    true
+        d.wait_for(
+            "a run of e2e_watcher",
+            Duration::from_secs(180),
+            async || {
+                let (_, runs) =
+                    send(client().get(format!("{}/api/v2/dags/e2e_watcher/dagRuns", d.rest())))
+                        .await;
+                match runs["dag_runs"].as_array().and_then(|r| r.first()) {
+                    Some(run) => {
+                        run_id = run["dag_run_id"].as_str().unwrap().to_owned();
+                        true
+                    }
+                    None => false,
                 }
-                None => false,
-            }
-        })
+            },
+        )
         .await;
         d.expect_success("e2e_watcher", &run_id).await;
-        if THROUGH_AIRSTATE {
-            let (status, state) = d.asset_state("e2e_signal").await;
-            assert_eq!(status, 200, "{state}");
-            assert_eq!(
-                state["seen/by-watcher"]["value"],
-                json!({"by": "trigger", "n": 1}),
-                "{state}"
-            );
-        }
+        let (status, state) = d.asset_state("e2e_signal").await;
+        assert_eq!(status, 200, "{state}");
+        assert_eq!(
+            state["seen/by-watcher"]["value"],
+            json!({"by": "trigger", "n": 1}),
+            "{state}"
+        );
+
         let sql = d.sql_asset_rows("e2e_signal").await;
-        assert_state_in_airstate_not_sql("watcher", &Value::Null, sql);
+        assert_not_in_airflows_tables("watcher", sql);
     });
 }
 
 #[test]
 fn clear_on_success_deletes_the_state_of_a_task_that_succeeded() {
-    scenario("clear_on_success", &["e2e_clear_on_success"], true, |d| async move {
-        d.restart_api_server(&[("AIRFLOW__STATE_STORE__CLEAR_ON_SUCCESS", "True")]);
-        let run = "clear-1";
-        d.trigger("e2e_clear_on_success", run, json!({})).await;
-        let state = d
-            .wait_run("e2e_clear_on_success", run, Duration::from_secs(180))
-            .await;
-        assert_eq!(state, "failed", "one task fails on purpose");
-        let succeeded = d.task_instance("e2e_clear_on_success", run, "succeeds").await;
-        assert_eq!(succeeded["state"], "success", "{succeeded}");
-        let failed = d.task_instance("e2e_clear_on_success", run, "fails").await;
-        assert_eq!(failed["state"], "failed", "{failed}");
-        if THROUGH_AIRSTATE {
+    scenario(
+        "clear_on_success",
+        &["e2e_clear_on_success"],
+        true,
+        |d| async move {
+            d.restart_api_server(&[("AIRFLOW__STATE_STORE__CLEAR_ON_SUCCESS", "True")]);
+            let run = "clear-1";
+            d.trigger("e2e_clear_on_success", run, json!({})).await;
+            let state = d
+                .wait_run("e2e_clear_on_success", run, Duration::from_secs(180))
+                .await;
+            assert_eq!(state, "failed", "one task fails on purpose");
+            let succeeded = d
+                .task_instance("e2e_clear_on_success", run, "succeeds")
+                .await;
+            assert_eq!(succeeded["state"], "success", "{succeeded}");
+            let failed = d.task_instance("e2e_clear_on_success", run, "fails").await;
+            assert_eq!(failed["state"], "failed", "{failed}");
             assert_eq!(
-                d.task_state("e2e_clear_on_success", run, "succeeds", -1).await,
+                d.task_state("e2e_clear_on_success", run, "succeeds", -1)
+                    .await,
                 json!({})
             );
             assert_eq!(
@@ -1246,13 +1339,8 @@ fn clear_on_success_deletes_the_state_of_a_task_that_succeeded() {
                 json!({"kept/after-failure": 2})
             );
             assert_eq!(d.sql_task_rows("e2e_clear_on_success").await, 0);
-        } else {
-            let rows = d
-                .sql("SELECT count(*) FROM task_state_store WHERE dag_id = 'e2e_clear_on_success' AND task_id = 'succeeds'")
-                .await;
-            assert_eq!(rows, 0, "cleared in Airflow's tables");
-            assert_eq!(d.sql_task_rows("e2e_clear_on_success").await, 1);
-        }
-        d.restart_api_server(&[]);
-    });
+
+            d.restart_api_server(&[]);
+        },
+    );
 }
