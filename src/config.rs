@@ -42,6 +42,9 @@ pub struct Config {
     pub admin: AdminSettings,
     /// `None`: requests airstate does not serve itself are 404s, as before forwarding existed.
     pub upstream: Option<UpstreamSettings>,
+    /// How long Airflow's "allowed" answer to a Core REST API access question is reused.
+    pub access_cache_ttl: Duration,
+    pub access_cache_capacity: u64,
 }
 
 /// Airflow's API server behind airstate (README, "Running with Airflow"): everything airstate
@@ -68,6 +71,9 @@ pub struct AdminSettings {
     /// Airflow's `[state_store] max_value_storage_bytes`: admin writes of a larger value are
     /// refused (422); 0 means no limit. The Execution API does not apply it, as in Airflow.
     pub max_value_bytes: usize,
+    /// Airflow's `[state_store] default_retention_days`: a Core REST API write without an
+    /// `expires_at` (or with `"default"`) expires this many days later; 0 = never.
+    pub default_retention_days: u32,
 }
 
 // The token is a secret: never printed with the rest of the configuration.
@@ -76,6 +82,7 @@ impl std::fmt::Debug for AdminSettings {
         f.debug_struct("AdminSettings")
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("max_value_bytes", &self.max_value_bytes)
+            .field("default_retention_days", &self.default_retention_days)
             .finish()
     }
 }
@@ -242,6 +249,21 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "AIRSTATE_AIRFLOW_API_URL",
         "(unset: nothing forwarded, 404)",
         "Airflow's API server, http://host:port: every request airstate does not serve is forwarded there",
+    ),
+    (
+        "AIRSTATE_ACCESS_CACHE_SECONDS",
+        "5",
+        "how long Airflow's yes to a UI/REST caller's access question is reused (0-5)",
+    ),
+    (
+        "AIRSTATE_ACCESS_CACHE_CAPACITY",
+        "10000",
+        "(credential, DAG or asset, method) answers kept",
+    ),
+    (
+        "AIRFLOW__STATE_STORE__DEFAULT_RETENTION_DAYS",
+        "30",
+        "Core REST API task writes without expires_at expire after this many days; 0 = never",
     ),
     (
         "AIRSTATE_AIRFLOW_API_CONNECT_TIMEOUT_MS",
@@ -467,10 +489,22 @@ impl Config {
             token: admin_token,
             max_value_bytes: env
                 .parse("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", 65535usize)?,
+            default_retention_days: env
+                .parse("AIRFLOW__STATE_STORE__DEFAULT_RETENTION_DAYS", 30u32)?,
         };
+        let access_cache_seconds = env.parse("AIRSTATE_ACCESS_CACHE_SECONDS", 5u64)?;
+        if access_cache_seconds > 5 {
+            return Err(error(
+                "AIRSTATE_ACCESS_CACHE_SECONDS",
+                "at most 5: a permission Airflow withdraws must stop counting quickly",
+            ));
+        }
 
         Ok(Config {
             upstream: upstream_settings(&env)?,
+            // A zero TTL would make moka keep entries for ever; one millisecond is "off".
+            access_cache_ttl: Duration::from_millis((access_cache_seconds * 1000).max(1)),
+            access_cache_capacity: env.parse("AIRSTATE_ACCESS_CACHE_CAPACITY", 10_000u64)?,
             admin,
             listen: env.parse("AIRSTATE_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             redis,
@@ -704,6 +738,8 @@ mod tests {
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
             ("AIRSTATE_ADMIN_TOKEN", "too-short"),
             ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "-1"),
+            ("AIRSTATE_ACCESS_CACHE_SECONDS", "6"),
+            ("AIRFLOW__STATE_STORE__DEFAULT_RETENTION_DAYS", "-1"),
             ("AIRSTATE_AIRFLOW_API_URL", "airflow:8080"),
             ("AIRSTATE_AIRFLOW_API_URL", "https://airflow:8080"),
             ("AIRSTATE_AIRFLOW_API_URL", "http://user:pw@airflow:8080"),

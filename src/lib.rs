@@ -93,6 +93,11 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         admin: config.admin.clone(),
         // Lazy: an upstream down at start-up is not fatal, state is served regardless.
         upstream: config.upstream.as_ref().map(http::forward::Upstream::new),
+        serve_core_api: config.upstream.is_some() && config.identity == IdentityMode::Metastore,
+        access_cache: http::core_api::AccessCache::new(
+            config.access_cache_ttl,
+            config.access_cache_capacity,
+        ),
     }))
 }
 

@@ -351,16 +351,43 @@ fn sentinel_and_cluster_urls() {
 }
 
 #[test]
-fn ingress_routes_only_the_state_paths() {
+fn ingress_sends_everything_to_airstate_when_it_forwards_else_only_state_paths() {
+    let ingress_paths = |documents: &[Value]| -> Vec<String> {
+        find(documents, "Ingress").unwrap()["spec"]["rules"][0]["http"]["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["path"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let off = yaml_documents(&render("ingress-values.yaml", &["forward.enabled=false"]).unwrap());
+    assert_eq!(ingress_paths(&off), ["/execution/store", "/execution/state"]);
+    assert!(find(&off, "ConfigMap").unwrap()["data"]
+        .get("AIRSTATE_AIRFLOW_API_URL")
+        .is_none());
+
     let documents = yaml_documents(&render("ingress-values.yaml", &[]).unwrap());
-    let ingress = find(&documents, "Ingress").unwrap();
-    let paths: Vec<&str> = ingress["spec"]["rules"][0]["http"]["paths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["path"].as_str().unwrap())
-        .collect();
-    assert_eq!(paths, ["/execution/store", "/execution/state"]);
+    assert_eq!(ingress_paths(&documents), ["/"]);
+    assert_eq!(
+        find(&documents, "ConfigMap").unwrap()["data"]["AIRSTATE_AIRFLOW_API_URL"],
+        "http://airflow-api-server:8080"
+    );
+    let policy = find(&documents, "NetworkPolicy").unwrap();
+    assert!(
+        policy.to_string().contains("8080"),
+        "egress to Airflow's API server: {policy}"
+    );
+    let named = yaml_documents(
+        &render("ingress-values.yaml", &["forward.url=http://af-api.airflow:9090"]).unwrap(),
+    );
+    assert_eq!(
+        find(&named, "ConfigMap").unwrap()["data"]["AIRSTATE_AIRFLOW_API_URL"],
+        "http://af-api.airflow:9090"
+    );
+    assert!(
+        render("defaults-values.yaml", &["forward.url=https://af-api:8080"]).is_err(),
+        "the schema refuses an https upstream"
+    );
     assert!(find(&documents, "NetworkPolicy").is_some());
     let monitor = find(&documents, "ServiceMonitor").unwrap();
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");

@@ -67,7 +67,7 @@ pub fn parse_put_body<'a>(
     body: &'a [u8],
     allow_expires_at: bool,
 ) -> Result<PutBody<'a>, Vec<ValidationIssue>> {
-    let fields = parse_fields(content_type, body, allow_expires_at, true)?;
+    let fields = parse_fields(content_type, body, allow_expires_at, true, false)?;
     Ok(PutBody {
         value: fields.value.unwrap_or_default(),
         expires_at: fields.expires_at.flatten(),
@@ -80,6 +80,33 @@ pub struct PatchBody<'a> {
     pub value: Option<&'a str>,
     /// `Some(None)`: an explicit `null`, which makes the key permanent.
     pub expires_at: Option<Option<EpochMillis>>,
+    /// `"expires_at": "default"` was sent (Airflow's Core REST API only).
+    pub expires_default: bool,
+}
+
+/// When a key written through Airflow's Core REST API expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreExpiry {
+    /// Absent or `"default"`: `[state_store] default_retention_days` from now.
+    Default,
+    /// `null`: never.
+    Never,
+    At(EpochMillis),
+}
+
+/// Parses the body of Airflow's Core REST API task PUT: `value` plus an optional
+/// `expires_at` that may also be the keyword `"default"`.
+pub fn parse_core_task_put<'a>(
+    content_type: Option<&str>,
+    body: &'a [u8],
+) -> Result<(&'a str, CoreExpiry), Vec<ValidationIssue>> {
+    let fields = parse_fields(content_type, body, true, true, true)?;
+    let expiry = match (fields.expires_default, fields.expires_at) {
+        (true, _) | (false, None) => CoreExpiry::Default,
+        (false, Some(None)) => CoreExpiry::Never,
+        (false, Some(Some(at))) => CoreExpiry::At(at),
+    };
+    Ok((fields.value.unwrap_or_default(), expiry))
 }
 
 /// Parses a task PATCH body: the PUT body's members, each optional, at least one given.
@@ -87,7 +114,7 @@ pub fn parse_patch_body<'a>(
     content_type: Option<&str>,
     body: &'a [u8],
 ) -> Result<PatchBody<'a>, Vec<ValidationIssue>> {
-    let fields = parse_fields(content_type, body, true, false)?;
+    let fields = parse_fields(content_type, body, true, false, false)?;
     if fields.value.is_none() && fields.expires_at.is_none() {
         return Err(vec![ValidationIssue::new(
             "value_error",
@@ -104,6 +131,7 @@ fn parse_fields<'a>(
     body: &'a [u8],
     allow_expires_at: bool,
     value_required: bool,
+    default_keyword: bool,
 ) -> Result<PatchBody<'a>, Vec<ValidationIssue>> {
     if body.is_empty() {
         return Err(vec![ValidationIssue::missing(&["body"], Value::Null)]);
@@ -139,9 +167,13 @@ fn parse_fields<'a>(
     let mut issues = Vec::new();
     let mut value = None;
     let mut expires_at = None;
+    let mut expires_default = false;
     for (name, raw) in &fields {
         match name.as_ref() {
             "value" => value = Some(*raw),
+            // Only Airflow's Core REST API knows the keyword; elsewhere it is a string that
+            // is no datetime, refused below.
+            "expires_at" if default_keyword && raw.get() == "\"default\"" => expires_default = true,
             "expires_at" if allow_expires_at => match parse_expires_at(raw) {
                 Ok(at) => expires_at = Some(at),
                 Err(issue) => issues.push(issue),
@@ -170,6 +202,7 @@ fn parse_fields<'a>(
         Ok(PatchBody {
             value: value.map(RawValue::get),
             expires_at,
+            expires_default,
         })
     } else {
         Err(issues)

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod asset;
 pub mod body;
+pub mod core_api;
 pub mod error;
 pub mod extensions;
 pub mod extract;
@@ -46,6 +47,10 @@ pub struct AppState {
     pub admin: crate::config::AdminSettings,
     /// Airflow's API server, which gets every request not served here (`None`: 404s).
     pub upstream: Option<forward::Upstream>,
+    /// Airflow's Core REST API state routes are served here (an upstream to ask about
+    /// access, and the metastore identity for asset ids), rather than forwarded.
+    pub serve_core_api: bool,
+    pub access_cache: core_api::AccessCache,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.
@@ -130,6 +135,13 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     if state.admin.token.is_some() {
         app = app.merge(
             admin::router()
+                .layer(DefaultBodyLimit::max(max_body_bytes))
+                .layer(Extension(BodyLimit(max_body_bytes))),
+        );
+    }
+    if state.serve_core_api {
+        app = app.merge(
+            core_api::router()
                 .layer(DefaultBodyLimit::max(max_body_bytes))
                 .layer(Extension(BodyLimit(max_body_bytes))),
         );
@@ -246,7 +258,10 @@ fn parse_version_date(text: &str) -> Option<String> {
 
 /// The OpenAPI document of what this replica serves (admin routes only when enabled).
 async fn openapi_document(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(openapi::document(app.admin.token.is_some()))
+    Json(openapi::document(
+        app.admin.token.is_some(),
+        app.serve_core_api,
+    ))
 }
 
 /// Liveness: the process answers. Never tied to Redis, so a Redis outage does not get

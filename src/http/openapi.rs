@@ -17,6 +17,8 @@ pub enum Auth {
     Execution,
     /// `AIRSTATE_ADMIN_TOKEN`.
     Admin,
+    /// Airflow's own credentials (its UI's session or an API token); Airflow decides.
+    Airflow,
 }
 
 /// What a successful reply carries.
@@ -31,6 +33,10 @@ pub enum Reply {
     /// An admin entry or a page of entries.
     Entry,
     Page,
+    /// Airflow's Core REST API entry, and its `{"task_state_store" | "asset_state_store",
+    /// "total_entries"}` collection.
+    AirflowEntry,
+    AirflowPage,
     /// `{"status": ...}`; `/ready` answers 503 when not ready.
     Status,
     Text,
@@ -109,6 +115,19 @@ const ASSET_LIST_URI: &[(&str, bool, &str)] = &[
 ];
 const ALL_MAP_INDICES: &[(&str, bool, &str)] = &[("all_map_indices", false, "boolean")];
 const PAGING: &[(&str, bool, &str)] = &[("limit", false, "integer"), ("after", false, "string")];
+const CORE_TASK_LIST: &[(&str, bool, &str)] = &[
+    ("map_index", false, "integer"),
+    ("limit", false, "integer"),
+    ("offset", false, "integer"),
+];
+const CORE_PAGE: &[(&str, bool, &str)] =
+    &[("limit", false, "integer"), ("offset", false, "integer")];
+const CORE_TASK: &str =
+    "/api/v2/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/state-store";
+const CORE_TASK_KEY: &str =
+    "/api/v2/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/state-store/{*key}";
+const CORE_ASSET: &str = "/api/v2/assets/{asset_id}/state-store";
+const CORE_ASSET_KEY: &str = "/api/v2/assets/{asset_id}/state-store/{*key}";
 
 macro_rules! op {
     ($method:literal, $path:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
@@ -647,6 +666,111 @@ pub fn operations() -> Vec<Operation> {
     ]
 }
 
+/// Airflow's Core REST API state routes, served from the store in front of an upstream.
+fn core_api_operations() -> Vec<Operation> {
+    vec![
+        op!(
+            "get",
+            CORE_TASK,
+            "List a task instance's state (Airflow's Core REST API)",
+            CORE_TASK_LIST,
+            None,
+            AirflowPage,
+            Airflow
+        ),
+        op!(
+            "delete",
+            CORE_TASK,
+            "Clear a task instance's state",
+            TASK_CLEAR,
+            None,
+            Empty,
+            Airflow
+        ),
+        op!(
+            "get",
+            CORE_TASK_KEY,
+            "Get a task state key",
+            MAP_INDEX,
+            None,
+            AirflowEntry,
+            Airflow
+        ),
+        op!(
+            "put",
+            CORE_TASK_KEY,
+            "Set a task state key",
+            MAP_INDEX,
+            TaskPut,
+            Empty,
+            Airflow
+        ),
+        op!(
+            "patch",
+            CORE_TASK_KEY,
+            "Change the value of a task state key",
+            MAP_INDEX,
+            AssetPut,
+            Document,
+            Airflow
+        ),
+        op!(
+            "delete",
+            CORE_TASK_KEY,
+            "Delete a task state key",
+            MAP_INDEX,
+            None,
+            Empty,
+            Airflow
+        ),
+        op!(
+            "get",
+            CORE_ASSET,
+            "List an asset's state",
+            CORE_PAGE,
+            None,
+            AirflowPage,
+            Airflow
+        ),
+        op!(
+            "delete",
+            CORE_ASSET,
+            "Clear an asset's state",
+            &[],
+            None,
+            Empty,
+            Airflow
+        ),
+        op!(
+            "get",
+            CORE_ASSET_KEY,
+            "Get an asset state key",
+            &[],
+            None,
+            AirflowEntry,
+            Airflow
+        ),
+        op!(
+            "put",
+            CORE_ASSET_KEY,
+            "Set an asset state key",
+            &[],
+            AssetPut,
+            Empty,
+            Airflow
+        ),
+        op!(
+            "delete",
+            CORE_ASSET_KEY,
+            "Delete an asset state key",
+            &[],
+            None,
+            Empty,
+            Airflow
+        ),
+    ]
+}
+
 /// `{*key}` (axum) is `{key}` in OpenAPI.
 pub fn openapi_path(template: &str) -> String {
     template.replace("{*", "{")
@@ -720,6 +844,18 @@ fn writer_schema() -> Value {
     ]})
 }
 
+fn airflow_entry_schema(task: bool) -> Value {
+    let mut schema = entry_schema(task);
+    if !task {
+        schema["properties"]["last_updated_by"] = json!({"type": ["object", "null"], "properties": {
+            "kind": {"enum": ["task", "watcher", "api"]},
+            "dag_id": {"type": ["string", "null"]}, "run_id": {"type": ["string", "null"]},
+            "task_id": {"type": ["string", "null"]}, "map_index": {"type": ["integer", "null"]},
+        }});
+    }
+    schema
+}
+
 fn value_body(expires: bool, value_required: bool) -> Value {
     let mut properties = json!({"value": {"not": {"type": "null"}}});
     if expires {
@@ -763,6 +899,25 @@ fn success(op: &Operation) -> (String, Value) {
                 },
             })),
         ),
+        Reply::AirflowEntry => (
+            "200".into(),
+            ok(airflow_entry_schema(op.path.contains("/dags/"))),
+        ),
+        Reply::AirflowPage => {
+            let member = if op.path.contains("/dags/") {
+                "task_state_store"
+            } else {
+                "asset_state_store"
+            };
+            let mut properties = json!({"total_entries": {"type": "integer"}});
+            properties[member] = json!({"type": "array", "items": airflow_entry_schema(member == "task_state_store")});
+            (
+                "200".into(),
+                ok(
+                    json!({"type": "object", "required": [member, "total_entries"], "properties": properties}),
+                ),
+            )
+        }
         Reply::Status => (
             "200".into(),
             ok(
@@ -832,6 +987,7 @@ fn operation(op: &Operation) -> Value {
         Auth::None => {}
         Auth::Execution => out["security"] = json!([{"execution_jwt": []}]),
         Auth::Admin => out["security"] = json!([{"admin_token": []}]),
+        Auth::Airflow => out["security"] = json!([{"airflow": []}]),
     }
     let body = match op.body {
         Body::None => None,
@@ -857,10 +1013,16 @@ fn operation(op: &Operation) -> Value {
     out
 }
 
-/// The document; admin operations are listed only when the admin API is on.
-pub fn document(admin: bool) -> Value {
+/// The document; admin operations are listed only when the admin API is on, Airflow's
+/// Core REST API state routes only when they are served here.
+pub fn document(admin: bool, core_api: bool) -> Value {
     let mut paths = Map::new();
-    for op in operations() {
+    let core = if core_api {
+        core_api_operations()
+    } else {
+        Vec::new()
+    };
+    for op in operations().into_iter().chain(core) {
         if op.auth == Auth::Admin && !admin {
             continue;
         }
@@ -880,6 +1042,7 @@ pub fn document(admin: bool) -> Value {
         "components": {"securitySchemes": {
             "execution_jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
             "admin_token": {"type": "http", "scheme": "bearer", "description": "AIRSTATE_ADMIN_TOKEN"},
+            "airflow": {"type": "http", "scheme": "bearer", "description": "Airflow's own API token or UI session; Airflow's API server decides access"},
         }},
     })
 }

@@ -59,6 +59,10 @@ const REGISTRATION_SQL: &str = "SELECT 1 FROM task_inlet_asset_reference \
      WHERE asset_id = $1 AND dag_id = $2 AND task_id = $3 LIMIT 1";
 // By id, as Airflow's Core REST API: the asset row must exist, active or not.
 const ASSET_BY_ID_SQL: &str = "SELECT id FROM asset WHERE id = $1";
+// Any map index when the last parameter is NULL, as Airflow checks a clear of every index.
+const TASK_INSTANCE_EXISTS_SQL: &str = "SELECT 1 FROM task_instance \
+     WHERE dag_id = $1 AND run_id = $2 AND task_id = $3 \
+     AND ($4::integer IS NULL OR map_index = $4::integer) LIMIT 1";
 const ASSET_BY_URI_SQL: &str = "SELECT a.id FROM asset a \
      JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.uri = $1 LIMIT 1";
 
@@ -268,6 +272,44 @@ impl IdentityResolver for MetastoreResolver {
             self.registrations.insert(key, ()).await;
         }
         Ok(registered)
+    }
+
+    async fn task_instance_exists(
+        &self,
+        dag_id: &str,
+        run_id: &str,
+        task_id: &str,
+        map_index: Option<i64>,
+    ) -> Result<bool, IdentityError> {
+        let unavailable = |e: &dyn std::error::Error| IdentityError::Unavailable(explain(e));
+        // A map index beyond i32 matches no row (the column is an integer).
+        let map_index = match map_index.map(i32::try_from) {
+            None => None,
+            Some(Ok(index)) => Some(index),
+            Some(Err(_)) => return Ok(false),
+        };
+        let query = async {
+            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+            // Unnamed statement: works through PgBouncer in transaction mode.
+            client
+                .query_typed_opt(
+                    TASK_INSTANCE_EXISTS_SQL,
+                    &[
+                        (&dag_id, tokio_postgres::types::Type::VARCHAR),
+                        (&run_id, tokio_postgres::types::Type::VARCHAR),
+                        (&task_id, tokio_postgres::types::Type::VARCHAR),
+                        (&map_index, tokio_postgres::types::Type::INT4),
+                    ],
+                )
+                .await
+                .map_err(|e| unavailable(&e))
+        };
+        let span = tracing::info_span!(
+            "metastore.query",
+            otel.kind = "client",
+            db.system = "postgresql"
+        );
+        Ok(query.instrument(span).await?.is_some())
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {

@@ -59,6 +59,18 @@ pub trait IdentityResolver: Send + Sync + 'static {
     ) -> Result<bool, IdentityError> {
         Ok(true)
     }
+    /// Whether Airflow has this task instance (at any map index when `map_index` is
+    /// `None`), which Airflow's Core REST API checks before it writes a task's state.
+    /// Without a metastore there is nothing to check against.
+    async fn task_instance_exists(
+        &self,
+        _dag_id: &str,
+        _run_id: &str,
+        _task_id: &str,
+        _map_index: Option<i64>,
+    ) -> Result<bool, IdentityError> {
+        Ok(true)
+    }
     /// Whether the identity source answers; drives `/ready`.
     async fn ping(&self) -> Result<(), IdentityError>;
     fn describe(&self) -> String;

@@ -829,3 +829,125 @@ pub fn private_ca(dir: &Path, san: &str) {
         "san.cnf",
     ]);
 }
+
+impl Postgres {
+    /// A new, empty database on this server; its SQLAlchemy URL.
+    pub fn create_database(&self, name: &str) -> String {
+        let created = psql(
+            self.port,
+            "postgres",
+            &["-c", &format!("CREATE DATABASE {name}")],
+        );
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        format!(
+            "postgresql+psycopg2://postgres@127.0.0.1:{}/{name}",
+            self.port
+        )
+    }
+}
+
+/// The Python of the cached Airflow 3.3.2 virtualenv (`scripts/airflow-venv.sh` makes it
+/// on a machine that has none).
+pub fn airflow_python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/airflow-venv.sh");
+            let made = Command::new("bash")
+                .arg(script)
+                .output()
+                .expect("airflow-venv.sh");
+            assert!(
+                made.status.success(),
+                "installing apache-airflow 3.3.2 failed:\n{}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+            PathBuf::from(
+                String::from_utf8_lossy(&made.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim(),
+            )
+        })
+        .clone()
+}
+
+/// The real Airflow 3.3.2 API server (`airflow api-server`) on a free port, over a database
+/// `airflow db migrate` has just made, with the simple auth manager's users `admin` (role
+/// admin, password `admin-pw`) and `viewer` (role viewer, password `viewer-pw`).
+pub struct AirflowApiServer {
+    pub base: String,
+    pub database_url: String,
+    pub jwt_secret: String,
+    home: PathBuf,
+}
+
+impl AirflowApiServer {
+    pub fn start(database_url: &str, jwt_secret: &str) -> AirflowApiServer {
+        let python = airflow_python();
+        let airflow = python.with_file_name("airflow");
+        let home = kept_temp_dir("airflow-home-");
+        std::fs::write(
+            home.join("passwords.json"),
+            r#"{"admin": "admin-pw", "viewer": "viewer-pw"}"#,
+        )
+        .unwrap();
+        let env = [
+            ("AIRFLOW_HOME", home.display().to_string()),
+            (
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                database_url.to_owned(),
+            ),
+            ("AIRFLOW__CORE__LOAD_EXAMPLES", "False".into()),
+            (
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+                "admin:admin,viewer:viewer".into(),
+            ),
+            (
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
+                home.join("passwords.json").display().to_string(),
+            ),
+            ("AIRFLOW__API_AUTH__JWT_SECRET", jwt_secret.to_owned()),
+        ];
+        let migrated = Command::new(&airflow)
+            .args(["db", "migrate"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("airflow db migrate");
+        assert!(
+            migrated.status.success(),
+            "airflow db migrate: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+        let port = free_port();
+        let exports: String = env.iter().map(|(k, v)| format!("{k}='{v}' ")).collect();
+        spawn_watched(
+            &format!(
+                "env {exports} '{}' api-server --port {port}",
+                airflow.display()
+            ),
+            &home,
+            &home.join("api-server.log"),
+        );
+        let base = format!("http://127.0.0.1:{port}");
+        wait_until("airflow api-server", Duration::from_secs(90), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        AirflowApiServer {
+            base,
+            database_url: database_url.to_owned(),
+            jwt_secret: jwt_secret.to_owned(),
+            home,
+        }
+    }
+
+    /// The API server's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("api-server.log")).unwrap_or_default()
+    }
+}

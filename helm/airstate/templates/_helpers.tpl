@@ -71,3 +71,12 @@ expanded by Kubernetes from the env var defined before it. */}}
 {{- $url }}
 {{- end }}
 {{- end }}
+
+{{/* Airflow's API server: forward.url, else the official chart's api-server Service. */}}
+{{- define "airstate.airflowApiServerUrl" -}}
+{{- if .Values.forward.url -}}
+{{- .Values.forward.url -}}
+{{- else -}}
+{{- printf "http://%s-api-server:8080" .Values.airflowReleaseName -}}
+{{- end -}}
+{{- end -}}
