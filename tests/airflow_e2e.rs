@@ -835,6 +835,21 @@ impl Deployment {
         (status, entries)
     }
 
+    /// The sum of airstate's `airstate_http_requests_total` series whose labels hold `label`.
+    async fn requests_counted(&self, label: &str) -> f64 {
+        let metrics = reqwest::get(format!("{}/metrics", self.front))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("airstate_http_requests_total{") && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     async fn sql(&self, query: &str) -> i64 {
         let (client, connection) = tokio_postgres::connect(&self.plain_pg, tokio_postgres::NoTls)
             .await
@@ -971,21 +986,8 @@ fn a_variable_and_an_xcom_pass_through_the_forwarded_routes() {
         .await;
         assert_eq!(status, 200, "{xcom}");
         // The workers' calls went through airstate: forwarded ones and served state routes.
-        let metrics = reqwest::get(format!("{}/metrics", d.front))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let counted = |route: &str| {
-            metrics
-                .lines()
-                .filter(|l| l.starts_with("airstate_http_requests_total{") && l.contains(route))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        };
-        assert!(counted("route=\"forwarded\"") > 0.0, "{metrics}");
-        assert!(counted("/execution/store/ti/") > 0.0, "{metrics}");
+        assert!(d.requests_counted("route=\"forwarded\"").await > 0.0);
+        assert!(d.requests_counted("route=\"/execution/store/ti/").await > 0.0);
         let value = match &xcom["value"] {
             Value::String(s) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
             other => other.clone(),
@@ -1011,7 +1013,6 @@ fn forged_token() -> String {
 }
 
 #[test]
-#[ignore = "needs airstate to serve Airflow's Core REST API state routes (issue 12 item 2)"]
 fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
     scenario("ui", &["e2e_ui"], false, |d| async move {
         let marker = format!("m-{}", uuid::Uuid::new_v4().simple());
@@ -1135,6 +1136,11 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
         for call in &state_calls {
             assert!(call.starts_with("200 "), "state call failed: {call}");
         }
+        // Served by airstate itself, not forwarded to Airflow's tables.
+        assert!(
+            d.requests_counted("route=\"/api/v2/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/state-store").await
+                > 0.0
+        );
         assert!(screenshot.exists(), "no screenshot");
         eprintln!("airflow_e2e: screenshot {}", screenshot.display());
     });
