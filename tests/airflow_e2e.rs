@@ -268,6 +268,9 @@ struct Deployment {
     redis_port: u16,
     /// airstate: what workers, the browser and the test's REST calls use.
     front: String,
+    /// A second airstate on a Redis Cluster, same metastore and upstream: the lifecycle
+    /// scenarios check that it follows Airflow's runs and assets too.
+    cluster_front: String,
     /// Airflow's API server itself (only for what the test must not send through airstate).
     api: String,
     api_port: u16,
@@ -509,28 +512,39 @@ impl Deployment {
         assert!(out, "airflow db migrate failed:\n{}", tail(&log, 40));
         eprintln!("airflow_e2e: db migrate in {:.1?}", migrate_start.elapsed());
 
-        // airstate, before Airflow's API server is up (an absent upstream is not fatal).
-        let mut airstate = Command::new(env!("CARGO_BIN_EXE_airstate"));
-        airstate
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("AIRSTATE_LISTEN", format!("127.0.0.1:{airstate_port}"))
-            .env("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET)
-            .env("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &sql_conn)
-            .env(
-                "AIRSTATE_REDIS_URL",
+        // airstate, before Airflow's API server is up (an absent upstream is not fatal); and
+        // its twin on a Redis Cluster.
+        let cluster_port = free_port();
+        let cluster_front = format!("http://127.0.0.1:{cluster_port}");
+        let cluster = common::RedisCluster::shared();
+        for (name, port, redis) in [
+            (
+                "airstate",
+                airstate_port,
                 format!("redis://127.0.0.1:{redis_port}"),
-            )
-            .env("AIRSTATE_KEY_PREFIX", KEY_PREFIX)
-            .env("AIRSTATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("AIRSTATE_AIRFLOW_API_URL", &api)
-            .env("AIRSTATE_RECONCILE_INTERVAL_SECONDS", "2");
-        spawn(&root, "airstate", airstate, false);
-        wait_until("airstate", Duration::from_secs(30), || {
-            http_status(&format!("{front}/health")) == Some(200)
-        });
+            ),
+            ("airstate-cluster", cluster_port, cluster.url.clone()),
+        ] {
+            let mut airstate = Command::new(env!("CARGO_BIN_EXE_airstate"));
+            airstate
+                .arg("serve")
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("RUST_LOG", "info")
+                .env("AIRSTATE_LISTEN", format!("127.0.0.1:{port}"))
+                .env("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET)
+                .env("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &sql_conn)
+                .env("AIRSTATE_REDIS_URL", redis)
+                .env("AIRSTATE_KEY_PREFIX", KEY_PREFIX)
+                .env("AIRSTATE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("AIRSTATE_AIRFLOW_API_URL", &api)
+                .env("AIRSTATE_RECONCILE_INTERVAL_SECONDS", "2");
+            spawn(&root, name, airstate, false);
+            let health = format!("http://127.0.0.1:{port}/health");
+            wait_until(name, Duration::from_secs(30), || {
+                http_status(&health) == Some(200)
+            });
+        }
 
         let deployment = Deployment {
             root: root.clone(),
@@ -538,6 +552,7 @@ impl Deployment {
             plain_pg,
             redis_port,
             front,
+            cluster_front,
             api,
             api_port,
             env,
@@ -787,11 +802,22 @@ impl Deployment {
 
     /// The keys and values of a task scope, read through airstate's admin API (Redis).
     async fn task_state(&self, dag: &str, run_id: &str, task: &str, map_index: i64) -> Value {
+        self.task_state_at(&self.front, dag, run_id, task, map_index)
+            .await
+    }
+
+    async fn task_state_at(
+        &self,
+        base: &str,
+        dag: &str,
+        run_id: &str,
+        task: &str,
+        map_index: i64,
+    ) -> Value {
         let (status, body) = send(
             client()
                 .get(format!(
-                    "{}/admin/v1/dags/{dag}/dagRuns/{}/taskInstances/{task}/state-store?map_index={map_index}",
-                    self.front,
+                    "{base}/admin/v1/dags/{dag}/dagRuns/{}/taskInstances/{task}/state-store?map_index={map_index}",
                     enc(run_id)
                 ))
                 .bearer_auth(ADMIN_TOKEN),
@@ -813,13 +839,34 @@ impl Deployment {
 
     /// The same by Airflow's asset id, which reaches an asset whether active or not.
     async fn asset_state_by_id(&self, id: i64) -> (u16, Value) {
-        self.admin_asset(&format!("by-id/{id}/state-store")).await
+        self.asset_state_by_id_at(&self.front, id).await
+    }
+
+    async fn asset_state_by_id_at(&self, base: &str, id: i64) -> (u16, Value) {
+        self.admin_asset_at(base, &format!("by-id/{id}/state-store"))
+            .await
     }
 
     async fn admin_asset(&self, route: &str) -> (u16, Value) {
+        self.admin_asset_at(&self.front, route).await
+    }
+
+    /// A PUT on the admin API of the airstate at `base`; `route` is under `/admin/v1/`.
+    async fn admin_put(&self, base: &str, route: &str, value: Value) {
         let (status, body) = send(
             client()
-                .get(format!("{}/admin/v1/assets/{route}", self.front))
+                .put(format!("{base}/admin/v1/{route}"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&json!({ "value": value })),
+        )
+        .await;
+        assert!((200..300).contains(&status), "PUT {route}: {status} {body}");
+    }
+
+    async fn admin_asset_at(&self, base: &str, route: &str) -> (u16, Value) {
+        let (status, body) = send(
+            client()
+                .get(format!("{base}/admin/v1/assets/{route}"))
                 .bearer_auth(ADMIN_TOKEN),
         )
         .await;
@@ -1153,30 +1200,43 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
 #[ignore = "needs airstate to delete the state of deleted DAG runs (issue 13 item 2, helper lifecycle)"]
 fn a_deleted_run_recreated_with_the_same_run_id_starts_empty() {
     scenario("rerun", &["e2e_rerun"], false, |d| async move {
-        d.trigger("e2e_rerun", "rerun-1", json!({"generation": 1}))
-            .await;
-        d.expect_success("e2e_rerun", "rerun-1").await;
+        let (dag, run, task) = ("e2e_rerun", "rerun-1", "remember");
+        d.trigger(dag, run, json!({"generation": 1})).await;
+        d.expect_success(dag, run).await;
         assert_eq!(
-            d.task_state("e2e_rerun", "rerun-1", "remember", -1).await,
+            d.task_state(dag, run, task, -1).await,
             json!({"runs/seen": {"generation": 1}})
         );
-
-        let (status, body) = send(client().delete(format!(
-            "{}/api/v2/dags/e2e_rerun/dagRuns/rerun-1",
-            d.rest()
-        )))
+        // The same run's state on the Cluster airstate too (written as an operator would).
+        let scope = format!("dags/{dag}/dagRuns/{run}/taskInstances/{task}/state-store");
+        d.admin_put(
+            &d.cluster_front,
+            &format!("{scope}/cluster%2Fprobe"),
+            json!(1),
+        )
         .await;
-        assert_eq!(status, 204, "deleting the run: {body}");
-        // Re-created at once: the new run must not see the deleted run's state.
-        d.trigger("e2e_rerun", "rerun-1", json!({"generation": 2}))
-            .await;
-        d.expect_success("e2e_rerun", "rerun-1").await;
         assert_eq!(
-            d.task_state("e2e_rerun", "rerun-1", "remember", -1).await,
-            json!({"runs/seen": {"generation": 2}})
+            d.task_state_at(&d.cluster_front, dag, run, task, -1).await,
+            json!({"cluster/probe": 1})
         );
 
-        let sql = d.sql_task_rows("e2e_rerun").await;
+        let (status, body) =
+            send(client().delete(format!("{}/api/v2/dags/{dag}/dagRuns/{run}", d.rest()))).await;
+        assert_eq!(status, 204, "deleting the run: {body}");
+        // Re-created at once: the new run must not see the deleted run's state (its task
+        // asserts that), on either airstate.
+        d.trigger(dag, run, json!({"generation": 2})).await;
+        assert_eq!(
+            d.task_state_at(&d.cluster_front, dag, run, task, -1).await,
+            json!({}),
+            "the re-created run inherited state on the Cluster"
+        );
+        d.expect_success(dag, run).await;
+        assert_eq!(
+            d.task_state(dag, run, task, -1).await,
+            json!({"runs/seen": {"generation": 2}})
+        );
+        let sql = d.sql_task_rows(dag).await;
         assert_not_in_airflows_tables("rerun", sql);
     });
 }
@@ -1241,24 +1301,29 @@ fn an_orphaned_asset_loses_its_state_and_comes_back_empty() {
         assert_eq!(status, 200, "{state}");
         assert_eq!(state["orphan/probe"]["value"], json!({"run": "orphan-1"}));
         let (status, by_id) = d.asset_state_by_id(id).await;
-        assert_eq!(
-            (status, by_id.as_object().map(|o| o.len())),
-            (200, Some(1)),
-            "{by_id}"
-        );
+        let keys = |v: &Value| v.as_object().map(|o| o.len());
+        assert_eq!((status, keys(&by_id)), (200, Some(1)), "{by_id}");
+        // The Cluster airstate holds state for the same asset.
+        let route = format!("assets/by-name/state-store/value?name={a}&key=cluster%2Fprobe");
+        d.admin_put(&d.cluster_front, &route, json!(1)).await;
+        let (status, on_cluster) = d.asset_state_by_id_at(&d.cluster_front, id).await;
+        assert_eq!((status, keys(&on_cluster)), (200, Some(1)), "{on_cluster}");
 
-        // The DAG now names another asset: the scheduler's pass orphans the first one.
+        // The DAG now names another asset: the scheduler's pass orphans the first one, and
+        // both airstates delete its state.
         d.point_orphan_dag_at(b).await;
         d.wait_for("asset a orphaned", Duration::from_secs(120), async || {
             !d.asset_active(a).await
         })
         .await;
-        d.wait_for(
-            "asset a's state deleted",
-            Duration::from_secs(60),
-            async || d.asset_state_by_id(id).await == (200, json!({})),
-        )
-        .await;
+        for base in [&d.front, &d.cluster_front] {
+            d.wait_for(
+                &format!("asset a's state deleted by {base}"),
+                Duration::from_secs(60),
+                async || d.asset_state_by_id_at(base, id).await == (200, json!({})),
+            )
+            .await;
+        }
 
         // Named again, the asset comes back empty: the task asserts it.
         d.point_orphan_dag_at(a).await;
@@ -1269,9 +1334,11 @@ fn an_orphaned_asset_loses_its_state_and_comes_back_empty() {
         )
         .await;
         assert_eq!(d.asset_id(a).await, id, "Airflow kept the asset's id");
-        let (status, state) = d.asset_state(a).await;
-        assert_eq!((status, &state), (200, &json!({})));
-
+        assert_eq!(d.asset_state(a).await, (200, json!({})));
+        assert_eq!(
+            d.asset_state_by_id_at(&d.cluster_front, id).await,
+            (200, json!({}))
+        );
         d.trigger("e2e_orphan", "orphan-2", json!({})).await;
         d.expect_success("e2e_orphan", "orphan-2").await;
         let sql = d.sql_asset_rows(a).await;
