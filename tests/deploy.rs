@@ -361,7 +361,10 @@ fn ingress_sends_everything_to_airstate_when_it_forwards_else_only_state_paths()
             .collect()
     };
     let off = yaml_documents(&render("ingress-values.yaml", &["forward.enabled=false"]).unwrap());
-    assert_eq!(ingress_paths(&off), ["/execution/store", "/execution/state"]);
+    assert_eq!(
+        ingress_paths(&off),
+        ["/execution/store", "/execution/state"]
+    );
     assert!(find(&off, "ConfigMap").unwrap()["data"]
         .get("AIRSTATE_AIRFLOW_API_URL")
         .is_none());
@@ -378,7 +381,11 @@ fn ingress_sends_everything_to_airstate_when_it_forwards_else_only_state_paths()
         "egress to Airflow's API server: {policy}"
     );
     let named = yaml_documents(
-        &render("ingress-values.yaml", &["forward.url=http://af-api.airflow:9090"]).unwrap(),
+        &render(
+            "ingress-values.yaml",
+            &["forward.url=http://af-api.airflow:9090"],
+        )
+        .unwrap(),
     );
     assert_eq!(
         find(&named, "ConfigMap").unwrap()["data"]["AIRSTATE_AIRFLOW_API_URL"],
