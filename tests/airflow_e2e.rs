@@ -216,46 +216,30 @@ fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// Runs one of the repository's install scripts (bounded) and returns the path it prints
+/// on its last line.
+fn install_script(name: &str, timeout: Duration) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name);
+    let root = ROOT.get().expect("the deployment's folder");
+    let log = root.join("logs").join(format!("{name}.log"));
+    let mut command = Command::new("bash");
+    command.arg(&script);
+    let ok = run_bounded(command, &log, timeout);
+    let output = fs::read_to_string(&log).unwrap_or_default();
+    assert!(ok, "scripts/{name} failed or timed out:\n{output}");
+    PathBuf::from(output.lines().last().unwrap_or("").trim())
+}
+
 /// The venv's python, from scripts/airflow-venv.sh (which makes the venv when missing).
 fn airflow_python() -> PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/airflow-venv.sh");
-    let made = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("airflow-venv.sh");
-    assert!(
-        made.status.success(),
-        "scripts/airflow-venv.sh failed:\n{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&made.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    )
+    install_script("airflow-venv.sh", Duration::from_secs(1200))
 }
 
 /// playwright-core's folder, from scripts/browser-tools.sh.
 fn playwright_core() -> PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/browser-tools.sh");
-    let made = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("browser-tools.sh");
-    assert!(
-        made.status.success(),
-        "scripts/browser-tools.sh failed:\n{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&made.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    )
+    install_script("browser-tools.sh", Duration::from_secs(300))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -353,6 +337,7 @@ fn psql(port: u16, database: &str, sql: &str) -> std::process::Output {
     Command::new(common::postgres_bin("psql"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .args(["-d", database, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "5")
         .output()
         .expect("psql")
 }
@@ -400,7 +385,8 @@ impl Deployment {
         let created = psql(pg_port, "postgres", "CREATE DATABASE airflow");
         assert!(created.status.success(), "CREATE DATABASE");
         let sql_conn = format!("postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/airflow");
-        let plain_pg = format!("postgresql://postgres@127.0.0.1:{pg_port}/airflow");
+        let plain_pg =
+            format!("postgresql://postgres@127.0.0.1:{pg_port}/airflow?connect_timeout=5");
 
         // Redis.
         let redis_port = free_port();
@@ -902,7 +888,10 @@ impl Deployment {
             .await
             .expect("metastore");
         tokio::spawn(connection);
-        let row = client.query_one(query, &[]).await.expect(query);
+        let row = tokio::time::timeout(Duration::from_secs(15), client.query_one(query, &[]))
+            .await
+            .unwrap_or_else(|_| panic!("{query}: no answer in 15 s"))
+            .expect(query);
         row.get::<_, i64>(0)
     }
 
