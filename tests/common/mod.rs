@@ -496,7 +496,7 @@ pub struct Postgres {
     pub plain_url: String,
 }
 
-fn postgres_bin(name: &str) -> PathBuf {
+pub fn postgres_bin(name: &str) -> PathBuf {
     if let Ok(output) = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
@@ -522,7 +522,7 @@ fn postgres_bin(name: &str) -> PathBuf {
 }
 
 /// initdb and postgres refuse to run as root: when we are root, run them as `postgres`.
-fn as_server_user(command: &str) -> String {
+pub fn as_server_user(command: &str) -> String {
     if unsafe { libc::geteuid() } == 0 {
         format!("setpriv --reuid=postgres --regid=postgres --init-groups {command}")
     } else {
