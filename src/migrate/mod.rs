@@ -67,6 +67,10 @@ pub struct Record {
     pub task_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_index: Option<i64>,
+    /// Tasks only: the run's `dag_run.id`, when the state was written with the metastore
+    /// identity (it is part of the state's key there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dag_run_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asset: Option<String>,
     pub key: String,
@@ -140,6 +144,7 @@ impl Item {
                         .map_index
                         .filter(|index| *index >= -1)
                         .ok_or("a task record needs a map_index of -1 or more")?,
+                    run_key: record.dag_run_id,
                 };
                 let expires_at = record.expires_at.flatten().as_deref().map(parse_time);
                 Ok(Item::Task {
@@ -153,6 +158,7 @@ impl Item {
             Kind::Asset => {
                 if record.dag_id.is_some()
                     || record.run_id.is_some()
+                    || record.dag_run_id.is_some()
                     || record.task_id.is_some()
                     || record.map_index.is_some()
                     || record.expires_at.is_some()
@@ -297,6 +303,10 @@ fn task_line(scope: &TaskScope, entry: &Entry) -> String {
         "map_index": scope.map_index,
         "key": entry.key,
     });
+    let mut record = record;
+    if let Some(run_key) = scope.run_key {
+        record["dag_run_id"] = run_key.into();
+    }
     let tail = serde_json::json!({
         "updated_at": rfc3339(entry.value.updated_at),
         "expires_at": entry.value.expires_at.map(rfc3339),
