@@ -57,6 +57,7 @@ fn scope(ti: &Ti, map_index: i64) -> TaskScope {
         run_id: ti.run_id.clone(),
         task_id: ti.task_id.clone(),
         map_index,
+        run_key: None,
     }
 }
 

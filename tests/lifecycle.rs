@@ -381,3 +381,79 @@ async fn an_evicting_redis_is_reported() {
         }
     }
 }
+
+/// The upgrade step (README): state an older airstate keyed without the run's id is moved
+/// under it by `airstate export | airstate import` with the metastore configured; lines of
+/// a run Airflow no longer has are skipped; the old copies are cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_import_moves_state_keyed_without_run_ids() {
+    use airstate::store::StateStore;
+    let gw = Gateway::start(Backend::Redis).await;
+    let pg = gw.pg;
+    let ti = gw.task().await;
+    let gone_dag = unique("gone");
+    let store = airstate::store::redis::RedisStore::connect(
+        &airstate::config::redis_defaults(&RedisServer::shared().url, &gw.prefix).unwrap(),
+    )
+    .await
+    .unwrap();
+    let old = |dag_id: &str, run_id: &str| TaskScope {
+        dag_id: dag_id.into(),
+        run_id: run_id.into(),
+        task_id: ti.task_id.clone(),
+        map_index: -1,
+        run_key: None,
+    };
+    let live = old(&ti.dag_id, &ti.run_id);
+    store
+        .put_task(&live, "watermark", r#"{"offset": 9}"#, None)
+        .await
+        .unwrap();
+    store
+        .put_task(&old(&gone_dag, "r"), "watermark", "1", None)
+        .await
+        .unwrap();
+    let read = gw.get(&ti_path(&ti, "watermark"), &ti.token).await;
+    assert_eq!(
+        read.status, 404,
+        "keyed without the run id, so not found: {read:?}"
+    );
+
+    let airstate = |args: &[&str], stdin: Stdio| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_airstate"))
+            .args(args)
+            .env_clear()
+            .env("AIRSTATE_REDIS_URL", &RedisServer::shared().url)
+            .env("AIRSTATE_KEY_PREFIX", &gw.prefix)
+            .env("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &pg.url)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let exported = airstate(&["export"], Stdio::null())
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let mut import = airstate(&["import"], Stdio::piped());
+    std::io::Write::write_all(&mut import.stdin.take().unwrap(), &exported.stdout).unwrap();
+    let imported = import.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&imported.stderr);
+    assert!(imported.status.success(), "{said}");
+    assert!(
+        said.contains("1 task keys without a dag_run skipped"),
+        "{said}"
+    );
+
+    let read = gw.get(&ti_path(&ti, "watermark"), &ti.token).await;
+    assert_eq!(read.body, json!({"value": {"offset": 9}}), "{read:?}");
+    assert!(
+        store.list_task(&live).await.unwrap().is_empty(),
+        "old copy left"
+    );
+}

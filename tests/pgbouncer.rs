@@ -118,6 +118,7 @@ async fn mixed_requests_and_imports_through_pgbouncer_in_transaction_mode() {
                 run_id: format!("manual__run-{run}"),
                 task_id: format!("t{task}"),
                 map_index: -1,
+                run_key: None,
             };
             pg.insert_task_instance(id, &scope.dag_id, &scope.run_id, &scope.task_id, -1)
                 .await;

@@ -28,6 +28,7 @@ fn slot_of_task(cluster: &RedisCluster, gw: &Gateway, ti: &Ti) -> u16 {
         run_id: ti.run_id.clone(),
         task_id: ti.task_id.clone(),
         map_index: ti.map_index.into(),
+        run_key: None,
     };
     cluster.slot_of(&task_hash_tag(&gw.prefix, &scope))
 }

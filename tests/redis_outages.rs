@@ -190,6 +190,7 @@ async fn confirmed_writes_are_on_the_replica_or_refused() {
                 run_id: ti.run_id.clone(),
                 task_id: ti.task_id.clone(),
                 map_index: ti.map_index.into(),
+                run_key: None,
             }
         ),
         ti.map_index

@@ -42,6 +42,7 @@ fn scope(dag: &str, map_index: i64) -> TaskScope {
         run_id: "run".into(),
         task_id: "task".into(),
         map_index,
+        run_key: None,
     }
 }
 

@@ -142,6 +142,44 @@ pub async fn import(
     super::write_all(store, items, summary).await
 }
 
+const RUN_IDS_SQL: &str = "SELECT dr.id, dr.dag_id, dr.run_id FROM dag_run dr \
+     JOIN unnest($1::varchar[], $2::varchar[]) AS v(dag_id, run_id) \
+     ON dr.dag_id = v.dag_id AND dr.run_id = v.run_id";
+
+/// The `dag_run.id` of each (dag_id, run_id) Airflow has; runs it lacks are left out.
+pub async fn run_ids(
+    postgres_url: &str,
+    mut runs: Vec<(String, String)>,
+) -> Result<HashMap<(String, String), i64>, MigrateError> {
+    runs.sort_unstable();
+    runs.dedup();
+    let mut ids = HashMap::new();
+    if runs.is_empty() {
+        return Ok(ids);
+    }
+    let (client, _connection) = connect(postgres_url).await?;
+    for chunk in runs.chunks(EXPORT_BATCH) {
+        let (dags, run_ids): (Vec<&str>, Vec<&str>) = chunk
+            .iter()
+            .map(|(dag, run)| (dag.as_str(), run.as_str()))
+            .unzip();
+        let rows = client
+            .query_typed(
+                RUN_IDS_SQL,
+                &[
+                    (&dags, Type::VARCHAR_ARRAY),
+                    (&run_ids, Type::VARCHAR_ARRAY),
+                ],
+            )
+            .await
+            .map_err(failed)?;
+        for row in rows {
+            ids.insert((row.get(1), row.get(2)), i64::from(row.get::<_, i32>(0)));
+        }
+    }
+    Ok(ids)
+}
+
 fn failed(error: tokio_postgres::Error) -> MigrateError {
     MigrateError::Metastore(explain(&error))
 }

@@ -415,6 +415,69 @@ pub async fn import(
     store: Arc<dyn StateStore>,
     input: &mut dyn BufRead,
 ) -> Result<Summary, MigrateError> {
+    let (items, summary) = read_items(input)?;
+    write_all(store, items, summary).await
+}
+
+/// [`import`] for a gateway with the metastore identity, which keys task state by the
+/// run's `dag_run.id`: task lines without `dag_run_id` (exported by an airstate that did
+/// not key state by it, or under the claims identity) get the id of their run from
+/// `dag_run`, and lines of runs Airflow no longer has are skipped and counted. Once
+/// written under the run id, the copies still keyed without it are cleared, so
+/// `airstate export | airstate import` moves old state in place.
+pub async fn import_with_run_ids(
+    store: Arc<dyn StateStore>,
+    input: &mut dyn BufRead,
+    postgres_url: &str,
+) -> Result<Summary, MigrateError> {
+    let (mut items, mut summary) = read_items(input)?;
+    let wanted: Vec<(String, String)> = items
+        .iter()
+        .filter_map(|item| match item {
+            Item::Task { scope, .. } if scope.run_key.is_none() => {
+                Some((scope.dag_id.clone(), scope.run_id.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let ids = metastore::run_ids(postgres_url, wanted).await?;
+    let mut unplaced = Unplaced::default();
+    let mut old_copies = std::collections::HashSet::new();
+    items.retain_mut(|item| {
+        let Item::Task { scope, .. } = item else {
+            return true;
+        };
+        if scope.run_key.is_some() {
+            return true;
+        }
+        match ids.get(&(scope.dag_id.clone(), scope.run_id.clone())) {
+            Some(id) => {
+                old_copies.insert(scope.clone());
+                scope.run_key = Some(*id);
+                true
+            }
+            None => {
+                unplaced.no_dag_run += 1;
+                false
+            }
+        }
+    });
+    if unplaced.no_dag_run > 0 {
+        eprintln!(
+            "airstate: skipping {} task keys whose DAG run is no longer in dag_run",
+            unplaced.no_dag_run
+        );
+    }
+    summary.unplaced = Some(unplaced);
+    let summary = write_all(store.clone(), items, summary).await?;
+    for scope in old_copies {
+        store.clear_task(&scope, false).await?;
+    }
+    Ok(summary)
+}
+
+/// Every line parsed and checked; nothing is written.
+fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateError> {
     let mut items = Vec::new();
     let mut summary = Summary::default();
     let now = now_millis();
@@ -435,7 +498,7 @@ pub async fn import(
         }
         items.push(item);
     }
-    write_all(store, items, summary).await
+    Ok((items, summary))
 }
 
 /// Writes validated items, counting scopes and keys.
