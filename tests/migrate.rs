@@ -350,7 +350,7 @@ async fn import_from_metastore_rows() {
         run_id: run.into(),
         task_id: "load".into(),
         map_index: index,
-        run_key: None,
+        run_key: Some(dag_run.into()),
     };
     for (i, value) in python_values.iter().enumerate() {
         let got = store
