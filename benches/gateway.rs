@@ -115,6 +115,7 @@ fn scope(dag: &str, map_index: i64) -> TaskScope {
         run_id: "manual__bench".into(),
         task_id: "work".into(),
         map_index,
+        run_key: None,
     }
 }
 

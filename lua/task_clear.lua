@@ -9,7 +9,7 @@
 -- An empty channel publishes nothing.
 --
 -- The registry lists the map indices holding state as "m<map_index>", besides the
--- readable dag_id / run_id / task_id. Every key here shares KEYS[1]'s hash tag, so the
+-- readable dag_id / run_id / task_id and, when known, dag_run_id. Every key here shares KEYS[1]'s hash tag, so the
 -- script stays in one Cluster slot however many map indices it wipes; and every key it
 -- deletes is declared, so a slot mid-migration is refused (TRYAGAIN) as a whole instead
 -- of being half cleared. UNLINK frees big hashes off the main thread.
@@ -37,7 +37,7 @@ end
 
 redis.call('UNLINK', KEYS[2], KEYS[3])
 redis.call('HDEL', registry, 'm' .. ARGV[3])
-if redis.call('HLEN', registry) <= 3 then
+if redis.call('HLEN', registry) <= 3 + redis.call('HEXISTS', registry, 'dag_run_id') then
   redis.call('UNLINK', registry)
 end
 if ARGV[4] ~= '' then

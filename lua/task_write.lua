@@ -5,12 +5,14 @@
 --                          (values written before versions existed lack ".<version>")
 -- KEYS[2] expiry zset      member = state key, score = expires_ms (expiring keys only)
 -- KEYS[3] registry hash    "m<map_index>" per map index holding state, plus the readable
---                          dag_id / run_id / task_id (for listing and clear-all)
+--                          dag_id / run_id / task_id and, when known, dag_run_id (for
+--                          listing and clear-all)
 -- ARGV: op ("set" | "del" | "purge"), key, encoded value, expires_ms or "",
 --       now_ms, map_index, dag_id, run_id, task_id,
 --       if-match and if-none-match ("" when absent, "*", or ",v1,v2,"),
 --       change channel ("" for none): a set or an actual delete is published there as
---       "s<map_index>:<key bytes>:<key><encoded value>" / "d<map_index>:<key bytes>:<key>"
+--       "s<map_index>:<key bytes>:<key><encoded value>" / "d<map_index>:<key bytes>:<key>",
+--       dag_run_id ("" when the identity has none)
 -- Returns {-1, 0} when the precondition fails (nothing written), else
 -- {fields left, earliest pending expiry}; the expiry is 0 unless the scope mixes
 -- expiring and permanent keys, the one case key-level expiry cannot cover: the caller
@@ -48,6 +50,9 @@ if op == 'set' then
   end
   if redis.call('HSETNX', registry, index_field, '1') == 1 and fresh_registry then
     redis.call('HSET', registry, 'dag_id', ARGV[7], 'run_id', ARGV[8], 'task_id', ARGV[9])
+    if (ARGV[13] or '') ~= '' then
+      redis.call('HSET', registry, 'dag_run_id', ARGV[13])
+    end
   end
 elseif op == 'del' then
   if redis.call('HDEL', scope, key) == 1 and channel ~= '' then
@@ -67,7 +72,7 @@ if fields == 0 then
   redis.call('UNLINK', expiry)
   redis.call('HDEL', registry, index_field)
   -- Only the readable identity left: nothing to clear any more.
-  if redis.call('HLEN', registry) <= 3 then
+  if redis.call('HLEN', registry) <= 3 + redis.call('HEXISTS', registry, 'dag_run_id') then
     redis.call('UNLINK', registry)
   end
   return {0, 0}

@@ -46,6 +46,18 @@ pub struct Config {
     /// How long Airflow's "allowed" answer to a Core REST API access question is reused.
     pub access_cache_ttl: Duration,
     pub access_cache_capacity: u64,
+    /// Lifecycle passes (metastore identity only); `None` when turned off.
+    pub reconcile: Option<ReconcileSettings>,
+}
+
+/// How state follows Airflow's lifecycle (`crate::lifecycle`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReconcileSettings {
+    pub interval: Duration,
+    pub batch: usize,
+    /// How long a resolved identity may be trusted: a write can still land that long
+    /// after Airflow deleted its run or orphaned its asset.
+    pub identity_ttl: Duration,
 }
 
 /// Airflow's API server behind airstate (README, "Running with Airflow"): everything airstate
@@ -198,6 +210,16 @@ pub const VARIABLES: &[Variable] = &[
         name: "AIRSTATE_SWEEP_INTERVAL_SECONDS",
         default: DefaultValue::Value("60"),
         meaning: "how often expired keys of mixed scopes are reclaimed",
+    },
+    Variable {
+        name: "AIRSTATE_RECONCILE_INTERVAL_SECONDS",
+        default: DefaultValue::Value("60"),
+        meaning: "how often state of deleted DAG runs and orphaned assets is reclaimed (metastore identity; 0: never)",
+    },
+    Variable {
+        name: "AIRSTATE_RECONCILE_BATCH",
+        default: DefaultValue::Value("500"),
+        meaning: "runs or assets asked of the metastore at a time in a reconcile pass",
     },
     Variable {
         name: "AIRSTATE_IDENTITY",
@@ -517,6 +539,23 @@ impl Config {
             ));
         }
 
+        let reconcile_seconds: u64 = env.parse("AIRSTATE_RECONCILE_INTERVAL_SECONDS")?;
+        let reconcile_batch: usize = env.parse("AIRSTATE_RECONCILE_BATCH")?;
+        if !(1..=10_000).contains(&reconcile_batch) {
+            return Err(error(
+                "AIRSTATE_RECONCILE_BATCH",
+                "must be between 1 and 10000",
+            ));
+        }
+        let reconcile = match &metastore {
+            Some(settings) if reconcile_seconds > 0 => Some(ReconcileSettings {
+                interval: Duration::from_secs(reconcile_seconds),
+                batch: reconcile_batch,
+                identity_ttl: settings.cache_ttl,
+            }),
+            _ => None,
+        };
+
         Ok(Config {
             upstream: upstream_settings(&env)?,
             // A zero TTL would make moka keep entries for ever; one millisecond is "off".
@@ -531,6 +570,7 @@ impl Config {
             max_body_bytes: env.parse("AIRSTATE_MAX_BODY_BYTES")?,
             shutdown_grace: Duration::from_secs(env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS")?),
             extensions,
+            reconcile,
         })
     }
 }
@@ -581,6 +621,10 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
                 wait_replicas: env.parse("AIRSTATE_REDIS_WAIT_REPLICAS")?,
                 change_events: change_streams(env)?,
                 wait_timeout: Duration::from_millis(env.parse("AIRSTATE_REDIS_WAIT_TIMEOUT_MS")?),
+                // A write trusts its lifecycle-index entry as long as a request trusts
+                // the identity it resolved (see `store::lifecycle`).
+                index_cache_ttl: Duration::from_secs(env.parse("AIRSTATE_IDENTITY_CACHE_SECONDS")?),
+                index_cache_capacity: env.parse("AIRSTATE_IDENTITY_CACHE_CAPACITY")?,
             })
         }
     })

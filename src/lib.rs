@@ -17,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod lifecycle;
 pub mod migrate;
 pub mod store;
 pub mod telemetry;
@@ -56,12 +57,17 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     telemetry::metrics_handle();
     let auth = auth::Authenticator::new(&config.auth)?;
     auth.spawn_refresh(config.auth.jwks_refresh);
+    let mut oracle: Option<Arc<dyn store::lifecycle::Oracle>> = None;
     let identity: Arc<dyn IdentityResolver> = match (config.identity, &config.metastore) {
-        (IdentityMode::Metastore, Some(settings)) => Arc::new(
-            MetastoreResolver::new(settings)
-                .map_err(StartError::Identity)?
-                .with_registration_check(config.extensions.asset_registration_check),
-        ),
+        (IdentityMode::Metastore, Some(settings)) => {
+            let resolver = Arc::new(
+                MetastoreResolver::new(settings)
+                    .map_err(StartError::Identity)?
+                    .with_registration_check(config.extensions.asset_registration_check),
+            );
+            oracle = Some(resolver.clone());
+            resolver
+        }
         _ => Arc::new(ClaimsResolver),
     };
     let buffer = config.extensions.change_stream_buffer;
@@ -76,6 +82,13 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         }
         None => Arc::new(MemoryStore::new().with_event_buffer(buffer)),
     };
+    for warning in store.warnings().await {
+        tracing::warn!("{warning}");
+    }
+    if let (Some(oracle), Some(settings)) = (oracle, config.reconcile) {
+        // Runs for the life of the process, like the sweeper.
+        drop(lifecycle::spawn(store.clone(), oracle, settings));
+    }
     tracing::info!(store = %store.describe(), identity = %identity.describe(), keys = %auth.describe(), "airstate configured");
     if let Some(upstream) = &config.upstream {
         tracing::info!(upstream = %upstream.url, "forwarding every other request to Airflow's API server");

@@ -50,7 +50,9 @@ enum Command {
     },
     /// Write JSON lines made by `export` into Redis (every line is checked first; a bad
     /// file changes nothing), or with --from-metastore Airflow's task_state_store and
-    /// asset_state_store tables (AIRFLOW__DATABASE__SQL_ALCHEMY_CONN). Idempotent.
+    /// asset_state_store tables (AIRFLOW__DATABASE__SQL_ALCHEMY_CONN). Idempotent. With
+    /// AIRFLOW__DATABASE__SQL_ALCHEMY_CONN set, task lines without dag_run_id are keyed by
+    /// their run's id from dag_run (skipped when the run is gone) and their old copies cleared.
     Import {
         /// File to read; `-` is standard input.
         #[arg(long, short, default_value = "-", conflicts_with = "from_metastore")]
@@ -172,8 +174,15 @@ fn migrate(migration: Migration) -> ExitCode {
                     } else {
                         Box::new(std::io::BufReader::new(std::fs::File::open(&path)?))
                     };
-                    let summary =
-                        airstate::migrate::import(std::sync::Arc::new(store), &mut input).await?;
+                    let store = std::sync::Arc::new(store);
+                    // With a metastore the gateway keys task state by dag_run.id.
+                    let summary = match std::env::var("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") {
+                        Ok(_) if std::env::var("AIRSTATE_IDENTITY").as_deref() != Ok("claims") => {
+                            let url = metastore_url("import")?;
+                            airstate::migrate::import_with_run_ids(store, &mut input, &url).await?
+                        }
+                        _ => airstate::migrate::import(store, &mut input).await?,
+                    };
                     Ok(("imported", summary))
                 }
                 Migration::ToMetastore { batch } => {

@@ -51,13 +51,19 @@ fn task_key(ti: &Ti, key: &str, map_index: i32) -> String {
     format!("{}/{}?map_index={map_index}", task_base(ti), seg(key))
 }
 
-fn scope(ti: &Ti, map_index: i64) -> TaskScope {
-    TaskScope {
+/// The task's scope as the gateway keys it (with its run's `dag_run.id` on a metastore).
+async fn scope(gw: &Gateway, ti: &Ti, map_index: i64) -> TaskScope {
+    let scope = TaskScope {
         dag_id: ti.dag_id.clone(),
         run_id: ti.run_id.clone(),
         task_id: ti.task_id.clone(),
         map_index,
-    }
+        run_key: None,
+    };
+    airstate::identity::with_run_key(gw.state.identity.as_ref(), scope)
+        .await
+        .unwrap()
+        .expect("the task's run exists")
 }
 
 async fn admin(gw: &Gateway, method: &str, path: &str, body: Option<&str>) -> Reply {
@@ -191,7 +197,7 @@ async fn listing_pages_through_thousands_of_keys_in_a_stable_order(backend: Back
     let gw = start(backend).await;
     let ti = gw.task().await;
     let store = gw.state.store.clone();
-    let own = scope(&ti, -1);
+    let own = scope(&gw, &ti, -1).await;
     const KEYS: usize = 2500;
     futures_util::stream::iter(0..KEYS)
         .for_each_concurrent(64, |i| {
@@ -537,7 +543,7 @@ async fn admin_writes_are_announced_on_change_streams(backend: Backend) {
     use airstate::store::events::Change;
     let gw = start(backend).await;
     let ti = gw.task().await;
-    let own = scope(&ti, -1);
+    let own = scope(&gw, &ti, -1).await;
     let mut watch = gw.state.store.watch_task(&own).await.unwrap();
     let path = task_key(&ti, "k", -1);
     assert_eq!(

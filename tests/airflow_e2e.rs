@@ -1186,7 +1186,6 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
 // Issue 13: Airflow's lifecycle, followed by airstate
 
 #[test]
-#[ignore = "needs airstate to delete the state of deleted DAG runs (issue 13 item 2, helper lifecycle)"]
 fn a_deleted_run_recreated_with_the_same_run_id_starts_empty() {
     scenario("rerun", &["e2e_rerun"], false, |d| async move {
         let (dag, run, task) = ("e2e_rerun", "rerun-1", "remember");
@@ -1275,7 +1274,6 @@ impl Deployment {
 }
 
 #[test]
-#[ignore = "needs airstate to delete the state of orphaned assets (issue 13 item 2, helper lifecycle)"]
 fn an_orphaned_asset_loses_its_state_and_comes_back_empty() {
     scenario("orphan", &["e2e_orphan"], false, |d| async move {
         let (a, b) = ("e2e_orphan_a", "e2e_orphan_b");

@@ -480,6 +480,7 @@ async fn bulk_read_of_1000_keys_is_one_call_and_one_round_trip(backend: Backend)
         run_id: ti.run_id.clone(),
         task_id: ti.task_id.clone(),
         map_index: -1,
+        run_key: Some(gw.pg.dag_run_id(&ti.dag_id, &ti.run_id).await),
     };
     let asset_key = airstate::store::AssetKey(
         gw.pg

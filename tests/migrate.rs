@@ -36,6 +36,7 @@ fn scope(dag: &str, map_index: i64) -> TaskScope {
         run_id: "manual__2026-05-01T00:00:00+00:00".to_owned(),
         task_id: "extract".to_owned(),
         map_index,
+        run_key: None,
     }
 }
 
@@ -184,6 +185,7 @@ async fn export_flush_import_round_trip_cluster() {
                     run_id: record["run_id"].as_str().unwrap().into(),
                     task_id: record["task_id"].as_str().unwrap().into(),
                     map_index: -1,
+                    run_key: None,
                 };
                 store.clear_task(&s, true).await.unwrap();
             } else {
@@ -206,6 +208,7 @@ async fn a_bad_import_file_changes_nothing() {
             run_id: "r".into(),
             task_id: "t".into(),
             map_index: -1,
+            run_key: None,
         };
         store.put_task(&own, "k", "\"old\"", None).await.unwrap();
         for (bad, why) in [
@@ -347,6 +350,7 @@ async fn import_from_metastore_rows() {
         run_id: run.into(),
         task_id: "load".into(),
         map_index: index,
+        run_key: Some(dag_run.into()),
     };
     for (i, value) in python_values.iter().enumerate() {
         let got = store

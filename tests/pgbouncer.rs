@@ -113,14 +113,16 @@ async fn mixed_requests_and_imports_through_pgbouncer_in_transaction_mode() {
     for run in 0..RUNS {
         for task in 0..TASKS_PER_RUN {
             let id = Uuid::now_v7();
-            let scope = TaskScope {
+            let mut scope = TaskScope {
                 dag_id: dag.clone(),
                 run_id: format!("manual__run-{run}"),
                 task_id: format!("t{task}"),
                 map_index: -1,
+                run_key: None,
             };
             pg.insert_task_instance(id, &scope.dag_id, &scope.run_id, &scope.task_id, -1)
                 .await;
+            scope.run_key = Some(pg.dag_run_id(&scope.dag_id, &scope.run_id).await);
             tasks.push(Task {
                 id,
                 scope,

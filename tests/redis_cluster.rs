@@ -22,12 +22,14 @@ use serde_json::json;
 /// two cores from blurring the figures.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn slot_of_task(cluster: &RedisCluster, gw: &Gateway, ti: &Ti) -> u16 {
+/// The slot of the task's keys, as the gateway names them (with the run's `dag_run.id`).
+async fn slot_of_task(cluster: &RedisCluster, gw: &Gateway, ti: &Ti) -> u16 {
     let scope = TaskScope {
         dag_id: ti.dag_id.clone(),
         run_id: ti.run_id.clone(),
         task_id: ti.task_id.clone(),
         map_index: ti.map_index.into(),
+        run_key: Some(gw.pg.dag_run_id(&ti.dag_id, &ti.run_id).await),
     };
     cluster.slot_of(&task_hash_tag(&gw.prefix, &scope))
 }
@@ -137,7 +139,7 @@ async fn resharding_a_slot_under_load_is_transparent() {
     // The timeout bounds how long a write may wait out the migration of its slot.
     let gw = Gateway::on_redis(&cluster.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "5000")]).await;
     let mut tis = task_with_40_map_indices(&gw, "seed").await;
-    let slot = slot_of_task(&cluster, &gw, &tis[0]);
+    let slot = slot_of_task(&cluster, &gw, &tis[0]).await;
     let target = other_primary(&cluster, slot);
     let seeds: Vec<Ti> = tis.split_off(8);
     let retries_before = metric(
@@ -197,7 +199,7 @@ async fn clear_all_during_a_migration_is_all_or_nothing() {
     let cluster = RedisCluster::start();
     let gw = Gateway::on_redis(&cluster.url, &[("AIRSTATE_REDIS_TIMEOUT_MS", "3000")]).await;
     let tis = task_with_40_map_indices(&gw, "k").await;
-    let slot = slot_of_task(&cluster, &gw, &tis[0]);
+    let slot = slot_of_task(&cluster, &gw, &tis[0]).await;
     let target = other_primary(&cluster, slot);
     let migration = tokio::task::spawn_blocking(move || {
         let migration = Migration::begin(&cluster, slot, target);
@@ -266,10 +268,10 @@ async fn tasks_and_a_victim(
     for _ in 0..count {
         tis.push(gw.task().await);
     }
-    let primaries: Vec<u16> = tis
-        .iter()
-        .map(|ti| cluster.primary_of_slot(slot_of_task(cluster, gw, ti)))
-        .collect();
+    let mut primaries: Vec<u16> = Vec::with_capacity(tis.len());
+    for ti in &tis {
+        primaries.push(cluster.primary_of_slot(slot_of_task(cluster, gw, ti).await));
+    }
     let victim = primaries[0];
     let on_victim = (0..tis.len()).filter(|i| primaries[*i] == victim).collect();
     (tis, victim, on_victim)
@@ -295,7 +297,7 @@ async fn a_killed_primary_fails_over_and_confirmed_writes_survive() {
     cluster.node(victim).stop();
     let killed = Instant::now();
     // The victim's replica takes over its slots once the cluster agrees it failed.
-    let slot = slot_of_task(&cluster, &gw, load.ti(on_victim[0]));
+    let slot = slot_of_task(&cluster, &gw, load.ti(on_victim[0])).await;
     let promoted = loop {
         let primary = tokio::task::block_in_place(|| cluster.try_primary_of_slot(slot));
         if primary.is_some_and(|port| port != victim) {

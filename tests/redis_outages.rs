@@ -181,6 +181,7 @@ async fn confirmed_writes_are_on_the_replica_or_refused() {
     )
     .await;
     let ti = confirmed.task().await;
+    let run_key = Some(confirmed.pg.dag_run_id(&ti.dag_id, &ti.run_id).await);
     let scope_hash = format!(
         "{}:{}",
         task_hash_tag(
@@ -190,6 +191,7 @@ async fn confirmed_writes_are_on_the_replica_or_refused() {
                 run_id: ti.run_id.clone(),
                 task_id: ti.task_id.clone(),
                 map_index: ti.map_index.into(),
+                run_key,
             }
         ),
         ti.map_index

@@ -42,6 +42,7 @@ fn scope(dag: &str, map_index: i64) -> TaskScope {
         run_id: "run".into(),
         task_id: "task".into(),
         map_index,
+        run_key: None,
     }
 }
 
@@ -305,7 +306,13 @@ async fn a_read_only_replica_is_a_503_for_writes() {
     let port = primary.port.to_string();
     let replica = RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &port]);
     let store = store_on(&primary, "ro:").await;
-    let s = scope(&unique("dag"), -1);
+    let mut s = scope(&unique("dag"), -1);
+    // The task instance first: the gateway keys its state by the run's dag_run.id.
+    let pg = common::Postgres::shared();
+    let id = uuid::Uuid::now_v7();
+    pg.insert_task_instance(id, &s.dag_id, &s.run_id, &s.task_id, -1)
+        .await;
+    s.run_key = Some(pg.dag_run_id(&s.dag_id, &s.run_id).await);
     store
         .put_task(&s, "k", "\"from primary\"", None)
         .await
@@ -319,7 +326,14 @@ async fn a_read_only_replica_is_a_503_for_writes() {
         ],
     )
     .await;
-    let ti = gw.task_at(&s.dag_id, &s.run_id, &s.task_id, -1).await;
+    let ti = gateway::Ti {
+        id,
+        dag_id: s.dag_id.clone(),
+        run_id: s.run_id.clone(),
+        task_id: s.task_id.clone(),
+        map_index: -1,
+        token: gateway::token_for(id),
+    };
     let started = Instant::now();
     let read = loop {
         let read = gw.get(&ti_path(&ti, "k"), &ti.token).await;

@@ -128,6 +128,7 @@ async fn exported_rows_are_what_airflows_metastore_backend_reads() {
         run_id: run_id.to_owned(),
         task_id: "extract".to_owned(),
         map_index,
+        run_key: None,
     };
     let index = |i: usize| [-1i64, 0, 3][i % 3];
     for (i, value) in VALUES.iter().enumerate() {

@@ -33,6 +33,7 @@ use super::openapi::{
 };
 use super::{no_content, AppState};
 use crate::auth::AuthError;
+use crate::identity::with_run_key;
 use crate::store::version::Tags;
 use crate::store::{AssetKey, Condition, Entry, EpochMillis, TaskScope, Writer, Written};
 
@@ -456,12 +457,28 @@ fn task_scope(params: &HashMap<String, String>, map_index: i64) -> Result<TaskSc
         run_id: part("run_id"),
         task_id: part("task_id"),
         map_index,
+        run_key: None,
     };
     if issues.is_empty() {
         Ok(scope)
     } else {
         Err(ApiError::Validation(issues))
     }
+}
+
+/// The scope keyed by its run's `dag_run.id` (see [`with_run_key`]); `None` when
+/// Airflow has no such run, which reads see as empty.
+async fn tracked(app: &AppState, scope: TaskScope) -> Result<Option<TaskScope>, ApiError> {
+    Ok(with_run_key(app.identity.as_ref(), scope).await?)
+}
+
+/// As [`tracked`], for a write: state of a run Airflow does not have would be found by
+/// nobody, so it is refused as Airflow's foreign key refuses it.
+async fn tracked_for_write(app: &AppState, scope: TaskScope) -> Result<TaskScope, ApiError> {
+    let (dag_id, run_id) = (scope.dag_id.clone(), scope.run_id.clone());
+    tracked(app, scope)
+        .await?
+        .ok_or(ApiError::DagRunNotFound { dag_id, run_id })
 }
 
 fn path_key(params: &HashMap<String, String>) -> Result<String, ApiError> {
@@ -533,8 +550,10 @@ async fn task_list(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = parse_query(query.as_deref())?;
-    let scope = task_scope(&params, query.map_index)?;
-    let entries = app.store.list_task(&scope).await?;
+    let entries = match tracked(&app, task_scope(&params, query.map_index)?).await? {
+        Some(scope) => app.store.list_task(&scope).await?,
+        None => Vec::new(),
+    };
     Ok(page(entries, query.after.as_deref(), query.limit, true))
 }
 
@@ -545,8 +564,9 @@ async fn task_clear(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = parse_query(query.as_deref())?;
-    let scope = task_scope(&params, query.map_index)?;
-    app.store.clear_task(&scope, query.all_map_indices).await?;
+    if let Some(scope) = tracked(&app, task_scope(&params, query.map_index)?).await? {
+        app.store.clear_task(&scope, query.all_map_indices).await?;
+    }
     Ok(no_content())
 }
 
@@ -557,8 +577,11 @@ async fn task_get(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = parse_query(query.as_deref())?;
-    let scope = task_scope(&params, query.map_index)?;
+    let scope = tracked(&app, task_scope(&params, query.map_index)?).await?;
     let key = path_key(&params)?;
+    let Some(scope) = scope else {
+        return Err(ApiError::TaskKeyNotFound(key));
+    };
     match app.store.get_task(&scope, &key).await? {
         Some(value) => {
             let entry = Entry {
@@ -585,6 +608,7 @@ async fn task_put(
     let key = path_key(&params)?;
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, true)?;
     check_size(&app, parsed.value, query_text.as_deref())?;
+    let scope = tracked_for_write(&app, scope).await?;
     app.store
         .put_task(&scope, &key, parsed.value, parsed.expires_at)
         .await?;
@@ -608,6 +632,9 @@ async fn task_patch(
     if let Some(value) = patch.value {
         check_size(&app, value, query_text.as_deref())?;
     }
+    let Some(scope) = tracked(&app, scope).await? else {
+        return Err(ApiError::TaskKeyNotFound(key));
+    };
     for _ in 0..PATCH_ATTEMPTS {
         let Some(current) = app.store.get_task(&scope, &key).await? else {
             return Err(ApiError::TaskKeyNotFound(key));
@@ -636,9 +663,11 @@ async fn task_delete(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = parse_query(query.as_deref())?;
-    let scope = task_scope(&params, query.map_index)?;
+    let scope = tracked(&app, task_scope(&params, query.map_index)?).await?;
     let key = path_key(&params)?;
-    app.store.delete_task(&scope, &key).await?;
+    if let Some(scope) = scope {
+        app.store.delete_task(&scope, &key).await?;
+    }
     Ok(no_content())
 }
 

@@ -35,6 +35,7 @@ use super::extract::{query_params, JsonBody};
 use super::forward::ForwardError;
 use super::openapi::{route, Route, CORE_PAGE, CORE_TASK_LIST, MAP_INDEX, TASK_CLEAR};
 use super::{no_content, AppState};
+use crate::identity::with_run_key;
 use crate::store::version::Tags;
 use crate::store::{AssetKey, Condition, Entry, EpochMillis, TaskScope, Writer, Written};
 
@@ -402,7 +403,15 @@ fn scope_of(params: &HashMap<String, String>, map_index: i64) -> TaskScope {
         run_id: part("dag_run_id"),
         task_id: part("task_id"),
         map_index,
+        run_key: None,
     }
+}
+
+/// The scope keyed by its run's `dag_run.id`; `None` when Airflow has no such run.
+async fn tracked(app: &AppState, scope: TaskScope) -> Result<Option<TaskScope>, Refusal> {
+    Ok(with_run_key(app.identity.as_ref(), scope)
+        .await
+        .map_err(ApiError::from)?)
 }
 
 fn key_of(params: &HashMap<String, String>) -> Result<String, ApiError> {
@@ -565,8 +574,10 @@ async fn task_list(
 ) -> Outcome {
     authorize_task(&app, &headers, &params, Method::GET, &uri).await?;
     let query = parse_query(raw.as_deref())?;
-    let scope = scope_of(&params, query.map_index);
-    let entries = app.store.list_task(&scope).await?;
+    let entries = match tracked(&app, scope_of(&params, query.map_index)).await? {
+        Some(scope) => app.store.list_task(&scope).await?,
+        None => Vec::new(),
+    };
     Ok(collection(&entries, &query, true))
 }
 
@@ -579,8 +590,11 @@ async fn task_get(
 ) -> Outcome {
     authorize_task(&app, &headers, &params, Method::GET, &uri).await?;
     let query = parse_query(raw.as_deref())?;
-    let scope = scope_of(&params, query.map_index);
+    let scope = tracked(&app, scope_of(&params, query.map_index)).await?;
     let key = key_of(&params)?;
+    let Some(scope) = scope else {
+        return Err(task_key_not_found(&key));
+    };
     let Some(value) = app.store.get_task(&scope, &key).await? else {
         return Err(task_key_not_found(&key));
     };
@@ -605,6 +619,10 @@ async fn task_put(
     let scope = scope_of(&params, query.map_index);
     require_task_instance(&app, &scope, false).await?;
     let key = key_of(&params)?;
+    // Gone between the two reads: the run was deleted just now.
+    let Some(scope) = tracked(&app, scope).await? else {
+        return Err(task_key_not_found(&key));
+    };
     let (value, expires) = parse_core_task_put(body.content_type.as_deref(), &body.bytes)?;
     check_size(&app, value)?;
     let expires_at = expiry(&app, expires);
@@ -627,6 +645,10 @@ async fn task_patch(
     let scope = scope_of(&params, query.map_index);
     require_task_instance(&app, &scope, false).await?;
     let key = key_of(&params)?;
+    // Gone between the two reads: the run was deleted just now.
+    let Some(scope) = tracked(&app, scope).await? else {
+        return Err(task_key_not_found(&key));
+    };
     // Airflow's PATCH body holds `value` alone.
     let value = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?.value;
     check_size(&app, value)?;
@@ -660,6 +682,10 @@ async fn task_delete(
     let scope = scope_of(&params, query.map_index);
     require_task_instance(&app, &scope, false).await?;
     let key = key_of(&params)?;
+    // Gone between the two reads: the run was deleted just now.
+    let Some(scope) = tracked(&app, scope).await? else {
+        return Err(task_key_not_found(&key));
+    };
     app.store.delete_task(&scope, &key).await?;
     Ok(no_content())
 }
@@ -675,7 +701,9 @@ async fn task_clear(
     let query = parse_query(raw.as_deref())?;
     let scope = scope_of(&params, query.map_index);
     require_task_instance(&app, &scope, query.all_map_indices).await?;
-    app.store.clear_task(&scope, query.all_map_indices).await?;
+    if let Some(scope) = tracked(&app, scope).await? {
+        app.store.clear_task(&scope, query.all_map_indices).await?;
+    }
     Ok(no_content())
 }
 

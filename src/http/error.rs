@@ -74,6 +74,9 @@ pub enum ApiError {
     NoAssetIds,
     #[error("task state key not found")]
     TaskKeyNotFound(String),
+    /// A write naming a DAG run Airflow does not have (with the metastore identity).
+    #[error("DAG run not found")]
+    DagRunNotFound { dag_id: String, run_id: String },
     #[error("asset state key not found")]
     AssetKeyNotFound(String),
     #[error("route not found")]
@@ -244,6 +247,14 @@ impl ApiError {
                                 Airflow's metastore (AIRSTATE_IDENTITY=metastore); this gateway takes \
                                 identity from token claims, so name the asset by name or URI",
                 }),
+            ),
+            DagRunNotFound { dag_id, run_id } => (
+                StatusCode::NOT_FOUND,
+                not_found(format!(
+                    "DagRun with dag_id: {} and run_id: {} was not found",
+                    python_repr(dag_id),
+                    python_repr(run_id)
+                )),
             ),
             TaskKeyNotFound(key) => (
                 StatusCode::NOT_FOUND,

@@ -231,11 +231,20 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
             }),
         }
     };
-    let (checks, upstream) =
-        tokio::join!(tokio::time::timeout(app.ready_timeout, checks), upstream);
+    let warnings = tokio::time::timeout(app.ready_timeout, app.store.warnings());
+    let (checks, upstream, warnings) = tokio::join!(
+        tokio::time::timeout(app.ready_timeout, checks),
+        upstream,
+        warnings
+    );
     match checks {
         Ok(Ok(())) => {
             let mut body = json!({"status": "ready"});
+            match warnings {
+                Ok(warnings) if warnings.is_empty() => {}
+                Ok(warnings) => body["warnings"] = json!(warnings),
+                Err(_) => body["warnings"] = json!(["Redis configuration check timed out"]),
+            }
             if let Some(upstream) = upstream {
                 body["airflow_api_server"] = json!(upstream);
             }

@@ -5,6 +5,7 @@
 //! The cache's freshness window is therefore the longest a retired attempt can still be
 //! served; "not found" is never cached, because the row may appear a moment later.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::tls::Connection;
-use super::{AssetRef, IdentityError, IdentityResolver};
+use super::{AssetRef, IdentityError, IdentityResolver, RunKey};
 use crate::auth::Claims;
+use crate::store::lifecycle::Oracle;
 use crate::store::{AssetKey, TaskScope};
 
 #[derive(Debug, Clone)]
@@ -51,7 +53,16 @@ enum Miss {
     Unavailable(String),
 }
 
-const TASK_SQL: &str = "SELECT dag_id, run_id, task_id, map_index FROM task_instance WHERE id = $1";
+// The run's id comes along: Airflow keys task state by `dag_run.id`, not by run_id.
+const TASK_SQL: &str = "SELECT ti.dag_id, ti.run_id, ti.task_id, ti.map_index, dr.id \
+     FROM task_instance ti JOIN dag_run dr ON dr.dag_id = ti.dag_id AND dr.run_id = ti.run_id \
+     WHERE ti.id = $1";
+const EXISTING_RUNS_SQL: &str = "SELECT id FROM dag_run WHERE id = ANY($1)";
+// An empty dag_run table means the wrong database far more often than an empty Airflow.
+const ANY_RUN_SQL: &str = "SELECT 1 FROM dag_run LIMIT 1";
+const ACTIVE_ASSETS_SQL: &str = "SELECT a.id FROM asset a \
+     JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.id = ANY($1)";
+const RUN_KEY_SQL: &str = "SELECT id FROM dag_run WHERE dag_id = $1 AND run_id = $2";
 // Only active assets resolve, as in Airflow: an `asset_active` row with the same name and URI.
 const ASSET_BY_NAME_SQL: &str = "SELECT a.id FROM asset a \
      JOIN asset_active act ON act.name = a.name AND act.uri = a.uri WHERE a.name = $1 LIMIT 1";
@@ -182,6 +193,46 @@ impl MetastoreResolver {
         }
         .instrument(span)
         .await
+    }
+
+    /// Like [`query_opt`](Self::query_opt), for a statement returning many rows.
+    async fn query_all(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<tokio_postgres::Row>, String> {
+        let span = tracing::info_span!(
+            "metastore.query",
+            otel.kind = "client",
+            db.system = "postgresql"
+        );
+        async {
+            let client = self.pool.get().await.map_err(|e| explain(&e))?;
+            let query = client.query_typed(sql, params);
+            match tokio::time::timeout(self.timeout, query).await {
+                Ok(result) => result.map_err(|e| explain(&e)),
+                Err(_) => Err(self.abandon(client)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Which of `ids` the statement (taking an `int4[]`) returns.
+    async fn ids_found(&self, sql: &str, ids: &[i64]) -> Result<HashSet<i64>, String> {
+        // The columns are INTEGER: an id beyond i32 is no row of them.
+        let ids: Vec<i32> = ids
+            .iter()
+            .filter_map(|id| i32::try_from(*id).ok())
+            .collect();
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let rows = self.query_all(sql, &[(&ids, Type::INT4_ARRAY)]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| i64::from(row.get::<_, i32>(0)))
+            .collect())
     }
 
     /// A statement over its time (still running, or queued in PgBouncer for a server
@@ -320,6 +371,19 @@ impl IdentityResolver for MetastoreResolver {
         Ok(row.is_some())
     }
 
+    async fn run_key(&self, dag_id: &str, run_id: &str) -> Result<RunKey, IdentityError> {
+        let params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&dag_id, Type::VARCHAR), (&run_id, Type::VARCHAR)];
+        let row = self
+            .query_opt(RUN_KEY_SQL, &params)
+            .await
+            .map_err(IdentityError::Unavailable)?;
+        Ok(match row {
+            Some(row) => RunKey::Known(i64::from(row.get::<_, i32>(0))),
+            None => RunKey::NoSuchRun,
+        })
+    }
+
     async fn ping(&self) -> Result<(), IdentityError> {
         let client = self
             .pool
@@ -364,6 +428,7 @@ impl MetastoreResolver {
                     run_id: row.get(1),
                     task_id: row.get(2),
                     map_index: i64::from(row.get::<_, i32>(3)),
+                    run_key: Some(i64::from(row.get::<_, i32>(4))),
                 })
                 .await
             })
@@ -415,6 +480,28 @@ impl MetastoreResolver {
             })
             .await;
         settle(result)
+    }
+}
+
+#[async_trait]
+impl Oracle for MetastoreResolver {
+    async fn existing_runs(&self, runs: &[i64]) -> Result<HashSet<i64>, String> {
+        let found = self.ids_found(EXISTING_RUNS_SQL, runs).await?;
+        // State is held for these runs, so Airflow had them: a metastore with no run at
+        // all is a misconfigured URL, not a reason to delete everything.
+        if found.is_empty() && !runs.is_empty() && self.query_opt(ANY_RUN_SQL, &[]).await?.is_none()
+        {
+            return Err(
+                "the metastore has no DAG runs at all; not reclaiming anything \
+                        (does AIRFLOW__DATABASE__SQL_ALCHEMY_CONN name Airflow's database?)"
+                    .into(),
+            );
+        }
+        Ok(found)
+    }
+
+    async fn active_assets(&self, assets: &[i64]) -> Result<HashSet<i64>, String> {
+        self.ids_found(ACTIVE_ASSETS_SQL, assets).await
     }
 }
 

@@ -23,6 +23,17 @@ pub enum AssetRef {
     Uri(String),
 }
 
+/// What the identity source knows of a DAG run named by (dag_id, run_id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKey {
+    /// No metastore: runs have no id beyond their names.
+    Untracked,
+    /// The run's `dag_run.id`.
+    Known(i64),
+    /// Airflow has no such run (never created, or deleted).
+    NoSuchRun,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// The metastore cannot be reached now; the request may be retried.
@@ -71,9 +82,32 @@ pub trait IdentityResolver: Send + Sync + 'static {
     ) -> Result<bool, IdentityError> {
         Ok(true)
     }
+    /// The `dag_run.id` of a run named by (dag_id, run_id), for the routes that name a
+    /// task instead of carrying its task-instance UUID (the admin API, Airflow's Core
+    /// REST API). Never cached: a run deleted and created again under the same run_id
+    /// must resolve to the new id at once.
+    async fn run_key(&self, _dag_id: &str, _run_id: &str) -> Result<RunKey, IdentityError> {
+        Ok(RunKey::Untracked)
+    }
     /// Whether the identity source answers; drives `/ready`.
     async fn ping(&self) -> Result<(), IdentityError>;
     fn describe(&self) -> String;
+}
+
+/// `scope` with its run's `dag_run.id` attached, as the identity knows it; `None` when
+/// Airflow has no such run, so no state can be found for it.
+pub async fn with_run_key(
+    identity: &dyn IdentityResolver,
+    mut scope: TaskScope,
+) -> Result<Option<TaskScope>, IdentityError> {
+    match identity.run_key(&scope.dag_id, &scope.run_id).await? {
+        RunKey::Untracked => Ok(Some(scope)),
+        RunKey::Known(id) => {
+            scope.run_key = Some(id);
+            Ok(Some(scope))
+        }
+        RunKey::NoSuchRun => Ok(None),
+    }
 }
 
 /// Takes the task identity from the token's `dag_id`, `run_id`, `task_id` and `map_index`
@@ -104,6 +138,7 @@ impl IdentityResolver for ClaimsResolver {
             run_id: run_id.to_owned(),
             task_id: task_id.to_owned(),
             map_index,
+            run_key: None,
         }))
     }
 

@@ -26,7 +26,7 @@ use crate::store::{now_millis, AssetKey, EpochMillis, StateStore, TaskScope, Wri
 // Times as epoch milliseconds, so no date type crosses the driver.
 const TASK_ROWS: &str = "SELECT dag_id, run_id, task_id, map_index, key, value, \
      (extract(epoch FROM updated_at) * 1000)::bigint, \
-     (extract(epoch FROM expires_at) * 1000)::bigint \
+     (extract(epoch FROM expires_at) * 1000)::bigint, dag_run_id \
      FROM task_state_store ORDER BY id";
 const ASSET_ROWS: &str = "SELECT asset_id, key, value, \
      (extract(epoch FROM updated_at) * 1000)::bigint, \
@@ -59,6 +59,7 @@ pub async fn import(
             run_id: row.get(1),
             task_id: row.get(2),
             map_index: row.get::<_, i32>(3).into(),
+            run_key: Some(row.get::<_, i32>(8).into()),
         };
         let key: String = row.get(4);
         let json: String = row.get(5);
@@ -139,6 +140,44 @@ pub async fn import(
     drop(client);
     connection.abort();
     super::write_all(store, items, summary).await
+}
+
+const RUN_IDS_SQL: &str = "SELECT dr.id, dr.dag_id, dr.run_id FROM dag_run dr \
+     JOIN unnest($1::varchar[], $2::varchar[]) AS v(dag_id, run_id) \
+     ON dr.dag_id = v.dag_id AND dr.run_id = v.run_id";
+
+/// The `dag_run.id` of each (dag_id, run_id) Airflow has; runs it lacks are left out.
+pub async fn run_ids(
+    postgres_url: &str,
+    mut runs: Vec<(String, String)>,
+) -> Result<HashMap<(String, String), i64>, MigrateError> {
+    runs.sort_unstable();
+    runs.dedup();
+    let mut ids = HashMap::new();
+    if runs.is_empty() {
+        return Ok(ids);
+    }
+    let (client, _connection) = connect(postgres_url).await?;
+    for chunk in runs.chunks(EXPORT_BATCH) {
+        let (dags, run_ids): (Vec<&str>, Vec<&str>) = chunk
+            .iter()
+            .map(|(dag, run)| (dag.as_str(), run.as_str()))
+            .unzip();
+        let rows = client
+            .query_typed(
+                RUN_IDS_SQL,
+                &[
+                    (&dags, Type::VARCHAR_ARRAY),
+                    (&run_ids, Type::VARCHAR_ARRAY),
+                ],
+            )
+            .await
+            .map_err(failed)?;
+        for row in rows {
+            ids.insert((row.get(1), row.get(2)), i64::from(row.get::<_, i32>(0)));
+        }
+    }
+    Ok(ids)
 }
 
 fn failed(error: tokio_postgres::Error) -> MigrateError {
@@ -222,6 +261,8 @@ struct TaskRow {
     run_id: String,
     task_id: String,
     map_index: i32,
+    /// The `dag_run.id` the state was keyed by, when known.
+    run_key: Option<i64>,
     key: String,
     json: String,
     updated_at: EpochMillis,
@@ -326,6 +367,7 @@ impl Export {
                         run_id: scope.run_id.clone(),
                         task_id: scope.task_id.clone(),
                         map_index,
+                        run_key: scope.run_key,
                         key: entry.key,
                         json: entry.value.json,
                         updated_at: entry.value.updated_at,
@@ -402,7 +444,12 @@ impl Export {
         let mut columns = TaskColumns::default();
         for row in rows {
             let run = (row.dag_id, row.run_id);
-            let Some(&dag_run_id) = ids.get(&run) else {
+            // State of a run deleted and created again under its run_id belongs to no run.
+            let current = ids
+                .get(&run)
+                .copied()
+                .filter(|id| row.run_key.is_none_or(|key| key == i64::from(*id)));
+            let Some(dag_run_id) = current else {
                 self.unplaced.no_dag_run += 1;
                 if self.warned.insert(run.clone()) {
                     eprintln!(

@@ -67,6 +67,10 @@ pub struct Record {
     pub task_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_index: Option<i64>,
+    /// Tasks only: the run's `dag_run.id`, when the state was written with the metastore
+    /// identity (it is part of the state's key there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dag_run_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asset: Option<String>,
     pub key: String,
@@ -140,6 +144,7 @@ impl Item {
                         .map_index
                         .filter(|index| *index >= -1)
                         .ok_or("a task record needs a map_index of -1 or more")?,
+                    run_key: record.dag_run_id,
                 };
                 let expires_at = record.expires_at.flatten().as_deref().map(parse_time);
                 Ok(Item::Task {
@@ -153,6 +158,7 @@ impl Item {
             Kind::Asset => {
                 if record.dag_id.is_some()
                     || record.run_id.is_some()
+                    || record.dag_run_id.is_some()
                     || record.task_id.is_some()
                     || record.map_index.is_some()
                     || record.expires_at.is_some()
@@ -297,6 +303,10 @@ fn task_line(scope: &TaskScope, entry: &Entry) -> String {
         "map_index": scope.map_index,
         "key": entry.key,
     });
+    let mut record = record;
+    if let Some(run_key) = scope.run_key {
+        record["dag_run_id"] = run_key.into();
+    }
     let tail = serde_json::json!({
         "updated_at": rfc3339(entry.value.updated_at),
         "expires_at": entry.value.expires_at.map(rfc3339),
@@ -405,6 +415,69 @@ pub async fn import(
     store: Arc<dyn StateStore>,
     input: &mut dyn BufRead,
 ) -> Result<Summary, MigrateError> {
+    let (items, summary) = read_items(input)?;
+    write_all(store, items, summary).await
+}
+
+/// [`import`] for a gateway with the metastore identity, which keys task state by the
+/// run's `dag_run.id`: task lines without `dag_run_id` (exported by an airstate that did
+/// not key state by it, or under the claims identity) get the id of their run from
+/// `dag_run`, and lines of runs Airflow no longer has are skipped and counted. Once
+/// written under the run id, the copies still keyed without it are cleared, so
+/// `airstate export | airstate import` moves old state in place.
+pub async fn import_with_run_ids(
+    store: Arc<dyn StateStore>,
+    input: &mut dyn BufRead,
+    postgres_url: &str,
+) -> Result<Summary, MigrateError> {
+    let (mut items, mut summary) = read_items(input)?;
+    let wanted: Vec<(String, String)> = items
+        .iter()
+        .filter_map(|item| match item {
+            Item::Task { scope, .. } if scope.run_key.is_none() => {
+                Some((scope.dag_id.clone(), scope.run_id.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let ids = metastore::run_ids(postgres_url, wanted).await?;
+    let mut unplaced = Unplaced::default();
+    let mut old_copies = std::collections::HashSet::new();
+    items.retain_mut(|item| {
+        let Item::Task { scope, .. } = item else {
+            return true;
+        };
+        if scope.run_key.is_some() {
+            return true;
+        }
+        match ids.get(&(scope.dag_id.clone(), scope.run_id.clone())) {
+            Some(id) => {
+                old_copies.insert(scope.clone());
+                scope.run_key = Some(*id);
+                true
+            }
+            None => {
+                unplaced.no_dag_run += 1;
+                false
+            }
+        }
+    });
+    if unplaced.no_dag_run > 0 {
+        eprintln!(
+            "airstate: skipping {} task keys whose DAG run is no longer in dag_run",
+            unplaced.no_dag_run
+        );
+    }
+    summary.unplaced = Some(unplaced);
+    let summary = write_all(store.clone(), items, summary).await?;
+    for scope in old_copies {
+        store.clear_task(&scope, false).await?;
+    }
+    Ok(summary)
+}
+
+/// Every line parsed and checked; nothing is written.
+fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateError> {
     let mut items = Vec::new();
     let mut summary = Summary::default();
     let now = now_millis();
@@ -425,7 +498,7 @@ pub async fn import(
         }
         items.push(item);
     }
-    write_all(store, items, summary).await
+    Ok((items, summary))
 }
 
 /// Writes validated items, counting scopes and keys.

@@ -3,12 +3,13 @@
 //! It lets `airstate serve` run with nothing installed. It is one replica's memory, so
 //! it breaks the stateless-replica design on purpose; the start-up log says so.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use super::events::{Change, Delivery, Event, EventHub, Watch};
+use super::lifecycle::{asset_id, Oracle, PassError, PassLimits, Reclaimed};
 use super::version::new_version;
 use super::{
     now_millis, AssetKey, Condition, Entry, EpochMillis, StateStore, StoreResult, StoredValue,
@@ -18,8 +19,8 @@ use super::{
 type Fields = HashMap<String, StoredValue>;
 type AssetFields = HashMap<String, (StoredValue, Option<Writer>)>;
 
-/// (dag_id, run_id, task_id): the unit that clear-all wipes.
-type TaskKey = (String, String, String);
+/// (dag_id, run_id, task_id, dag_run.id): the unit that clear-all wipes.
+type TaskKey = (String, String, String, Option<i64>);
 
 pub struct MemoryStore {
     tasks: Mutex<HashMap<TaskKey, HashMap<i64, Fields>>>,
@@ -56,7 +57,10 @@ impl MemoryStore {
 }
 
 fn task_channel(scope: &TaskScope) -> String {
-    format!("t:{}\0{}\0{}", scope.dag_id, scope.run_id, scope.task_id)
+    format!(
+        "t:{}\0{}\0{}\0{:?}",
+        scope.dag_id, scope.run_id, scope.task_id, scope.run_key
+    )
 }
 
 fn asset_channel(asset: &AssetKey) -> String {
@@ -68,6 +72,7 @@ fn task_key(scope: &TaskScope) -> TaskKey {
         scope.dag_id.clone(),
         scope.run_id.clone(),
         scope.task_id.clone(),
+        scope.run_key,
     )
 }
 
@@ -377,6 +382,81 @@ impl StateStore for MemoryStore {
             *recorded = writer.cloned();
         }
         Ok(())
+    }
+
+    /// One process: the lease is always this one's.
+    async fn take_lease(&self, _holder: &str, _ttl: std::time::Duration) -> StoreResult<bool> {
+        Ok(true)
+    }
+
+    /// The maps themselves are the index: every run and asset holding state is looked
+    /// at in every pass, so a late write is caught by the next one and no mark is needed.
+    async fn reconcile(
+        &self,
+        oracle: &dyn Oracle,
+        limits: PassLimits,
+    ) -> Result<Reclaimed, PassError> {
+        let mut done = Reclaimed::default();
+        let runs: BTreeSet<i64> = self
+            .tasks
+            .lock()
+            .unwrap()
+            .keys()
+            .filter_map(|key| key.3)
+            .collect();
+        let runs: Vec<i64> = runs.into_iter().collect();
+        for batch in runs.chunks(limits.batch.max(1)) {
+            let alive = oracle
+                .existing_runs(batch)
+                .await
+                .map_err(PassError::Metastore)?;
+            done.runs_checked += batch.len() as u64;
+            let gone: Vec<i64> = batch
+                .iter()
+                .copied()
+                .filter(|id| !alive.contains(id))
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut tasks = self.tasks.lock().unwrap();
+            let doomed: Vec<TaskKey> = tasks
+                .keys()
+                .filter(|key| key.3.is_some_and(|id| gone.contains(&id)))
+                .cloned()
+                .collect();
+            for key in doomed {
+                tasks.remove(&key);
+                let channel = format!("t:{}\0{}\0{}\0{:?}", key.0, key.1, key.2, key.3);
+                self.publish(&channel, None, Change::Clear);
+            }
+            done.runs += gone.len() as u64;
+        }
+        let assets: Vec<i64> = self
+            .assets
+            .lock()
+            .unwrap()
+            .keys()
+            .filter_map(|asset| asset_id(&asset.0))
+            .collect::<BTreeSet<i64>>()
+            .into_iter()
+            .collect();
+        for batch in assets.chunks(limits.batch.max(1)) {
+            let alive = oracle
+                .active_assets(batch)
+                .await
+                .map_err(PassError::Metastore)?;
+            done.assets_checked += batch.len() as u64;
+            for id in batch.iter().filter(|id| !alive.contains(id)) {
+                let asset = AssetKey(id.to_string());
+                let mut assets = self.assets.lock().unwrap();
+                if assets.remove(&asset).is_some() {
+                    self.publish(&asset_channel(&asset), None, Change::Clear);
+                    done.assets += 1;
+                }
+            }
+        }
+        Ok(done)
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -8,6 +8,7 @@
 //! or re-serialises them, which is what keeps big integers and `1.0` intact.
 
 pub mod events;
+pub mod lifecycle;
 pub mod memory;
 pub mod redis;
 pub mod rules;
@@ -27,6 +28,12 @@ pub struct TaskScope {
     pub run_id: String,
     pub task_id: String,
     pub map_index: i64,
+    /// The DAG run's `dag_run.id`, known with the metastore identity. Airflow keys task
+    /// state by it, so a run deleted and created again with the same run_id is a
+    /// different run whose state starts empty; the store keys state by it for the same
+    /// reason. `None` without a metastore (claims identity), where (dag_id, run_id) is
+    /// all there is.
+    pub run_key: Option<i64>,
 }
 
 /// An asset's identity in the store. With the metastore resolver it is Airflow's integer
@@ -219,8 +226,24 @@ pub trait StateStore: Send + Sync + 'static {
     /// Ends every change stream and refuses new ones (shutdown).
     fn close_watches(&self);
 
+    /// Takes the lifecycle lease for `holder`, or renews it if `holder` has it; false
+    /// when another holder does. One replica at a time runs lifecycle passes.
+    async fn take_lease(&self, holder: &str, ttl: std::time::Duration) -> StoreResult<bool>;
+    /// One lifecycle pass (see [`lifecycle`]): reclaims the state of runs and assets
+    /// `oracle` says are gone.
+    async fn reconcile(
+        &self,
+        oracle: &dyn lifecycle::Oracle,
+        limits: lifecycle::PassLimits,
+    ) -> Result<lifecycle::Reclaimed, lifecycle::PassError>;
+
     /// Whether the backend answers; drives `/ready`.
     async fn ping(&self) -> StoreResult<()>;
+    /// Configuration of the backend that puts state at risk, in words for an operator
+    /// (`/ready` shows them and start-up logs them; they do not make a replica unready).
+    async fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// A short human-readable description for the start-up log line.
     fn describe(&self) -> String;
 }

@@ -687,6 +687,20 @@ impl Postgres {
             .expect("insert task_instance");
     }
 
+    /// The `dag_run.id` the metastore identity keys a run's task state by.
+    pub async fn dag_run_id(&self, dag_id: &str, run_id: &str) -> i64 {
+        let row = self
+            .client()
+            .await
+            .query_one(
+                "SELECT id FROM dag_run WHERE dag_id = $1 AND run_id = $2",
+                &[&dag_id, &run_id],
+            )
+            .await
+            .expect("the dag_run row");
+        i64::from(row.get::<_, i32>(0))
+    }
+
     pub async fn delete_task_instance(&self, id: Uuid) {
         self.client()
             .await

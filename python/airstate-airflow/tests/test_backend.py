@@ -32,6 +32,7 @@ from conftest import (
     Airstate,
     free_port,
     make_asset,
+    make_ti,
     metastore_state_rows,
     start_airstate,
     unique,
@@ -50,7 +51,10 @@ def backend(airstate: Airstate) -> Iterator[AirstateBackend]:
 
 
 def task_scope(map_index: int = -1) -> TaskScope:
-    return TaskScope(dag_id=unique("dag"), run_id=f"scheduled__{unique('r')}+00:00", task_id="t/1", map_index=map_index)
+    """The scope of a task instance of a new DAG run: with the metastore identity airstate
+    keys task state by the run's dag_run.id, and refuses writes for a run Airflow lacks."""
+    ti = make_ti(run_id=f"scheduled__{unique('r')}+00:00", task_id="t/1", map_index=map_index)
+    return TaskScope(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, map_index=map_index)
 
 
 def admin_task_entry(airstate: Airstate, scope: TaskScope, key: str) -> httpx.Response:

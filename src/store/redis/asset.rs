@@ -27,6 +27,9 @@ impl RedisStore {
         asset: &AssetKey,
         condition: &Condition,
     ) -> StoreResult<bool> {
+        if op == WriteOp::Set {
+            self.index_asset(asset).await?;
+        }
         let (values, writers) = self.asset_keys(asset);
         let (if_match, if_none_match) = condition.to_args();
         let args: Vec<Value> = vec![

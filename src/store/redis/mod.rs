@@ -9,8 +9,10 @@
 //! | `{t:<digest>}:r` | hash | the map indices holding state, and the readable identity |
 //! | `{a:<asset>}:v` / `{a:<asset>}:w` | hash | an asset's values / who wrote each |
 //! | `ev:{t:<digest>}` / `ev:{a:<asset>}` | pub/sub channel | change events (`events`) |
+//! | `{rx:<n>}:…`, `{ax:<n>}:…`, `lifecycle:lease` | | the lifecycle index (`reconcile`) |
 //!
-//! `<digest>` hashes the length-prefixed (dag_id, run_id, task_id), so every map index of
+//! `<digest>` hashes the length-prefixed (dag_id, run_id, task_id) and the run's
+//! `dag_run.id` when the identity knows it, so every map index of
 //! a task shares one Cluster slot whatever characters the ids hold; that is what lets one
 //! Lua script clear all map indices atomically.
 //!
@@ -26,6 +28,7 @@ mod asset;
 mod call;
 mod codec;
 mod events;
+mod reconcile;
 mod scan;
 mod scripts;
 mod sweep;
@@ -41,6 +44,7 @@ use fred::prelude::*;
 use self::call::Connection;
 use self::scripts::Scripts;
 use super::events::{EventHub, Watch, DEFAULT_EVENT_BUFFER};
+use super::lifecycle::{Oracle, PassError, PassLimits, Reclaimed};
 use super::{
     AssetKey, Condition, Entry, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
     TaskScope, Writer, Written,
@@ -69,6 +73,10 @@ pub struct RedisSettings {
     /// Whether writes publish change events. Each is one `PUBLISH`, which a Cluster relays
     /// over its bus to every node whether or not anyone listens.
     pub change_events: bool,
+    /// How long a replica trusts that a run or asset it indexed is still in the
+    /// lifecycle index, and how many it remembers (see `reconcile`).
+    pub index_cache_ttl: Duration,
+    pub index_cache_capacity: u64,
 }
 
 pub struct RedisStore {
@@ -80,6 +88,8 @@ pub struct RedisStore {
     url_for_display: String,
     sweeper: Option<tokio::task::JoinHandle<()>>,
     change_events: bool,
+    /// Lifecycle-index entries this replica wrote recently, shared by every handle.
+    indexed: moka::sync::Cache<reconcile::Indexed, ()>,
 }
 
 impl Drop for RedisStore {
@@ -105,6 +115,10 @@ impl RedisStore {
             url_for_display: redact_url(&settings.url),
             sweeper: None,
             change_events: settings.change_events,
+            indexed: moka::sync::Cache::builder()
+                .max_capacity(settings.index_cache_capacity)
+                .time_to_live(settings.index_cache_ttl)
+                .build(),
         };
         store.sweeper = Some(store.spawn_sweeper(settings.sweep_interval));
         Ok(store)
@@ -121,6 +135,7 @@ impl RedisStore {
             url_for_display: self.url_for_display.clone(),
             sweeper: None,
             change_events: self.change_events,
+            indexed: self.indexed.clone(),
         }
     }
 }
@@ -257,6 +272,46 @@ impl StateStore for RedisStore {
     ) -> StoreResult<()> {
         self.import_asset(asset, key, json, updated_at, writer)
             .await
+    }
+
+    async fn take_lease(&self, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        self.take_lease(holder, ttl).await
+    }
+
+    async fn reconcile(
+        &self,
+        oracle: &dyn Oracle,
+        limits: PassLimits,
+    ) -> Result<Reclaimed, PassError> {
+        self.reconcile(oracle, limits).await
+    }
+
+    /// Redis must never evict state: an evicting `maxmemory-policy` drops task state
+    /// silently under memory pressure, where `noeviction` refuses writes (503) instead.
+    async fn warnings(&self) -> Vec<String> {
+        let reply: StoreResult<Vec<String>> = self
+            .redis
+            .call("config_get", |pool| {
+                let command = fred::types::CustomCommand::new_static(
+                    "CONFIG",
+                    fred::types::ClusterHash::Random,
+                    false,
+                );
+                pool.next().custom(command, vec!["GET", "maxmemory-policy"])
+            })
+            .await;
+        match reply.as_deref() {
+            Ok([_, policy]) if policy == "noeviction" => Vec::new(),
+            Ok([_, policy]) => vec![format!(
+                "Redis maxmemory-policy is {policy}: Redis may evict state under memory \
+                 pressure; set maxmemory-policy noeviction"
+            )],
+            _ => vec![
+                "Redis maxmemory-policy unknown (CONFIG GET refused): make sure it is \
+                 noeviction, or Redis may evict state under memory pressure"
+                    .to_owned(),
+            ],
+        }
     }
 
     async fn ping(&self) -> StoreResult<()> {

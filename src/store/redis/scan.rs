@@ -52,6 +52,7 @@ impl RedisStore {
             .filter_map(|field| field.strip_prefix('m')?.parse().ok())
             .collect();
         indices.sort_unstable();
+        let run_key = fields.get("dag_run_id").and_then(|id| id.parse().ok());
         Ok(Some(ScopeRef::Task(
             indices
                 .into_iter()
@@ -60,6 +61,7 @@ impl RedisStore {
                     run_id: run_id.clone(),
                     task_id: task_id.clone(),
                     map_index,
+                    run_key,
                 })
                 .collect(),
         )))

@@ -22,6 +22,8 @@ pub(super) struct Scripts {
     pub(super) task_clear: Script,
     pub(super) asset_write: Script,
     pub(super) asset_clear: Script,
+    pub(super) lifecycle_index: Script,
+    pub(super) lease: Script,
 }
 
 impl Scripts {
@@ -31,6 +33,8 @@ impl Scripts {
             task_clear: Script::from_lua(lua!("task_clear")),
             asset_write: Script::from_lua([PRECONDITION, lua!("asset_write")].concat()),
             asset_clear: Script::from_lua(lua!("asset_clear")),
+            lifecycle_index: Script::from_lua(lua!("lifecycle_index")),
+            lease: Script::from_lua(lua!("lease")),
         }
     }
 
@@ -41,6 +45,8 @@ impl Scripts {
             &self.task_clear,
             &self.asset_write,
             &self.asset_clear,
+            &self.lifecycle_index,
+            &self.lease,
         ] {
             redis
                 .call("script_load", |pool| script.load(pool.next()))

@@ -85,7 +85,7 @@ impl RedisStore {
                     format!("{base}:r"),
                 ];
                 let (_, next) = self
-                    .run_task_write(keys, PURGE, map_index, ["", "", ""], &Condition::NONE)
+                    .run_task_write(keys, PURGE, map_index, ["", "", "", ""], &Condition::NONE)
                     .await?;
                 if next > 0 {
                     let _: i64 = self

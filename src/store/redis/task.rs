@@ -33,13 +33,19 @@ pub fn task_hash_tag(prefix: &str, scope: &TaskScope) -> String {
     format!("{prefix}{{t:{}}}", task_digest(scope))
 }
 
-/// A digest of the length-prefixed (dag_id, run_id, task_id): safe in a hash tag whatever
-/// characters the ids hold (a `}` would end the tag early).
+/// A digest of the length-prefixed (dag_id, run_id, task_id), then the run's
+/// `dag_run.id` when known: safe in a hash tag whatever characters the ids hold (a `}`
+/// would end the tag early). With the id in it, a run created again under the same
+/// run_id is another task scope, empty from its first read.
 pub(super) fn task_digest(scope: &TaskScope) -> String {
     let mut hasher = Sha256::new();
     for part in [&scope.dag_id, &scope.run_id, &scope.task_id] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
+    }
+    if let Some(run_key) = scope.run_key {
+        hasher.update(b"#");
+        hasher.update(run_key.to_be_bytes());
     }
     hex::encode(&hasher.finalize()[..16])
 }
@@ -83,6 +89,9 @@ impl RedisStore {
         expires_at: Option<EpochMillis>,
         condition: &Condition,
     ) -> StoreResult<bool> {
+        if op == WriteOp::Set {
+            self.index_task(scope).await?;
+        }
         let keys = self.task_keys(scope);
         let keys = vec![keys.scope, keys.expiry, keys.registry];
         let write = Write {
@@ -91,10 +100,12 @@ impl RedisStore {
             encoded,
             expires_at,
         };
+        let run_key = scope.run_key.map(|key| key.to_string()).unwrap_or_default();
         let identity = [
             scope.dag_id.as_str(),
             scope.run_id.as_str(),
             scope.task_id.as_str(),
+            run_key.as_str(),
         ];
         let (fields, next) = self
             .run_task_write(
@@ -126,7 +137,7 @@ impl RedisStore {
         keys: Vec<String>,
         write: Write<'_>,
         map_index: &str,
-        identity: [&str; 3],
+        identity: [&str; 4],
         condition: &Condition,
     ) -> StoreResult<(i64, i64)> {
         let (if_match, if_none_match) = condition.to_args();
@@ -154,6 +165,7 @@ impl RedisStore {
             if_match.into(),
             if_none_match.into(),
             channel.into(),
+            identity[3].into(),
         ];
         // A purge changes nothing a client was promised, so it never waits for replicas.
         let client = if write.op == WriteOp::Purge {
@@ -194,7 +206,7 @@ impl RedisStore {
             let map_index = scope.map_index.to_string();
             tokio::spawn(async move {
                 if let Err(error) = store
-                    .run_task_write(keys, PURGE, &map_index, ["", "", ""], &Condition::NONE)
+                    .run_task_write(keys, PURGE, &map_index, ["", "", "", ""], &Condition::NONE)
                     .await
                 {
                     tracing::debug!(%error, "lazy purge of expired task state failed");
