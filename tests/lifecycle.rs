@@ -30,19 +30,6 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> 
     }
 }
 
-async fn dag_run_id(pg: &Postgres, dag_id: &str, run_id: &str) -> i64 {
-    let row = pg
-        .client()
-        .await
-        .query_one(
-            "SELECT id FROM dag_run WHERE dag_id = $1 AND run_id = $2",
-            &[&dag_id, &run_id],
-        )
-        .await
-        .unwrap();
-    i64::from(row.get::<_, i32>(0))
-}
-
 /// As Airflow's `airflow dags delete` / the REST API's run deletion: the row goes, and
 /// its task instances with it (foreign key `ON DELETE CASCADE`).
 async fn delete_dag_run(pg: &Postgres, dag_id: &str, run_id: &str) {
@@ -83,14 +70,14 @@ async fn deleted_and_recreated_runs(gw: &Gateway) {
     let mapped = gw.task_at(&dag, run, "load", 3).await;
     put(gw, &first, "watermark", json!({"offset": 41})).await;
     put(gw, &mapped, "cursor", json!("c-3")).await;
-    let old_run = dag_run_id(pg, &dag, run).await;
+    let old_run = pg.dag_run_id(&dag, run).await;
     // A neighbour run of the same DAG keeps its state throughout.
     let neighbour = gw.task_at(&dag, &unique("run"), "extract", -1).await;
     put(gw, &neighbour, "watermark", json!("kept")).await;
 
     delete_dag_run(pg, &dag, run).await;
     let again = gw.task_at(&dag, run, "extract", -1).await;
-    assert_ne!(dag_run_id(pg, &dag, run).await, old_run, "a new dag_run.id");
+    assert_ne!(pg.dag_run_id(&dag, run).await, old_run, "a new dag_run.id");
     // At once: the new run is another scope, whatever the reconcile loop has done.
     let read = gw.get(&ti_path(&again, "watermark"), &again.token).await;
     assert_eq!(
@@ -227,7 +214,7 @@ async fn nothing_is_deleted_while_the_metastore_is_unreachable() {
     let gw = Gateway::start_with(Backend::Redis, &env).await;
     let ti = gw.task().await;
     put(&gw, &ti, "watermark", json!(7)).await;
-    let run = dag_run_id(pg, &ti.dag_id, &ti.run_id).await;
+    let run = pg.dag_run_id(&ti.dag_id, &ti.run_id).await;
 
     drop(bouncer);
     delete_dag_run(pg, &ti.dag_id, &ti.run_id).await;
@@ -318,7 +305,7 @@ async fn one_replica_reconciles_and_another_takes_over() {
         .await
         .unwrap();
     assert_eq!(put.status(), 204);
-    let run_key = dag_run_id(pg, &dag, &run).await;
+    let run_key = pg.dag_run_id(&dag, &run).await;
     delete_dag_run(pg, &dag, &run).await;
 
     let before = passes(&survivor).await;

@@ -173,29 +173,6 @@ impl MetastoreResolver {
     /// trip may reach a different server connection, where a named prepared statement
     /// would not exist. The parameter types are given, and are all built-in, so no type
     /// lookup (which prepares statements of its own) happens either.
-    async fn query_opt(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Option<tokio_postgres::Row>, String> {
-        let span = tracing::info_span!(
-            "metastore.query",
-            otel.kind = "client",
-            db.system = "postgresql"
-        );
-        async {
-            let client = self.pool.get().await.map_err(|e| explain(&e))?;
-            let query = client.query_typed_opt(sql, params);
-            match tokio::time::timeout(self.timeout, query).await {
-                Ok(result) => result.map_err(|e| explain(&e)),
-                Err(_) => Err(self.abandon(client)),
-            }
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Like [`query_opt`](Self::query_opt), for a statement returning many rows.
     async fn query_all(
         &self,
         sql: &str,
@@ -216,6 +193,16 @@ impl MetastoreResolver {
         }
         .instrument(span)
         .await
+    }
+
+    /// Like [`query_all`](Self::query_all), for a statement of one row at most (a
+    /// primary key, or `LIMIT 1`).
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<tokio_postgres::Row>, String> {
+        Ok(self.query_all(sql, params).await?.into_iter().next())
     }
 
     /// Which of `ids` the statement (taking an `int4[]`) returns.
