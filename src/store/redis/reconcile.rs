@@ -285,8 +285,8 @@ impl RedisStore {
             .redis
             .call("zrem", |pool| pool.zrem(index, id.to_string()))
             .await?;
-        // Entries this replica remembers for the id are stale now.
-        self.indexed.invalidate_all();
+        // No replica still remembers an entry for the id: the grace is two index-cache
+        // lifetimes, so the last write that could have been remembered has expired.
         Ok(())
     }
 }
