@@ -9,7 +9,7 @@
 //! forwarded request against its CPU per served GET (user + system time of the gateway
 //! process over the requests wrk completed). Needs `redis-server` and `wrk`.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 mod support;
 

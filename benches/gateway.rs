@@ -6,7 +6,7 @@
 //! Needs `redis-server`, `redis-benchmark`, `redis-cli` and `wrk` on the PATH. Starts its
 //! own `redis-server` and gateway on free loopback ports; prints one table.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 mod support;
 

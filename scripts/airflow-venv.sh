@@ -23,14 +23,14 @@ if ! [ -x "$python" ] || ! "$python" -c 'import airflow.state, psycopg2, pytest'
 fi
 # The backend package is installed from this clone each time (cheap: editable, no deps).
 # The install points at whichever clone ran last, so tests of the package put their own
-# clone's src/ first on PYTHONPATH (tests/airflow_backend.rs).
+# clone's src/ first on PYTHONPATH (tests/it/airflow_backend.rs).
 # Without build isolation that needs a setuptools that builds wheels by itself (>= 70.1;
 # the venv's own 65 needs the separate `wheel` package).
 if [ -d "$root/python/airstate-airflow" ]; then
   if ! "$python" -c 'import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' >/dev/null 2>&1; then
     "$python" -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1' >&2
   fi
-  # tests/airflow_backend.rs type-checks the package with mypy --strict.
+  # tests/it/airflow_backend.rs type-checks the package with mypy --strict.
   if ! "$python" -c 'import mypy' >/dev/null 2>&1; then
     "$python" -m pip install --quiet --disable-pip-version-check 'mypy>=1.10,<3' >&2
   fi

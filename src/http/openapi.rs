@@ -2,7 +2,7 @@
 //!
 //! What the document says of an operation ([`Operation`]) and how it is rendered. The
 //! operations themselves are the route table (`routes::table`), which builds the router
-//! too; [`served`] records the paths the router was given, for `tests/openapi.rs`.
+//! too; [`served`] records the paths the router was given, for `tests/it/openapi.rs`.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -186,7 +186,7 @@ impl Served {
     }
 }
 
-/// The paths every router built in this process served (for `tests/openapi.rs`).
+/// The paths every router built in this process served (for `tests/it/openapi.rs`).
 pub fn served() -> &'static Served {
     static SERVED: std::sync::OnceLock<Served> = std::sync::OnceLock::new();
     SERVED.get_or_init(Served::default)

@@ -1,7 +1,7 @@
 """
 The real things the tests run against: the ``airstate`` binary (started here, as often as a
 test needs a differently configured one) over a real Redis, and a real PostgreSQL holding
-Airflow's metastore, both started by ``tests/airflow_backend.rs``, which passes
+Airflow's metastore, both started by ``tests/it/airflow_backend.rs``, which passes
 
 - ``AIRSTATE_TEST_BINARY``: the ``airstate`` binary cargo built;
 - ``AIRSTATE_TEST_REDIS_URL``: a ``redis-server`` of its own;
@@ -32,7 +32,7 @@ def _required(name: str) -> str:
     value = os.environ.get(name)
     if not value:
         raise pytest.UsageError(
-            f"{name} is not set: run these tests through `cargo test --test airflow_backend`"
+            f"{name} is not set: run these tests through `cargo test --test it airflow_backend::`"
         )
     return value
 

@@ -5,7 +5,7 @@
 //! served in-process and behind its JWT auth, `clear_on_success`, `airflow dags test`)
 //! calling the backend.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -15,7 +15,7 @@
 //! subreaper so that Airflow's grandchildren are reaped too), or, if the test binary dies
 //! without running it, by a watchdog that stops the groups once it is gone.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::future::Future;
@@ -661,7 +661,7 @@ fn run_bounded(mut command: Command, log: &Path, timeout: Duration) -> bool {
 }
 
 fn write_orphan_dag(dags: &Path, asset: &str) {
-    let template = include_str!("airflow/orphan_dag.py.template");
+    let template = include_str!("../airflow/orphan_dag.py.template");
     fs::write(
         dags.join("e2e_orphan.py"),
         template.replace("__ASSET__", asset),

@@ -1,9 +1,8 @@
 //! `airstate export` / `import` / `import --from-metastore` against a real Redis (standalone
 //! and Cluster) and a real PostgreSQL holding Airflow's tables.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::sync::Arc;
 

@@ -2,8 +2,8 @@
 //! PyPI into a virtualenv), start-up errors that name their variable, and a clean stop on
 //! SIGTERM.
 
-mod common;
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

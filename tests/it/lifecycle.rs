@@ -5,9 +5,8 @@
 //! unreachable nothing is deleted. Real PostgreSQL (Airflow's schema), real Redis:
 //! standalone, Cluster and Sentinel. Also: the warning about an evicting Redis.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -2,8 +2,7 @@
 //! every key mode (secret, JWKS file and URL, private key), token refresh, the API
 //! version header and correlation ids.
 
-mod common;
-mod gateway;
+use crate::gateway;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,9 +2,8 @@
 //! pinned in scripts/schemathesis-venv.sh) finds no server error and no reply that breaks
 //! it, against the real binary over a real Redis.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};

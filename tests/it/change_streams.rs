@@ -1,9 +1,8 @@
 //! Change streams (Server-Sent Events) on task scopes and assets: on both stores, across
 //! two gateway processes sharing one Redis, with bounded buffers and a clean shutdown.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

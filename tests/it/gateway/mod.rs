@@ -54,12 +54,23 @@ pub struct Gateway {
     pub state: Arc<AppState>,
     pub pg: &'static Postgres,
     pub prefix: String,
-    server: tokio::task::JoinHandle<()>,
+    server: Server,
+}
+
+/// Where the router under test runs.
+enum Server {
+    /// A task of this test process (most tests: fast, and `state` is the served state).
+    Task(tokio::task::JoinHandle<()>),
+    /// An `airstate serve` process of its own, for a test that reads process-wide state
+    /// such as the metrics recorder, which every gateway in this process shares.
+    Process(crate::common::ServedBinary),
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.server.abort();
+        if let Server::Task(task) = &self.server {
+            task.abort();
+        }
     }
 }
 
@@ -104,6 +115,16 @@ impl Gateway {
     /// Starts a gateway whose configuration is the defaults for `backend` plus `extra`
     /// environment entries (which win).
     pub async fn start_with(backend: Backend, extra: &[(&str, &str)]) -> Gateway {
+        Self::launch(backend, extra, false).await
+    }
+
+    /// As [`Gateway::start_with`], but the router runs as an `airstate serve` process of its
+    /// own (`state` is then an equally configured state over the same stores).
+    pub async fn start_as_process(backend: Backend, extra: &[(&str, &str)]) -> Gateway {
+        Self::launch(backend, extra, true).await
+    }
+
+    async fn launch(backend: Backend, extra: &[(&str, &str)], own_process: bool) -> Gateway {
         let pg = Postgres::shared();
         let prefix = format!("test-{}:", Uuid::new_v4().simple());
         let mut env: HashMap<String, String> = HashMap::new();
@@ -135,12 +156,21 @@ impl Gateway {
         env.retain(|_, value| !value.is_empty());
         let config = Config::from_lookup(|name| env.get(name).cloned()).expect("test config");
         let state = airstate::build_state(&config).await.expect("gateway state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = airstate::http::router(state.clone(), config.max_body_bytes);
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let (base, server) = if own_process {
+            env.remove("AIRSTATE_LISTEN");
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let served = crate::common::ServedBinary::start(&env, std::process::Stdio::null());
+            (served.base.clone(), Server::Process(served))
+        } else {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let app = airstate::http::router(state.clone(), config.max_body_bytes);
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            (base, Server::Task(task))
+        };
         Gateway {
             base,
             http: reqwest::Client::new(),

@@ -2,8 +2,8 @@
 //! with access decided by the real Airflow 3.3.2 API server behind it: the real binary,
 //! a real redis-server, `airflow db migrate` on a real PostgreSQL and `airflow api-server`.
 
-mod common;
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 //!
 //! Run with `--nocapture` to see the figures the test prints.
 
-mod common;
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::time::{Duration, Instant};
 

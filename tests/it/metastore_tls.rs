@@ -3,7 +3,7 @@
 //! `localhost` but not `127.0.0.1`, so each mode's check shows: `require` takes any
 //! certificate, `verify-ca` wants the CA, `verify-full` the CA and the host name.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

@@ -1,9 +1,8 @@
 //! airstate's extensions beyond Airflow's API, on both stores: optimistic concurrency
 //! (ETag / If-Match / If-None-Match) and bulk reads.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;

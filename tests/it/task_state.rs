@@ -1,9 +1,7 @@
 //! Task-state routes of both API generations, every behaviour run against the embedded
 //! store and a real Redis.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::gateway;
 
 use std::time::Duration;
 

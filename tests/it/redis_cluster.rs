@@ -6,8 +6,8 @@
 //!
 //! Run with `--nocapture` to see the figures each test prints.
 
-mod common;
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::time::{Duration, Instant};
 

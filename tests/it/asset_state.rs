@@ -1,8 +1,6 @@
 //! Asset-state routes of both API generations against real metastore rows, on both stores.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::gateway;
 
 use airstate::store::{AssetKey, Writer};
 use gateway::{token_for, unique, Backend, Gateway};

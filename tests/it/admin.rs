@@ -1,9 +1,7 @@
 //! The admin API (`/admin/v1/...`): every route, its own credential, Airflow's
 //! `max_value_storage_bytes`, paging through thousands of keys; on every store.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::gateway;
 
 use airstate::store::{AssetKey, TaskScope, Writer};
 use gateway::{ti_path, token_for, unique, Backend, Gateway, Reply, Ti};

@@ -2,8 +2,8 @@
 //! index, memory reclaimed after expiry without keyspace scans, script reloads, and
 //! failing fast (503) while Redis or the metastore is down, then recovering.
 
-mod common;
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::time::{Duration, Instant};
 

@@ -5,9 +5,8 @@
 //! registration check, `import --from-metastore`) must work there: no named prepared
 //! statement may outlive its transaction.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::process::Stdio;
 use std::sync::Arc;

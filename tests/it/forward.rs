@@ -2,8 +2,8 @@
 //! Airflow's API server (a real server on a loopback port that reports what reached it).
 //! State routes are served, everything else forwarded with bodies streamed both ways.
 
-mod common;
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -4,9 +4,8 @@
 //! Then the whole migration: `import --from-metastore`, state changed through the gateway,
 //! `export --to-metastore`, and the tables hold the new state.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::process::{Command, Output, Stdio};
 

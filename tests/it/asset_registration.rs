@@ -1,9 +1,7 @@
 //! The opt-in asset registration check (`AIRSTATE_ASSET_REGISTRATION_CHECK=true`) against
 //! real `task_inlet_asset_reference` / `task_outlet_asset_reference` rows, on both stores.
 
-mod common;
-#[macro_use]
-mod gateway;
+use crate::gateway;
 
 use std::time::{Duration, Instant};
 

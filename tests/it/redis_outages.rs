@@ -4,8 +4,8 @@
 //!
 //! Run with `--nocapture` to see the figures each test prints.
 
-mod common;
-mod gateway;
+use crate::common;
+use crate::gateway;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
