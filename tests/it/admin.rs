@@ -4,7 +4,7 @@
 use crate::gateway;
 
 use airstate::store::{AssetKey, TaskScope, Writer};
-use gateway::{ti_path, token_for, unique, Backend, Gateway, Reply, Ti};
+use gateway::{enc, seg, ti_path, token_for, unique, Backend, Gateway, Reply, Ti};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -26,14 +26,6 @@ const ADMIN: &str = "admin-token-0123456789abcdef0123456789abcdef";
 
 async fn start(backend: Backend) -> Gateway {
     Gateway::start_with(backend, &[("AIRSTATE_ADMIN_TOKEN", ADMIN)]).await
-}
-
-fn enc(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
-}
-
-fn seg(text: &str) -> String {
-    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 fn task_base(ti: &Ti) -> String {

@@ -16,6 +16,7 @@
 //! without running it, by a watchdog that stops the groups once it is gone.
 
 use crate::common;
+use crate::gateway::seg;
 
 use std::fs;
 use std::future::Future;
@@ -705,19 +706,6 @@ where
     }
 }
 
-/// Percent-encodes one path segment or query value.
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -748,7 +736,7 @@ impl Deployment {
         send(client().get(format!(
             "{}/api/v2/dags/{dag}/dagRuns/{}",
             self.rest(),
-            enc(run_id)
+            seg(run_id)
         )))
         .await
     }
@@ -779,7 +767,7 @@ impl Deployment {
         let (status, body) = send(client().get(format!(
             "{}/api/v2/dags/{dag}/dagRuns/{}/taskInstances/{task}",
             self.rest(),
-            enc(run_id)
+            seg(run_id)
         )))
         .await;
         assert_eq!(status, 200, "task instance {dag} {run_id} {task}: {body}");
@@ -804,7 +792,7 @@ impl Deployment {
             client()
                 .get(format!(
                     "{base}/admin/v1/dags/{dag}/dagRuns/{}/taskInstances/{task}/state-store?map_index={map_index}",
-                    enc(run_id)
+                    seg(run_id)
                 ))
                 .bearer_auth(ADMIN_TOKEN),
         )
@@ -819,7 +807,7 @@ impl Deployment {
     /// An asset's entries through the admin API, by name (active assets only): (status,
     /// {key: entry}).
     async fn asset_state(&self, name: &str) -> (u16, Value) {
-        self.admin_asset(&format!("by-name/state-store?name={}", enc(name)))
+        self.admin_asset(&format!("by-name/state-store?name={}", seg(name)))
             .await
     }
 
@@ -1258,7 +1246,7 @@ impl Deployment {
         let (status, body) = send(client().put(format!(
             "{}/api/v2/parseDagFile/{}",
             self.rest(),
-            enc(&token)
+            seg(&token)
         )))
         .await;
         assert!((200..300).contains(&status), "reparse: {status} {body}");

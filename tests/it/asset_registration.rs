@@ -5,7 +5,7 @@ use crate::gateway;
 
 use std::time::{Duration, Instant};
 
-use gateway::{token_for, unique, Backend, Gateway, Ti};
+use gateway::{by_name, enc, token_for, unique, Asset, Backend, Gateway, Ti};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -16,30 +16,6 @@ on_every_store!(
 );
 
 const CHECK: (&str, &str) = ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true");
-
-fn enc(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
-}
-
-struct Asset {
-    id: i32,
-    name: String,
-    uri: String,
-}
-
-async fn asset(gw: &Gateway) -> Asset {
-    let name = unique("asset");
-    let uri = format!("s3://bucket/{}", unique("path"));
-    let id = gw.pg.insert_asset(&name, &uri, true).await;
-    Asset { id, name, uri }
-}
-
-fn by_name(asset: &Asset, key: &str) -> String {
-    format!(
-        "/execution/store/asset/by-name/value?name={}&key={key}",
-        enc(&asset.name)
-    )
-}
 
 /// Registers `ti`'s task with `asset` in `table` (`inlet` or `outlet`).
 async fn register(gw: &Gateway, table: &str, asset: &Asset, dag_id: &str, task_id: &str) {
@@ -126,7 +102,7 @@ async fn inlets_and_outlets_may_use_the_asset_and_others_get_403(backend: Backen
     let stranger = gw.task_at(&dag, &run, "stranger", -1).await;
     // The same task id in another DAG is another task.
     let lookalike = gw.task_at(&unique("dag"), &run, "reader", -1).await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     register(&gw, "inlet", &a, &dag, "reader").await;
     register(&gw, "outlet", &a, &dag, "writer").await;
 
@@ -179,7 +155,7 @@ async fn a_new_registration_is_seen_at_once_and_a_removed_one_within_the_cache_w
     // The test gateway trusts identity answers for 1 s (AIRSTATE_IDENTITY_CACHE_SECONDS).
     let gw = Gateway::start_with(backend, &[CHECK]).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let path = by_name(&a, "k");
     assert_eq!(gw.get(&path, &ti.token).await.status, 403);
     // Refusals are not cached: the registration counts from the next request.
@@ -205,7 +181,7 @@ async fn a_new_registration_is_seen_at_once_and_a_removed_one_within_the_cache_w
 async fn the_check_is_off_unless_asked_for(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     for (method, path, body) in routes(&a) {
         let reply = gw.send(method, &path, Some(&ti.token), body).await;
         assert_ne!(reply.status, 403, "{method} {path}: {reply:?}");

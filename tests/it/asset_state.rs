@@ -3,7 +3,7 @@
 use crate::gateway;
 
 use airstate::store::{AssetKey, Writer};
-use gateway::{token_for, unique, Backend, Gateway};
+use gateway::{by_name, by_uri, enc, token_for, unique, Asset, Backend, Gateway};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -16,43 +16,10 @@ on_every_store!(
     aip103_paths_share_state_with_store_paths,
 );
 
-fn enc(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
-}
-
-struct Asset {
-    id: i32,
-    name: String,
-    uri: String,
-}
-
-async fn asset(gw: &Gateway) -> Asset {
-    let name = format!("team/sales/{}", unique("orders"));
-    let uri = format!("s3://bucket/{}", unique("path"));
-    let id = gw.pg.insert_asset(&name, &uri, true).await;
-    Asset { id, name, uri }
-}
-
-fn by_name(asset: &Asset, key: &str) -> String {
-    format!(
-        "/execution/store/asset/by-name/value?name={}&key={}",
-        enc(&asset.name),
-        enc(key)
-    )
-}
-
-fn by_uri(asset: &Asset, key: &str) -> String {
-    format!(
-        "/execution/store/asset/by-uri/value?uri={}&key={}",
-        enc(&asset.uri),
-        enc(key)
-    )
-}
-
 async fn name_and_uri_address_one_asset(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let put = gw
         .put_text(
             &by_name(&a, "watermark"),
@@ -82,7 +49,7 @@ async fn name_and_uri_address_one_asset(backend: Backend) {
 async fn writes_record_task_or_watcher(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let key = AssetKey(a.id.to_string());
     gw.put(&by_name(&a, "k"), &ti.token, json!({"value": 1}))
         .await;
@@ -180,7 +147,7 @@ async fn unknown_and_inactive_assets_are_404(backend: Backend) {
 async fn query_validation_is_fastapi_shaped(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let missing = gw
         .get("/execution/store/asset/by-name/value", &ti.token)
         .await;
@@ -239,8 +206,8 @@ async fn query_validation_is_fastapi_shaped(backend: Backend) {
 async fn delete_and_clear(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
-    let other = asset(&gw).await;
+    let a = gw.asset().await;
+    let other = gw.asset().await;
     for key in ["a", "b", "c"] {
         gw.put(&by_name(&a, key), &ti.token, json!({"value": key}))
             .await;
@@ -271,7 +238,7 @@ async fn delete_and_clear(backend: Backend) {
 async fn aip103_paths_share_state_with_store_paths(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let encoded_name: String = percent_path(&a.name);
     let seed = format!("/execution/state/asset/{encoded_name}/state/key");
     assert_eq!(

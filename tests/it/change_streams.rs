@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Postgres, RedisServer, ServedBinary};
-use gateway::{ti_path, token_for, unique, Backend, Gateway, SECRET};
+use gateway::{enc, ti_path, token_for, unique, Backend, Gateway, SECRET};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -34,10 +34,6 @@ mod overflow {
     async fn redis() {
         super::a_watcher_that_falls_behind_is_told_and_closed(super::Backend::Redis).await
     }
-}
-
-fn enc(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
 /// A client reading one Server-Sent Events response.

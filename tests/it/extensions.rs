@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 
 use common::{redis_cli, RedisServer};
-use gateway::{ti_path, unique, Backend, Gateway, Reply};
+use gateway::{by_name, enc, ti_path, Backend, Gateway, Reply};
 use serde_json::{json, Value};
 
 on_every_store!(
@@ -22,29 +22,6 @@ on_every_store!(
     bulk_read_of_1000_keys_is_one_call_and_one_round_trip,
     bulk_read_validation,
 );
-
-fn enc(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
-}
-
-struct Asset {
-    name: String,
-}
-
-async fn asset(gw: &Gateway) -> Asset {
-    let name = unique("asset");
-    let uri = format!("s3://bucket/{}", unique("path"));
-    gw.pg.insert_asset(&name, &uri, true).await;
-    Asset { name }
-}
-
-fn by_name(asset: &Asset, key: &str) -> String {
-    format!(
-        "/execution/store/asset/by-name/value?name={}&key={}",
-        enc(&asset.name),
-        enc(key)
-    )
-}
 
 /// A request with extra headers; `body` is sent as JSON when given.
 async fn call(
@@ -95,7 +72,7 @@ async fn every_write_gets_a_new_etag_even_after_recreate(backend: Backend) {
         // Deleted and recreated: no old version comes back (ABA).
         assert_eq!(gw.delete(&path, &ti.token).await.status, 204);
     }
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let put = gw
         .put(&by_name(&a, "k"), &ti.token, json!({"value": 1}))
         .await;
@@ -208,7 +185,7 @@ async fn conditional_task_writes(backend: Backend) {
 async fn conditional_asset_writes(backend: Backend) {
     let gw = Gateway::start(backend).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let path = by_name(&a, "watermark");
     let t = ti.token.as_str();
     let create = [("if-none-match", "*")];
@@ -265,7 +242,7 @@ async fn malformed_conditions_are_400_and_change_nothing(backend: Backend) {
 /// Many writers race with the same version: exactly one wins each round.
 async fn if_match_writers_exactly_one_wins_per_version(backend: Backend) {
     let gw = Gateway::start(backend).await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let mut tokens = Vec::new();
     for _ in 0..16 {
         tokens.push(gw.task().await.token);
@@ -314,7 +291,7 @@ async fn if_match_counter_loses_no_update_under_contention(backend: Backend) {
     const WRITERS: usize = 12;
     const EACH: i64 = 8;
     let gw = Gateway::start(backend).await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let path = format!("{}{}", gw.base, by_name(&a, "counter"));
     let seed = gw.task().await;
     gw.put(&by_name(&a, "counter"), &seed.token, json!({"value": 0}))
@@ -427,7 +404,7 @@ async fn bulk_read_returns_exact_values_etags_and_missing(backend: Backend) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     gw.put_text(&by_name(&a, "w"), t, r#"{"value": "2026-04-29"}"#)
         .await;
     let values = format!(
@@ -473,7 +450,7 @@ async fn bulk_read_of_1000_keys_is_one_call_and_one_round_trip(backend: Backend)
         .unwrap_or_default();
     let gw = Gateway::start_with(backend, &[("AIRSTATE_REDIS_URL", &url)]).await;
     let ti = gw.task().await;
-    let a = asset(&gw).await;
+    let a = gw.asset().await;
     let scope = airstate::store::TaskScope {
         dag_id: ti.dag_id.clone(),
         run_id: ti.run_id.clone(),

@@ -16,23 +16,13 @@ use airstate::store::redis::RedisStore;
 use airstate::store::{AssetKey, StateStore, TaskScope};
 use common::{PgBouncer, Postgres, RedisServer, ServedBinary};
 use futures_util::StreamExt;
-use gateway::{token_for, unique, SECRET};
+use gateway::{enc, token_for, unique, Asset, SECRET};
 use uuid::Uuid;
-
-fn enc(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
-}
 
 struct Task {
     id: Uuid,
     scope: TaskScope,
     token: String,
-}
-
-struct Asset {
-    id: i32,
-    name: String,
-    uri: String,
 }
 
 /// What one request is, and the status it must get.

@@ -331,3 +331,53 @@ pub fn token_for(sub: Uuid) -> String {
 pub fn ti_path(ti: &Ti, key: &str) -> String {
     format!("/execution/store/ti/{}/{key}", ti.id)
 }
+
+/// `text` as a query-string value (form-urlencoded).
+pub fn enc(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// `text` as one path segment: everything but RFC 3986's unreserved characters escaped.
+pub fn seg(text: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, SEGMENT).to_string()
+}
+
+/// An asset row created for one test. Its name holds slashes, as Airflow's often do.
+pub struct Asset {
+    pub id: i32,
+    pub name: String,
+    pub uri: String,
+}
+
+impl Gateway {
+    /// A fresh active asset in the metastore.
+    pub async fn asset(&self) -> Asset {
+        let name = format!("team/sales/{}", unique("orders"));
+        let uri = format!("s3://bucket/{}", unique("path"));
+        let id = self.pg.insert_asset(&name, &uri, true).await;
+        Asset { id, name, uri }
+    }
+}
+
+/// The Execution API path of `key` of `asset`, addressed by its name.
+pub fn by_name(asset: &Asset, key: &str) -> String {
+    format!(
+        "/execution/store/asset/by-name/value?name={}&key={}",
+        enc(&asset.name),
+        enc(key)
+    )
+}
+
+/// The Execution API path of `key` of `asset`, addressed by its URI.
+pub fn by_uri(asset: &Asset, key: &str) -> String {
+    format!(
+        "/execution/store/asset/by-uri/value?uri={}&key={}",
+        enc(&asset.uri),
+        enc(key)
+    )
+}
