@@ -34,6 +34,7 @@ use super::openapi::{
 use super::{no_content, AppState};
 use crate::auth::AuthError;
 use crate::identity::with_run_key;
+use crate::store::rules;
 use crate::store::version::Tags;
 use crate::store::{AssetKey, Condition, Entry, EpochMillis, TaskScope, Writer, Written};
 
@@ -500,7 +501,7 @@ fn check_size(app: &AppState, value: &str, query: Option<&str>) -> Result<(), Ap
         return Ok(());
     }
     let limit = app.admin.max_value_bytes;
-    if limit == 0 || value.len() <= limit {
+    if !rules::exceeds_value_limit(value, limit) {
         return Ok(());
     }
     Err(ValidationIssue::new(

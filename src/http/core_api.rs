@@ -36,6 +36,7 @@ use super::forward::ForwardError;
 use super::openapi::{route, Route, CORE_PAGE, CORE_TASK_LIST, MAP_INDEX, TASK_CLEAR};
 use super::{no_content, AppState};
 use crate::identity::with_run_key;
+use crate::store::rules;
 use crate::store::version::Tags;
 use crate::store::{AssetKey, Condition, Entry, EpochMillis, TaskScope, Writer, Written};
 
@@ -514,7 +515,7 @@ async fn require_task_instance(
 /// Airflow's `max_value_storage_bytes` check, worded as Airflow words it.
 fn check_size(app: &AppState, value: &str) -> Result<(), ApiError> {
     let limit = app.admin.max_value_bytes;
-    if limit == 0 || value.len() <= limit {
+    if !rules::exceeds_value_limit(value, limit) {
         return Ok(());
     }
     Err(ValidationIssue::new(

@@ -31,6 +31,14 @@ pub enum ValueProblem {
     NotFinite,
 }
 
+/// Airflow's `[state_store] max_value_storage_bytes`, measured on the JSON text as stored
+/// (0: no limit). Airflow's Core REST API enforces it and its Execution API does not, so
+/// the admin API and airstate's Core REST API routes apply it, each worded as its caller
+/// expects.
+pub fn exceeds_value_limit(value: &str, limit: usize) -> bool {
+    limit != 0 && value.len() > limit
+}
+
 /// A key is 1 to [`MAX_KEY_CHARS`] characters (not bytes: Airflow counts characters).
 pub fn check_key(key: &str) -> Result<(), KeyProblem> {
     if key.is_empty() {

@@ -10,24 +10,8 @@ use airstate::migrate::{self, MigrateError};
 use airstate::store::memory::MemoryStore;
 use airstate::store::redis::RedisStore;
 use airstate::store::{AssetKey, StateStore, TaskScope, Writer};
-use common::{redis_cli, Postgres, RedisCluster, RedisServer};
+use common::{redis_cli, Postgres, RedisCluster, RedisServer, JSON_TEXTS as VALUES};
 use gateway::unique;
-
-/// Every JSON type, as text whose bytes must survive.
-const VALUES: [&str; 12] = [
-    r#""spark_001""#,
-    r#""unicode ü €""#,
-    "0",
-    "-17",
-    "1.0",
-    "2.5e-7",
-    "1180591620717411303424",
-    "true",
-    "false",
-    "[]",
-    r#"[1, "two", [3.0], {"four": null}]"#,
-    r#"{"z": 1, "a": {"nested": [true, false]}}"#,
-];
 
 fn scope(dag: &str, map_index: i64) -> TaskScope {
     TaskScope {

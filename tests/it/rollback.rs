@@ -11,26 +11,9 @@ use std::process::{Command, Output, Stdio};
 
 use airstate::store::redis::RedisStore;
 use airstate::store::{AssetKey, StateStore, TaskScope, Writer};
-use common::{PgBouncer, Postgres, RedisServer};
+use common::{PgBouncer, Postgres, RedisServer, JSON_TEXTS as VALUES};
 use gateway::{unique, Backend, Gateway};
 use serde_json::{json, Value};
-
-/// Every JSON type, as text whose bytes must survive.
-const VALUES: [&str; 13] = [
-    r#""spark_001""#,
-    r#""unicode ü € 😀""#,
-    "0",
-    "-17",
-    "1.0",
-    "2.5e-7",
-    "1180591620717411303424",
-    "true",
-    "false",
-    "[]",
-    r#"[1, "two", [3.0], {"four": null}]"#,
-    r#"{"z": 1, "a": {"nested": [true, false]}}"#,
-    r#""quote \" backslash \\ newline \n""#,
-];
 
 /// Both tests below write the same tables and the round trip imports and exports all of
 /// them, so they take turns.

@@ -1086,3 +1086,20 @@ impl AirflowApiServer {
         std::fs::read_to_string(self.home.join("api-server.log")).unwrap_or_default()
     }
 }
+
+/// Every JSON type, as value texts whose bytes must survive a store, an export and an import.
+pub const JSON_TEXTS: [&str; 13] = [
+    r#""spark_001""#,
+    r#""unicode ü € 😀""#,
+    "0",
+    "-17",
+    "1.0",
+    "2.5e-7",
+    "1180591620717411303424",
+    "true",
+    "false",
+    "[]",
+    r#"[1, "two", [3.0], {"four": null}]"#,
+    r#"{"z": 1, "a": {"nested": [true, false]}}"#,
+    r#""quote \" backslash \\ newline \n""#,
+];
