@@ -15,7 +15,6 @@
 mod common;
 #[macro_use]
 mod gateway;
-
 mod admin;
 mod airflow_backend;
 mod airflow_e2e;
@@ -39,4 +38,5 @@ mod redis_outages;
 mod redis_sentinel;
 mod redis_store;
 mod rollback;
+mod structure;
 mod task_state;
