@@ -508,6 +508,12 @@ fn compose_file_is_valid_and_matches_the_gateways_configuration() {
     for name in ["redis", "airstate", "jaeger"] {
         assert!(services.contains_key(name), "{name} service missing");
     }
+    // Jaeger's v2 line (one image, OTLP on by default); v1 (all-in-one 1.x) is end of life.
+    let jaeger = services["jaeger"]["image"].as_str().unwrap();
+    assert!(jaeger.starts_with("jaegertracing/jaeger:2."), "{jaeger}");
+    assert!(services["jaeger"]
+        .get("environment")
+        .is_none_or(|env| env.get("COLLECTOR_OTLP_ENABLED").is_none()));
     let redis = &services["redis"];
     assert!(redis["healthcheck"]["test"].is_array());
     let command: Vec<&str> = redis["command"]
