@@ -4,10 +4,14 @@
 mod common;
 mod gateway;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use gateway::{unique, Backend, Gateway};
+use common::{redis_cli, RedisServer, ServedBinary};
+use gateway::{unique, Backend, Gateway, SECRET};
 use serde_json::json;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_airstate");
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
@@ -107,4 +111,147 @@ fn the_license_file_is_the_one_cargo_toml_names() {
     // The full text: its nine sections and the appendix, not just a header.
     assert!(license.contains("9. Accepting Warranty or Additional Liability."));
     assert!(license.contains("APPENDIX: How to apply the Apache License to your work."));
+}
+
+// --- A Redis password with URL characters -------------------------------------------
+
+const PASSWORD: &str = "p@ss#w/rd";
+
+/// A Redis that wants `PASSWORD` (set once it answers: the helpers wait on a bare PING).
+fn redis_with_password() -> RedisServer {
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis_cli(redis.port, &["CONFIG", "SET", "requirepass", PASSWORD]),
+        "OK"
+    );
+    redis
+}
+
+/// `airstate serve` with `env` until it exits (at most 20 s): its status and stderr.
+fn serve_until_exit(env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BINARY)
+        .arg("serve")
+        .env_clear()
+        .env("AIRSTATE_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("airstate kept running with {env:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_unencoded_password_in_the_url_stops_start_up_with_a_message_that_says_so() {
+    let redis = redis_with_password();
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port);
+    let (status, stderr) = serve_until_exit(&[
+        ("AIRSTATE_REDIS_URL", &url),
+        ("AIRSTATE_IDENTITY", "claims"),
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("AIRSTATE_REDIS_URL"), "{stderr}");
+    assert!(stderr.contains("percent-encoded"), "{stderr}");
+    assert!(stderr.contains("AIRSTATE_REDIS_PASSWORD"), "{stderr}");
+    assert!(
+        !stderr.contains(PASSWORD),
+        "the password is echoed: {stderr}"
+    );
+    let lower = stderr.to_lowercase();
+    assert!(
+        !lower.contains("dns") && !lower.contains("lookup"),
+        "{stderr}"
+    );
+}
+
+/// Mints a claims-identity token with the binary's own `token` command.
+fn claims_token(sub: uuid::Uuid) -> String {
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", &sub.to_string()])
+        .args(["--dag-id", "ops", "--run-id", "manual__1", "--task-id", "t"])
+        .env_clear()
+        .env("AIRSTATE_IDENTITY", "claims")
+        .env("AIRFLOW__API_AUTH__JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_with_url_characters_works_from_its_own_variable_or_percent_encoded() {
+    let redis = redis_with_password();
+    let plain = format!("redis://127.0.0.1:{}", redis.port);
+    let encoded = format!("redis://:p%40ss%23w%2Frd@127.0.0.1:{}", redis.port);
+    let http = reqwest::Client::new();
+    for env in [
+        vec![
+            ("AIRSTATE_REDIS_URL", plain.as_str()),
+            ("AIRSTATE_REDIS_PASSWORD", PASSWORD),
+        ],
+        vec![("AIRSTATE_REDIS_URL", encoded.as_str())],
+    ] {
+        let mut env = env;
+        env.extend([
+            ("AIRSTATE_IDENTITY", "claims"),
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+            ("RUST_LOG", "warn"),
+        ]);
+        let served = ServedBinary::start(&env, Stdio::inherit());
+        let ready = http
+            .get(format!("{}/ready", served.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            ready.status(),
+            200,
+            "{env:?}: {}",
+            ready.text().await.unwrap()
+        );
+        let ti = uuid::Uuid::now_v7();
+        let token = claims_token(ti);
+        let key = format!("{}/execution/store/ti/{ti}/k", served.base);
+        let put = http
+            .put(&key)
+            .bearer_auth(&token)
+            .json(&json!({"value": 7}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 204, "{env:?}");
+        let got: serde_json::Value = http
+            .get(&key)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(got["value"], 7, "{env:?}");
+    }
+    // A password in both places is ambiguous: refused before connecting.
+    let (status, stderr) = serve_until_exit(&[
+        ("AIRSTATE_REDIS_URL", &encoded),
+        ("AIRSTATE_REDIS_PASSWORD", PASSWORD),
+        ("AIRSTATE_IDENTITY", "claims"),
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("AIRSTATE_REDIS_PASSWORD"), "{stderr}");
 }
