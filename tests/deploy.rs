@@ -216,6 +216,20 @@ fn every_values_file_renders_valid_kubernetes_manifests() {
             "{file}"
         );
         assert_eq!(
+            container["startupProbe"]["httpGet"]["path"], "/health",
+            "{file}"
+        );
+        // The `helm test` Pod runs the same image's selftest against the Service.
+        let test_pod = find(&documents, "Pod").expect("the helm test Pod");
+        assert_eq!(
+            test_pod["metadata"]["annotations"]["helm.sh/hook"], "test",
+            "{file}"
+        );
+        let test_container = &test_pod["spec"]["containers"][0];
+        assert_eq!(test_container["image"], container["image"], "{file}");
+        assert_eq!(test_container["args"][0], "selftest", "{file}");
+        assert_eq!(test_container["env"], container["env"], "{file}");
+        assert_eq!(
             container["securityContext"]["readOnlyRootFilesystem"], true,
             "{file}"
         );
@@ -237,6 +251,7 @@ fn defaults_reuse_the_airflow_charts_secrets() {
             "ConfigMap",
             "Deployment",
             "HorizontalPodAutoscaler",
+            "Pod",
             "PodDisruptionBudget",
             "Service",
             "ServiceAccount"
@@ -290,29 +305,18 @@ fn existing_and_created_secrets() {
         find(&existing, "Secret").is_none(),
         "no Secret is created for existing ones"
     );
-    // The password comes from its Secret and is spliced into a TLS URL by Kubernetes.
-    let password = env_value(&existing, "REDIS_PASSWORD").unwrap();
+    // The password comes from its Secret as it is, in its own variable, which airstate
+    // percent-encodes: Kubernetes' $(VAR) expansion would paste `p@ss#w/rd` into the URL raw.
+    let password = env_value(&existing, "AIRSTATE_REDIS_PASSWORD").unwrap();
     assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], "redis-auth");
     assert_eq!(
         env_value(&existing, "AIRSTATE_REDIS_URL").unwrap()["value"],
-        "rediss://:$(REDIS_PASSWORD)@redis-master.redis:6379"
+        "rediss://redis-master.redis:6379"
     );
-    let env_names: Vec<Value> = container_env(&existing)
-        .into_iter()
-        .map(|e| e["name"].clone())
-        .collect();
-    let password_at = env_names
+    assert!(!container_env(&existing)
         .iter()
-        .position(|n| n == "REDIS_PASSWORD")
-        .unwrap();
-    let url_at = env_names
-        .iter()
-        .position(|n| n == "AIRSTATE_REDIS_URL")
-        .unwrap();
-    assert!(
-        password_at < url_at,
-        "$(REDIS_PASSWORD) must be defined before its use"
-    );
+        .any(|e| e.to_string().contains("$(")));
+    assert_read_by_gateway("AIRSTATE_REDIS_PASSWORD", "the Deployment");
 
     let created = yaml_documents(&render("created-secrets-values.yaml", &[]).unwrap());
     let secrets: Vec<&Value> = created.iter().filter(|d| d["kind"] == "Secret").collect();
@@ -329,7 +333,7 @@ fn sentinel_and_cluster_urls() {
     let sentinel = yaml_documents(&render("sentinel-values.yaml", &[]).unwrap());
     assert_eq!(
         env_value(&sentinel, "AIRSTATE_REDIS_URL").unwrap()["value"],
-        "redis-sentinel://:$(REDIS_PASSWORD)@sentinel-0.redis:26379,sentinel-1.redis:26379,sentinel-2.redis:26379/mymaster"
+        "redis-sentinel://sentinel-0.redis:26379,sentinel-1.redis:26379,sentinel-2.redis:26379/mymaster"
     );
     let cluster = yaml_documents(&render("cluster-values.yaml", &[]).unwrap());
     assert_eq!(
@@ -339,14 +343,18 @@ fn sentinel_and_cluster_urls() {
     let tls = yaml_documents(&render("cluster-values.yaml", &["redis.tls=true"]).unwrap());
     let tls_url = env_value(&tls, "AIRSTATE_REDIS_URL").unwrap()["value"].clone();
     assert!(tls_url.as_str().unwrap().starts_with("rediss-cluster://"));
-    // Every URL the chart renders is one the gateway itself accepts, with the password
-    // Kubernetes splices in.
+    // Every URL the chart renders is one the gateway itself accepts, with a password of
+    // URL characters as airstate adds AIRSTATE_REDIS_PASSWORD to it.
+    assert!(env_value(&sentinel, "AIRSTATE_REDIS_PASSWORD").is_some());
     for documents in [&sentinel, &cluster, &tls] {
         let url = env_value(documents, "AIRSTATE_REDIS_URL").unwrap()["value"]
             .as_str()
             .unwrap()
-            .replace("$(REDIS_PASSWORD)", "s3cret");
-        airstate::store::redis::client_config(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            .to_owned();
+        let url = airstate::store::redis::with_password(&url, "p@ss#w/rd").unwrap();
+        let config =
+            airstate::store::redis::client_config(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(config.password.as_deref(), Some("p@ss#w/rd"), "{url}");
     }
 }
 
@@ -433,6 +441,18 @@ fn a_private_signing_key_is_mounted_from_its_secret() {
         configmap["data"]["AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH"],
         "/etc/airstate/jwt/private-key.pem"
     );
+    // The key is the trust source: no `<release>-jwt-secret` is needed beside it...
+    assert!(env_value(&documents, "AIRFLOW__API_AUTH__JWT_SECRET").is_none());
+    // ...unless one is named as well.
+    let both = yaml_documents(
+        &render(
+            "private-key-values.yaml",
+            &["auth.jwtSecret.existingSecret=legacy-jwt"],
+        )
+        .unwrap(),
+    );
+    let jwt = env_value(&both, "AIRFLOW__API_AUTH__JWT_SECRET").unwrap();
+    assert_eq!(jwt["valueFrom"]["secretKeyRef"]["name"], "legacy-jwt");
     assert_eq!(
         configmap["data"]["AIRFLOW__API_AUTH__JWT_KID"],
         "airflow-2026"
@@ -629,18 +649,42 @@ fn egress_tcp_ports(documents: &[Value]) -> Vec<i64> {
 
 #[test]
 fn the_network_policy_opens_the_configured_metastore_port() {
-    // Default: PostgreSQL's port (and 8080: forwarding to Airflow's API server is on).
+    // The example: the Airflow chart's PgBouncer (6543, named explicitly: its Secret is not
+    // readable here), 8080 (forwarding to Airflow's API server) and the OTLP collector's
+    // 4317 (from otel.endpoint).
     let documents = yaml_documents(&render("ingress-values.yaml", &[]).unwrap());
+    assert_eq!(
+        egress_tcp_ports(&documents),
+        [53, 4317, 6379, 6543, 8080, 26379]
+    );
+    // Without metastore.port: PostgreSQL's port; no trace export: no collector port.
+    let unset = ["metastore.port=null", "otel.endpoint="];
+    let documents = yaml_documents(&render("ingress-values.yaml", &unset).unwrap());
     assert_eq!(egress_tcp_ports(&documents), [53, 5432, 6379, 8080, 26379]);
-    // The Airflow chart's PgBouncer, named explicitly (its Secret is not readable here).
-    let documents =
-        yaml_documents(&render("ingress-values.yaml", &["metastore.port=6543"]).unwrap());
-    assert_eq!(egress_tcp_ports(&documents), [53, 6379, 6543, 8080, 26379]);
-    // Or read from a connection URL given to the chart.
+    // A collector without a port is its scheme's.
     let documents = yaml_documents(
         &render(
             "ingress-values.yaml",
-            &["metastore.connection=postgresql+psycopg2://airflow:pw@airflow-pgbouncer.airflow:6543/airflow-metadata?sslmode=disable"],
+            &[
+                "otel.endpoint=https://otlp.example.com",
+                "metastore.port=null",
+            ],
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        egress_tcp_ports(&documents),
+        [53, 443, 5432, 6379, 8080, 26379]
+    );
+    // Or the metastore port read from a connection URL given to the chart.
+    let documents = yaml_documents(
+        &render(
+            "ingress-values.yaml",
+            &[
+                "metastore.port=null",
+                "otel.endpoint=",
+                "metastore.connection=postgresql+psycopg2://airflow:pw@airflow-pgbouncer.airflow:6543/airflow-metadata?sslmode=disable",
+            ],
         )
         .unwrap(),
     );
@@ -649,7 +693,11 @@ fn the_network_policy_opens_the_configured_metastore_port() {
     let documents = yaml_documents(
         &render(
             "ingress-values.yaml",
-            &["metastore.connection=postgresql://airflow@db/airflow"],
+            &[
+                "metastore.port=null",
+                "otel.endpoint=",
+                "metastore.connection=postgresql://airflow@db/airflow",
+            ],
         )
         .unwrap(),
     );
@@ -660,6 +708,7 @@ fn the_network_policy_opens_the_configured_metastore_port() {
             &[
                 "metastore.connection=postgresql://airflow@db:5433/airflow",
                 "metastore.port=6432",
+                "otel.endpoint=",
             ],
         )
         .unwrap(),
@@ -674,4 +723,194 @@ fn the_network_policy_opens_the_configured_metastore_port() {
         let refused = render("ingress-values.yaml", &[bad]).unwrap_err();
         assert!(refused.contains("metastore.port:"), "{bad}: {refused}");
     }
+}
+
+// --- Day two (issue 17) ----------------------------------------------------------------
+
+fn pod_spec(documents: &[Value]) -> &Value {
+    &find(documents, "Deployment").unwrap()["spec"]["template"]["spec"]
+}
+
+#[test]
+fn the_image_is_a_required_value_and_can_be_pinned_by_digest() {
+    // No public image exists, so none is assumed: the install stops and says why.
+    let refused = render("defaults-values.yaml", &["image.repository="]).unwrap_err();
+    assert!(
+        refused.contains("image.repository is required") && refused.contains("Dockerfile"),
+        "{refused}"
+    );
+    let tagged = yaml_documents(&render("defaults-values.yaml", &["image.tag=1.2.3"]).unwrap());
+    assert_eq!(
+        pod_spec(&tagged)["containers"][0]["image"],
+        "registry.example.com/platform/airstate:1.2.3"
+    );
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let pinned = yaml_documents(
+        &render(
+            "defaults-values.yaml",
+            &["image.tag=1.2.3", &format!("image.digest={digest}")],
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        pod_spec(&pinned)["containers"][0]["image"],
+        format!("registry.example.com/platform/airstate@{digest}")
+    );
+    for bad in ["image.digest=latest", "image.digest=sha256:abc"] {
+        assert!(render("defaults-values.yaml", &[bad]).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn config_and_secret_changes_roll_the_pods() {
+    let annotations = |sets: &[&str]| {
+        let documents = yaml_documents(&render("created-secrets-values.yaml", sets).unwrap());
+        find(&documents, "Deployment").unwrap()["spec"]["template"]["metadata"]["annotations"]
+            .clone()
+    };
+    let base = annotations(&[]);
+    let secret = annotations(&["auth.jwtSecret.value=another-not-real-secret"]);
+    assert_ne!(base["checksum/secret"], secret["checksum/secret"]);
+    assert_eq!(base["checksum/config"], secret["checksum/config"]);
+    let config = annotations(&["logLevel=debug"]);
+    assert_ne!(base["checksum/config"], config["checksum/config"]);
+    assert_eq!(base["checksum/secret"], config["checksum/secret"]);
+}
+
+#[test]
+fn the_disruption_budget_never_blocks_a_node_drain() {
+    let pdb = |sets: &[&str]| {
+        let documents = yaml_documents(&render("defaults-values.yaml", sets).unwrap());
+        find(&documents, "PodDisruptionBudget").unwrap()["spec"].clone()
+    };
+    // The default lets one pod go at a time, whatever the replica count.
+    for sets in [
+        &["autoscaling.enabled=false", "replicaCount=1"][..],
+        &["autoscaling.minReplicas=1"][..],
+        &[][..],
+    ] {
+        let spec = pdb(sets);
+        assert_eq!(spec["maxUnavailable"], 1, "{sets:?}");
+        assert!(spec.get("minAvailable").is_none(), "{sets:?}");
+    }
+    // minAvailable replaces it while it leaves a pod to evict...
+    let spec = pdb(&[
+        "autoscaling.enabled=false",
+        "replicaCount=3",
+        "podDisruptionBudget.minAvailable=2",
+    ]);
+    assert_eq!(spec["minAvailable"], 2);
+    assert!(spec.get("maxUnavailable").is_none());
+    assert_eq!(
+        pdb(&["podDisruptionBudget.minAvailable=50%"])["minAvailable"],
+        "50%"
+    );
+    // ...and is refused when it would leave none.
+    for sets in [
+        &[
+            "autoscaling.enabled=false",
+            "replicaCount=1",
+            "podDisruptionBudget.minAvailable=1",
+        ][..],
+        &[
+            "autoscaling.minReplicas=2",
+            "podDisruptionBudget.minAvailable=2",
+        ][..],
+    ] {
+        let refused = render("defaults-values.yaml", sets).unwrap_err();
+        assert!(
+            refused.contains("would block every node drain"),
+            "{refused}"
+        );
+    }
+}
+
+#[test]
+fn the_values_have_room_for_pod_extras() {
+    let documents = yaml_documents(
+        &render(
+            "defaults-values.yaml",
+            &[
+                "priorityClassName=platform-critical",
+                "runtimeClassName=gvisor",
+                "lifecycle.postStart.sleep.seconds=1",
+                "extraContainers[0].name=proxy",
+                "extraContainers[0].image=registry.example.com/proxy:1",
+                "extraInitContainers[0].name=wait",
+                "extraInitContainers[0].image=registry.example.com/wait:1",
+                "startupProbe.failureThreshold=60",
+            ],
+        )
+        .unwrap(),
+    );
+    let pod = pod_spec(&documents);
+    assert_eq!(pod["priorityClassName"], "platform-critical");
+    assert_eq!(pod["runtimeClassName"], "gvisor");
+    assert_eq!(
+        pod["containers"][0]["lifecycle"]["postStart"]["sleep"]["seconds"],
+        1
+    );
+    assert_eq!(pod["containers"][0]["startupProbe"]["failureThreshold"], 60);
+    assert_eq!(pod["containers"][1]["name"], "proxy");
+    assert_eq!(pod["initContainers"][0]["name"], "wait");
+    let core: String = documents
+        .iter()
+        .filter(|d| d["kind"] != "ServiceMonitor")
+        .map(|d| format!("---\n{d}\n"))
+        .collect();
+    let validate = run(
+        &venv_tool("kubernetes-validate"),
+        &["-k", KUBERNETES_VERSION, "--strict", "--quiet", "-"],
+        Some(&core),
+    );
+    assert!(validate.status.success(), "{}", text(&validate));
+    // Extra containers need a name and an image; the startup probe can be turned off.
+    assert!(render("defaults-values.yaml", &["extraContainers[0].name=x"]).is_err());
+    let off = yaml_documents(&render("defaults-values.yaml", &["startupProbe=null"]).unwrap());
+    assert!(pod_spec(&off)["containers"][0]
+        .get("startupProbe")
+        .is_none());
+}
+
+#[test]
+fn the_example_network_policy_admits_its_callers_and_the_helm_test() {
+    let documents = yaml_documents(&render("ingress-values.yaml", &[]).unwrap());
+    let policy = find(&documents, "NetworkPolicy").unwrap();
+    let from = policy["spec"]["ingress"][0]["from"].as_array().unwrap();
+    let namespaces: Vec<&str> = from
+        .iter()
+        .filter_map(|peer| {
+            peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str()
+        })
+        .collect();
+    assert_eq!(namespaces, ["ingress-nginx", "monitoring"]);
+    let airflow = from[0]["podSelector"]["matchExpressions"][0]["values"]
+        .as_array()
+        .unwrap();
+    assert!(airflow.iter().any(|c| c == "worker") && airflow.iter().any(|c| c == "triggerer"));
+    // The test Pod is admitted, and is no gateway pod: neither the ReplicaSet would adopt
+    // it nor the Service route to it.
+    let test_pod = find(&documents, "Pod").unwrap();
+    let test_labels = test_pod["metadata"]["labels"].as_object().unwrap();
+    assert!(from
+        .iter()
+        .any(|peer| peer["podSelector"]["matchLabels"].as_object() == Some(test_labels)));
+    let selects = |selector: &Value| {
+        selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| test_labels.get(k) == Some(v))
+    };
+    let deployment = find(&documents, "Deployment").unwrap();
+    assert!(!selects(&deployment["spec"]["selector"]["matchLabels"]));
+    assert!(!selects(
+        &find(&documents, "Service").unwrap()["spec"]["selector"]
+    ));
+    // The metrics port Prometheus scrapes is the one the policy opens.
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "http");
+    assert_eq!(
+        find(&documents, "ServiceMonitor").unwrap()["spec"]["endpoints"][0]["port"],
+        "http"
+    );
 }

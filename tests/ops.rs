@@ -255,3 +255,81 @@ async fn a_password_with_url_characters_works_from_its_own_variable_or_percent_e
     assert!(!status.success());
     assert!(stderr.contains("AIRSTATE_REDIS_PASSWORD"), "{stderr}");
 }
+
+// --- `airstate selftest`: the chart's helm test ---------------------------------------
+
+fn selftest(url: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let output = Command::new(BINARY)
+        .args(["selftest", "--url", url, "--timeout", "5"])
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn selftest_checks_ready_and_a_state_round_trip() {
+    let mut redis = RedisServer::start();
+    let url = redis.url.clone();
+    let claims = [
+        ("AIRSTATE_REDIS_URL", url.as_str()),
+        ("AIRSTATE_IDENTITY", "claims"),
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+        ("RUST_LOG", "warn"),
+    ];
+    let served = ServedBinary::start(&claims, Stdio::inherit());
+    let (passed, text) = selftest(&served.base, &claims);
+    assert!(passed, "{text}");
+    assert!(text.contains("round trip"), "{text}");
+    // Nothing is left behind in Redis.
+    let keys = redis_cli(redis.port, &["--scan", "--pattern", "*selftest*"]);
+    assert!(keys.is_empty(), "{keys}");
+
+    // A gateway that trusts another key refuses the test's token.
+    let other = [
+        ("AIRSTATE_IDENTITY", "claims"),
+        (
+            "AIRFLOW__API_AUTH__JWT_SECRET",
+            "another-secret-that-is-long-enough-too",
+        ),
+    ];
+    let (passed, text) = selftest(&served.base, &other);
+    assert!(!passed, "{text}");
+    assert!(text.contains("PUT"), "{text}");
+
+    // Not ready (Redis gone): fails at /ready.
+    redis.stop();
+    let (passed, text) = selftest(&served.base, &claims);
+    assert!(!passed, "{text}");
+    assert!(text.contains("/ready"), "{text}");
+    drop(served);
+    // Nothing listening.
+    let (passed, text) = selftest(&served_base_gone(), &claims);
+    assert!(!passed, "{text}");
+}
+
+fn served_base_gone() -> String {
+    format!("http://127.0.0.1:{}", common::free_port())
+}
+
+#[test]
+fn selftest_with_metastore_identity_proves_trust_without_writing() {
+    let pg = common::Postgres::shared();
+    let redis = RedisServer::start();
+    let env = [
+        ("AIRSTATE_REDIS_URL", redis.url.as_str()),
+        ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", pg.url.as_str()),
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+        ("RUST_LOG", "warn"),
+    ];
+    let served = ServedBinary::start(&env, Stdio::inherit());
+    let (passed, text) = selftest(&served.base, &env);
+    assert!(passed, "{text}");
+    assert!(text.contains("metastore consulted"), "{text}");
+}
