@@ -613,6 +613,66 @@ fn dockerfile_builds_a_small_non_root_image_without_a_shell() {
             .unwrap();
         assert!(line.contains('['), "{directive} not in exec form: {line}");
     }
+    // Dependencies build in a layer of their own, before any source is copied: a source
+    // change must not rebuild every crate.
+    let instructions: Vec<String> = dockerfile
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let position = |wanted: &dyn Fn(&str) -> bool, what: &str| {
+        instructions
+            .iter()
+            .position(|l| wanted(l))
+            .unwrap_or_else(|| panic!("no {what} in the Dockerfile"))
+    };
+    let manifests = position(
+        &|l| l.starts_with("COPY Cargo.toml Cargo.lock"),
+        "manifest COPY",
+    );
+    let dependencies = position(
+        &|l| l.starts_with("RUN ") && l.contains("cargo build --release --locked"),
+        "dependency build",
+    );
+    let sources = position(&|l| l.starts_with("COPY src "), "source COPY");
+    assert!(
+        manifests < dependencies && dependencies < sources,
+        "manifest COPY, dependency build, then sources: {instructions:?}"
+    );
+    assert!(instructions[manifests + 1..dependencies]
+        .iter()
+        .all(|l| !l.starts_with("COPY ")));
+    // Its stand-in sources make a manifest cargo accepts as locked: run them on a copy.
+    let stand_ins = instructions[dependencies]
+        .trim_start_matches("RUN ")
+        .split("&& cargo build")
+        .next()
+        .unwrap()
+        .trim()
+        .trim_end_matches("&&")
+        .to_owned();
+    let scratch = tempfile::tempdir().unwrap();
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        std::fs::copy(
+            format!("{}/{file}", env!("CARGO_MANIFEST_DIR")),
+            scratch.path().join(file),
+        )
+        .unwrap();
+    }
+    let made = Command::new("sh")
+        .args(["-c", &stand_ins])
+        .current_dir(scratch.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{stand_ins}: {}", text(&made));
+    // `cargo fetch` reads every target of the manifest (a missing stand-in fails it) and
+    // the lock file, without compiling.
+    let fetch = Command::new(env!("CARGO"))
+        .args(["fetch", "--locked", "--offline"])
+        .current_dir(scratch.path())
+        .output()
+        .unwrap();
+    assert!(fetch.status.success(), "stand-ins: {}", text(&fetch));
     let ignore = repo_file(".dockerignore");
     assert!(ignore.lines().any(|l| l.trim() == "target/"));
     // The health check the image runs exists and fails on a closed port.
