@@ -333,3 +333,76 @@ fn selftest_with_metastore_identity_proves_trust_without_writing() {
     assert!(passed, "{text}");
     assert!(text.contains("metastore consulted"), "{text}");
 }
+
+// --- One test command -------------------------------------------------------------------
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn dry_run(path: &str, args: &[&str]) -> String {
+    let output = Command::new("bash")
+        .arg(format!("{ROOT}/scripts/test"))
+        .args(args)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+        .env("AIRSTATE_TEST_DRY_RUN", "1")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn the_readmes_test_command_is_what_ci_runs_and_it_installs_what_is_missing() {
+    let readme = readme();
+    let tests = readme.split("\n## Tests\n").nth(1).unwrap();
+    let command = tests
+        .split("```sh\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    assert_eq!(command.trim(), "scripts/test");
+    let ci = std::fs::read_to_string(format!("{ROOT}/.ci/run")).unwrap();
+    let ci_lines: Vec<&str> = ci.lines().map(str::trim).collect();
+    assert!(ci_lines.contains(&"scripts/test"), "{ci}");
+    assert!(
+        !ci_lines
+            .iter()
+            .any(|l| l.starts_with("cargo test") || l.contains("apt-get")),
+        ".ci/run leaves installing and testing to scripts/test: {ci}"
+    );
+
+    // Where nothing the tests need is on PATH: every apt package found through PATH is to
+    // be installed, then the venvs, then `cargo test --locked` with the arguments given.
+    let bare = tempfile::tempdir().unwrap();
+    for tool in ["bash", "dirname", "cat"] {
+        let found = Command::new("bash")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let found = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+        std::os::unix::fs::symlink(&found, bare.path().join(tool)).unwrap();
+    }
+    let plan = dry_run(bare.path().to_str().unwrap(), &["--test", "deploy"]);
+    let install = plan.lines().next().unwrap();
+    for package in ["redis-server", "openssl", "python3-venv", "npm", "chromium"] {
+        assert!(
+            install.split_whitespace().any(|p| p == package),
+            "{package}: {plan}"
+        );
+    }
+    assert!(plan.contains("scripts/airflow-venv.sh"), "{plan}");
+    assert!(plan.contains("scripts/deploy-tools.sh"), "{plan}");
+    assert_eq!(
+        plan.lines().last().unwrap(),
+        "would run: cargo test --locked --test deploy"
+    );
+    // Where all is present (as here, once scripts/test ran), it installs nothing.
+    let here = dry_run(&std::env::var("PATH").unwrap(), &[]);
+    let first = here.lines().next().unwrap();
+    if first != "would install: nothing" {
+        println!("this machine lacks some test tools: {first}");
+    }
+}
