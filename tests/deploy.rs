@@ -531,9 +531,13 @@ fn compose_file_is_valid_and_matches_the_gateways_configuration() {
     // Jaeger's v2 line (one image, OTLP on by default); v1 (all-in-one 1.x) is end of life.
     let jaeger = services["jaeger"]["image"].as_str().unwrap();
     assert!(jaeger.starts_with("jaegertracing/jaeger:2."), "{jaeger}");
-    assert!(services["jaeger"]
-        .get("environment")
-        .is_none_or(|env| env.get("COLLECTOR_OTLP_ENABLED").is_none()));
+    let jaeger_env = &services["jaeger"]["environment"];
+    assert!(
+        jaeger_env.get("COLLECTOR_OTLP_ENABLED").is_none(),
+        "a v1 setting"
+    );
+    // v2 binds its receivers to localhost unless told otherwise.
+    assert_eq!(jaeger_env["JAEGER_LISTEN_HOST"], "0.0.0.0");
     let redis = &services["redis"];
     assert!(redis["healthcheck"]["test"].is_array());
     let command: Vec<&str> = redis["command"]
