@@ -406,3 +406,48 @@ fn the_readmes_test_command_is_what_ci_runs_and_it_installs_what_is_missing() {
         println!("this machine lacks some test tools: {first}");
     }
 }
+
+/// The chart's private-key mode: the test Pod mounts the same signing key the gateway
+/// trusts, and no JWT secret.
+#[test]
+fn selftest_mints_with_a_private_signing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("private-key.pem");
+    let status = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let env = [
+        ("AIRSTATE_IDENTITY", "claims"),
+        (
+            "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH",
+            key.to_str().unwrap(),
+        ),
+        ("RUST_LOG", "warn"),
+    ];
+    let served = ServedBinary::start(&env, Stdio::inherit());
+    let (passed, text) = selftest(&served.base, &env);
+    assert!(passed, "{text}");
+    assert!(text.contains("round trip"), "{text}");
+    // Another key is not trusted.
+    let other = dir.path().join("other.pem");
+    let status = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (passed, text) = selftest(
+        &served.base,
+        &[
+            ("AIRSTATE_IDENTITY", "claims"),
+            (
+                "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH",
+                other.to_str().unwrap(),
+            ),
+        ],
+    );
+    assert!(!passed, "{text}");
+}
