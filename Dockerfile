@@ -2,7 +2,17 @@
 # Build: the release binary, from the locked dependency set.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
+# Dependencies first, in a layer of their own keyed by the manifest and lock file only: with
+# stand-in sources (every target Cargo.toml names), so a change to src/ rebuilds airstate
+# alone. The stand-ins' own build outputs are removed so the real sources always rebuild.
 COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs \
+ && for bench in gateway forward; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+ && cargo build --release --locked --bin airstate \
+ && rm -rf src benches target/release/airstate* target/release/deps/airstate-* \
+      target/release/deps/libairstate-* target/release/.fingerprint/airstate-*
 COPY src src
 COPY lua lua
 COPY benches benches

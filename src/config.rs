@@ -172,6 +172,11 @@ pub const VARIABLES: &[Variable] = &[
             "redis[s]://host:port, redis[s]-sentinel://h:p,h:p/service, redis[s]-cluster://h:p,h:p",
     },
     Variable {
+        name: "AIRSTATE_REDIS_PASSWORD",
+        default: DefaultValue::Described("unset: the URL's own, if any"),
+        meaning: "Redis password, as it is (percent-encoded into the URL by airstate)",
+    },
+    Variable {
         name: "AIRSTATE_KEY_PREFIX",
         default: DefaultValue::Value("airstate:"),
         meaning: "prefix of every Redis key; no { or }",
@@ -598,6 +603,11 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
     Ok(match env.text("AIRSTATE_REDIS_URL") {
         None => None,
         Some(url) => {
+            let url = match env.text("AIRSTATE_REDIS_PASSWORD") {
+                Some(password) => crate::store::redis::with_password(&url, &password)
+                    .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?,
+                None => url,
+            };
             crate::store::redis::client_config(&url)
                 .map_err(|message| error("AIRSTATE_REDIS_URL", &message))?;
             let key_prefix: String = env.parse("AIRSTATE_KEY_PREFIX")?;

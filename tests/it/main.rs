@@ -32,6 +32,7 @@ mod metastore_tls;
 mod migrate;
 mod observability;
 mod openapi;
+mod ops;
 mod pgbouncer;
 mod redis_cluster;
 mod redis_outages;

@@ -52,8 +52,8 @@ use super::{
 
 pub use self::scan::ScopeRef;
 pub use self::task::task_hash_tag;
-pub use self::url::client_config;
 use self::url::redact_url;
+pub use self::url::{client_config, with_password};
 
 /// Connection settings the operator can tune.
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@ use fred::prelude::*;
 /// (fred's own forms pass through unchanged). Errors never echo the URL: it may hold a
 /// password.
 pub fn client_config(url: &str) -> Result<Config, String> {
+    check_userinfo(url)?;
     let rewritten = fred_url(url)?;
     Config::from_url(&rewritten).map_err(|e| e.details().to_owned())
 }
@@ -73,6 +74,63 @@ fn fred_url(url: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Characters a URL's userinfo cannot hold as they are: `@` ends it, `/` `?` `#` end the
+/// authority, `%` starts an escape. Unencoded, they move the host: `redis://:p@ss#w/rd@h`
+/// would be a connection to "ss" and a DNS error that names neither the password nor the
+/// fix.
+const USERINFO_BREAKERS: [char; 4] = ['@', '/', '?', '#'];
+
+/// Refuses a URL whose user or password holds characters that must be percent-encoded.
+fn check_userinfo(url: &str) -> Result<(), String> {
+    let Some((_, rest)) = url.split_once("://") else {
+        return Ok(());
+    };
+    let Some(at) = rest.rfind('@') else {
+        return Ok(());
+    };
+    let userinfo = &rest[..at];
+    let bad_escape = userinfo.match_indices('%').any(|(i, _)| {
+        let hex = userinfo.get(i + 1..i + 3).unwrap_or("");
+        hex.len() != 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    if userinfo.contains(USERINFO_BREAKERS) || bad_escape {
+        return Err(
+            "the user or password in the URL holds characters that must be \
+             percent-encoded (@ %40, # %23, / %2F, ? %3F, % %25), or give the password \
+             unencoded in AIRSTATE_REDIS_PASSWORD instead"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// `url` with `password` as its userinfo's password, percent-encoded: the password comes
+/// from a Secret as it is (AIRSTATE_REDIS_PASSWORD), so no operator has to encode it.
+pub fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("expected a URL such as redis://host:6379")?;
+    let encoded = percent_encoding::utf8_percent_encode(password, USERINFO);
+    match rest.rfind('@') {
+        None => Ok(format!("{scheme}://:{encoded}@{rest}")),
+        Some(at) if !rest[..at].contains(':') => Ok(format!(
+            "{scheme}://{}:{encoded}@{}",
+            &rest[..at],
+            &rest[at + 1..]
+        )),
+        Some(_) => {
+            Err("holds a password and so does AIRSTATE_REDIS_PASSWORD: give it in one place".into())
+        }
+    }
+}
+
+/// Everything but RFC 3986's unreserved characters is escaped in a password.
+const USERINFO: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 pub(super) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
@@ -135,6 +193,36 @@ mod tests {
         }
         let message = client_config("redis-sentinel://user:hunter2@s1:1").unwrap_err();
         assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn unencoded_password_characters_are_refused_and_encoded_ones_pass() {
+        for bad in [
+            "redis://:p@ss#w/rd@redis:6379",
+            "redis://:p@ss@redis:6379",
+            "rediss://:a/b@redis:6379",
+            "redis://:a?b@redis:6379",
+            "redis-cluster://:p#w@h1:1,h2:2",
+            "redis-sentinel://:p@w@s1:1,s2:2/m",
+            "redis://:100%@redis:6379",
+        ] {
+            let message = client_config(bad).unwrap_err();
+            assert!(message.contains("percent-encoded"), "{bad}: {message}");
+            assert!(
+                message.contains("AIRSTATE_REDIS_PASSWORD"),
+                "{bad}: {message}"
+            );
+        }
+        let encoded = with_password("redis://redis:6379", "p@ss#w/rd").unwrap();
+        assert_eq!(encoded, "redis://:p%40ss%23w%2Frd@redis:6379");
+        let config = client_config(&encoded).unwrap();
+        assert_eq!(config.password.as_deref(), Some("p@ss#w/rd"));
+        assert_eq!(&*config.server.hosts()[0].host, "redis");
+        let user = with_password("rediss-cluster://app@h1:1,h2:2", "a b:%c").unwrap();
+        let config = client_config(&user).unwrap();
+        assert_eq!(config.username.as_deref(), Some("app"));
+        assert_eq!(config.password.as_deref(), Some("a b:%c"));
+        assert!(with_password("redis://:pw@h:1", "other").is_err());
     }
 
     #[test]
