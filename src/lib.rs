@@ -19,6 +19,7 @@ pub mod http;
 pub mod identity;
 pub mod lifecycle;
 pub mod migrate;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 
@@ -114,7 +115,7 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     }))
 }
 
-/// Serves until SIGTERM or Ctrl-C, then stops accepting, reports not-ready and drains
+/// Serves until SIGTERM or Ctrl-C, then reports not-ready, stops accepting and drains
 /// in-flight requests for at most the configured grace period.
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let state = build_state(&config).await?;
@@ -127,26 +128,25 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let local = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(address = %local, "listening");
     let app = http::router(state.clone(), config.max_body_bytes);
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let grace = config.shutdown_grace;
-    let shutdown_state = state.clone();
-    // The peer address feeds `X-Forwarded-For` on forwarded requests.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let (phase, stopping) = server::Stopping::channel();
+    let server = server::run(listener, app, config.server, stopping);
+    let mut server = std::pin::pin!(server);
+    let shutdown = async {
         shutdown_signal().await;
-        shutdown_state.shutting_down.store(true, Ordering::Relaxed);
+        state.shutting_down.store(true, Ordering::Relaxed);
+        let _ = phase.send(server::Phase::Draining);
         // Change streams never finish on their own: end them so the drain can.
-        shutdown_state.store.close_watches();
+        state.store.close_watches();
+        let _ = phase.send(server::Phase::Stopping);
         tracing::info!("shutting down: draining in-flight requests");
-        let _ = drained_tx.send(());
-    });
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    };
     tokio::select! {
-        result = &mut server => result.map_err(|source| StartError::Listen { addr: local, source })?,
-        _ = async {
-            let _ = drained_rx.await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!("grace period over; exiting with requests still in flight"),
+        _ = &mut server => {}
+        _ = shutdown => {
+            if tokio::time::timeout(config.shutdown_grace, &mut server).await.is_err() {
+                tracing::warn!("grace period over; exiting with requests still in flight");
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(())

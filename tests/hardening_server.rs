@@ -1,0 +1,282 @@
+//! The server's own limits (issue 15, items 1, 5, 6, 12, 13, 15; issue 17's drain), each
+//! at its edge against the real `airstate` binary over real sockets: raw TCP clients that
+//! send partial headers, stall mid-body or stay idle, and a client sending across SIGTERM.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::ServedBinary;
+use uuid::Uuid;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_airstate");
+const SECRET: &str = "hardening-secret-that-is-long-enough-for-hs512";
+
+/// The embedded store and claims identity, plus `extra`.
+fn serve(extra: &[(&str, &str)]) -> ServedBinary {
+    let mut env = vec![
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+        ("RUST_LOG", "warn"),
+    ];
+    env.extend_from_slice(extra);
+    ServedBinary::start(&env, Stdio::inherit())
+}
+
+fn address(served: &ServedBinary) -> String {
+    served.base.trim_start_matches("http://").to_owned()
+}
+
+/// An execution token for a fresh task instance, minted by `airstate token`.
+fn task_token() -> (Uuid, String) {
+    let ti = Uuid::new_v4();
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", &ti.to_string()])
+        .args(["--dag-id", "d", "--run-id", "r", "--task-id", "t"])
+        .env("AIRFLOW__API_AUTH__JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "airstate token");
+    (
+        ti,
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+    )
+}
+
+fn connect(served: &ServedBinary) -> TcpStream {
+    let stream = TcpStream::connect(address(served)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection or `limit` passes; what was read and,
+/// when it closed, after how long.
+fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return (String::from_utf8_lossy(&received).into_owned(), None);
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            // A reset is a close too.
+            Err(_) => break,
+        }
+    }
+    (
+        String::from_utf8_lossy(&received).into_owned(),
+        Some(started.elapsed()),
+    )
+}
+
+/// Reads one response (headers plus a `Content-Length` body) off a kept-alive connection.
+fn read_response(stream: &mut TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut byte = [0u8; 1];
+    while !received.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "connection closed");
+        received.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&received).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// Descriptors the process holds open.
+fn open_descriptors(served: &ServedBinary) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", served.child.id()))
+        .unwrap()
+        .count()
+}
+
+fn metric(served: &ServedBinary, name: &str) -> f64 {
+    let mut stream = connect(served);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (text, _) = read_until_closed(&mut stream, Duration::from_secs(5));
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn slow_headers_are_closed_at_the_header_timeout() {
+    let served = serve(&[
+        ("AIRSTATE_HEADER_READ_TIMEOUT_MS", "600"),
+        ("AIRSTATE_IDLE_TIMEOUT_MS", "30000"),
+    ]);
+    let baseline = open_descriptors(&served);
+    // Fifty clients that start a request and drip a header line now and then, never
+    // ending the headers: each byte arrives well within the timeout, the headers never.
+    let mut slow: Vec<(TcpStream, Instant)> = (0..50)
+        .map(|_| {
+            let mut stream = connect(&served);
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+                .unwrap();
+            (stream, Instant::now())
+        })
+        .collect();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(400) {
+        for (stream, _) in &mut slow {
+            let _ = stream.write_all(b"X-Drip: 1\r\n");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(open_descriptors(&served) >= baseline + 50);
+    for (stream, first_byte) in &mut slow {
+        let (text, closed) = read_until_closed(stream, Duration::from_secs(5));
+        assert!(closed.is_some(), "a slow header is never closed");
+        let closed = first_byte.elapsed();
+        assert!(text.is_empty(), "no response to unfinished headers: {text}");
+        assert!(
+            closed >= Duration::from_millis(550) && closed < Duration::from_millis(2500),
+            "closed {closed:?} after its first byte, the timeout is 600 ms"
+        );
+    }
+    // Their descriptors are given back.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = open_descriptors(&served);
+    assert!(
+        after <= baseline + 2,
+        "{after} descriptors, {baseline} before"
+    );
+    assert!(metric(&served, "airstate_connections_timed_out_total") >= 50.0);
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed_at_the_idle_timeout() {
+    // The idle limit is its own: longer than the header one, and not cut by it.
+    let served = serve(&[
+        ("AIRSTATE_HEADER_READ_TIMEOUT_MS", "300"),
+        ("AIRSTATE_IDLE_TIMEOUT_MS", "1200"),
+    ]);
+    let mut stream = connect(&served);
+    let request = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    stream.write_all(request).unwrap();
+    assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
+    // Idle for less than the limit (but more than the header timeout): still served.
+    std::thread::sleep(Duration::from_millis(800));
+    stream.write_all(request).unwrap();
+    assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
+    let (text, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+    let closed = closed.expect("an idle connection is never closed");
+    assert!(text.is_empty(), "{text}");
+    assert!(
+        closed >= Duration::from_millis(1100) && closed < Duration::from_millis(3000),
+        "closed after {closed:?}, the idle timeout is 1200 ms"
+    );
+    // A connection that never sends anything is idle too.
+    let mut silent = connect(&served);
+    let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(10));
+    let closed = closed.expect("a silent connection is never closed");
+    assert!(closed >= Duration::from_millis(1100), "{closed:?}");
+}
+
+#[test]
+fn a_stalled_body_is_a_408_at_the_body_timeout() {
+    let served = serve(&[
+        ("AIRSTATE_BODY_READ_TIMEOUT_MS", "700"),
+        ("AIRSTATE_HEADER_READ_TIMEOUT_MS", "300"),
+    ]);
+    let (ti, token) = task_token();
+    let put = |body: &str, sent: usize| {
+        let mut stream = connect(&served);
+        let head = format!(
+            "PUT /execution/store/ti/{ti}/k HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body.as_bytes()[..sent]).unwrap();
+        let started = Instant::now();
+        let (text, _) = read_until_closed(&mut stream, Duration::from_secs(5));
+        (text, started.elapsed())
+    };
+    let body = r#"{"value": "complete"}"#;
+    // Half the body, then nothing: refused once the timeout is over, not held for ever.
+    let (text, took) = put(body, 10);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains(r#"{"detail":"Request body not received within 700 ms"}"#),
+        "{text}"
+    );
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    // The whole body is served.
+    let (text, _) = put(body, body.len());
+    assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+}
+
+#[test]
+fn connections_over_the_cap_are_closed_at_once() {
+    let served = serve(&[("AIRSTATE_MAX_CONNECTIONS", "4")]);
+    // Four kept-alive connections, each known to be accepted (it was answered).
+    let mut held: Vec<TcpStream> = (0..4).map(|_| connect(&served)).collect();
+    let health = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    for stream in &mut held {
+        stream.write_all(health).unwrap();
+        assert!(read_response(stream).starts_with("HTTP/1.1 200"));
+    }
+    let mut over = connect(&served);
+    let (text, closed) = read_until_closed(&mut over, Duration::from_secs(5));
+    assert!(text.is_empty(), "{text}");
+    let closed = closed.expect("the fifth connection is kept open");
+    assert!(
+        closed < Duration::from_millis(500),
+        "closed after {closed:?}"
+    );
+    // The four held ones are still served.
+    for stream in &mut held {
+        stream.write_all(health).unwrap();
+        assert!(read_response(stream).starts_with("HTTP/1.1 200"));
+    }
+    // One gone, one more fits (it asks for the metrics): the refusal was counted.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(metric(&served, "airstate_connections_rejected_total"), 1.0);
+}
+
+#[test]
+fn headers_over_the_limit_are_a_431() {
+    let served = serve(&[("AIRSTATE_MAX_HEADER_BYTES", "4096")]);
+    let send = |padding: usize| {
+        let mut stream = connect(&served);
+        let request = format!(
+            "GET /health HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+            "p".repeat(padding)
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        read_until_closed(&mut stream, Duration::from_secs(5)).0
+    };
+    assert!(send(3900).starts_with("HTTP/1.1 200"));
+    assert!(send(4200).starts_with("HTTP/1.1 431"));
+}
