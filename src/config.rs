@@ -64,6 +64,10 @@ pub struct ServerSettings {
     /// Between requests on a kept-alive connection.
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Requests in their handlers at a time (`http::limits`).
+    pub max_requests: usize,
+    /// Request-body bytes in handlers at a time.
+    pub max_body_bytes_in_flight: usize,
 }
 
 /// How state follows Airflow's lifecycle (`crate::lifecycle`).
@@ -291,6 +295,16 @@ pub const VARIABLES: &[Variable] = &[
         name: "AIRSTATE_MAX_CONNECTIONS",
         default: DefaultValue::Value("1000"),
         meaning: "open client connections per replica; one more is closed at once",
+    },
+    Variable {
+        name: "AIRSTATE_MAX_CONCURRENT_REQUESTS",
+        default: DefaultValue::Value("256"),
+        meaning: "requests handled at a time per replica; one more is a 503 at once",
+    },
+    Variable {
+        name: "AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT",
+        default: DefaultValue::Value("16777216"),
+        meaning: "request-body bytes handled at a time per replica (declared length; the body cap when chunked); past it a 503 at once",
     },
     Variable {
         name: "AIRSTATE_JWKS_REFRESH_SECONDS",
@@ -739,7 +753,27 @@ fn server_settings(env: &Env) -> Result<ServerSettings, ConfigError> {
     if max_connections == 0 {
         return Err(error("AIRSTATE_MAX_CONNECTIONS", "must be at least 1"));
     }
+    let max_requests: usize = env.parse("AIRSTATE_MAX_CONCURRENT_REQUESTS")?;
+    if max_requests == 0 {
+        return Err(error(
+            "AIRSTATE_MAX_CONCURRENT_REQUESTS",
+            "must be at least 1",
+        ));
+    }
+    let max_body_bytes: usize = env.parse("AIRSTATE_MAX_BODY_BYTES")?;
+    let max_body_bytes_in_flight: usize = env.parse("AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT")?;
+    if max_body_bytes_in_flight < max_body_bytes || max_body_bytes_in_flight > u32::MAX as usize {
+        return Err(error(
+            "AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT",
+            &format!(
+                "must be between AIRSTATE_MAX_BODY_BYTES ({max_body_bytes}), so that one largest body fits, and {}",
+                u32::MAX
+            ),
+        ));
+    }
     Ok(ServerSettings {
+        max_requests,
+        max_body_bytes_in_flight,
         max_header_bytes,
         header_read_timeout: millis("AIRSTATE_HEADER_READ_TIMEOUT_MS")?,
         body_read_timeout: millis("AIRSTATE_BODY_READ_TIMEOUT_MS")?,
@@ -905,6 +939,8 @@ mod tests {
             ("AIRSTATE_BODY_READ_TIMEOUT_MS", "0"),
             ("AIRSTATE_IDLE_TIMEOUT_MS", "soon"),
             ("AIRSTATE_MAX_CONNECTIONS", "0"),
+            ("AIRSTATE_MAX_CONCURRENT_REQUESTS", "0"),
+            ("AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT", "1000"),
         ] {
             let err = config(&[SECRET, (var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");
@@ -1070,6 +1106,8 @@ mod tests {
         assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
         assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.server.max_connections, 1000);
+        assert_eq!(c.server.max_requests, 256);
+        assert_eq!(c.server.max_body_bytes_in_flight, 16 << 20);
         let redis = c.redis.unwrap();
         assert_eq!(redis.key_prefix, "airstate:");
         assert_eq!(redis.command_timeout, Duration::from_millis(2000));

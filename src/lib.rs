@@ -112,6 +112,11 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
             config.access_cache_ttl,
             config.access_cache_capacity,
         ),
+        limits: Arc::new(http::limits::RequestLimits::new(
+            config.server.max_requests,
+            config.server.max_body_bytes_in_flight,
+            config.max_body_bytes,
+        )),
     }))
 }
 

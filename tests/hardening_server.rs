@@ -239,6 +239,9 @@ fn a_stalled_body_is_a_408_at_the_body_timeout() {
 #[test]
 fn connections_over_the_cap_are_closed_at_once() {
     let served = serve(&[("AIRSTATE_MAX_CONNECTIONS", "4")]);
+    // The start-up probe's connection is gone: only the scrape's own is open.
+    wait_for_metric(&served, "airstate_connections_open", 1.0);
+    std::thread::sleep(Duration::from_millis(100));
     // Four kept-alive connections, each known to be accepted (it was answered).
     let mut held: Vec<TcpStream> = (0..4).map(|_| connect(&served)).collect();
     let health = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
@@ -279,4 +282,145 @@ fn headers_over_the_limit_are_a_431() {
     };
     assert!(send(3900).starts_with("HTTP/1.1 200"));
     assert!(send(4200).starts_with("HTTP/1.1 431"));
+}
+
+/// A PUT of a body of `length` bytes of which only `sent` are sent: its handler waits for
+/// the rest, holding whatever the request counts against.
+fn stalled_put(
+    served: &ServedBinary,
+    ti: Uuid,
+    token: &str,
+    length: usize,
+    sent: usize,
+) -> TcpStream {
+    let mut stream = connect(served);
+    let head = format!(
+        "PUT /execution/store/ti/{ti}/k HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(&body_of(length).as_bytes()[..sent])
+        .unwrap();
+    stream
+}
+
+/// A valid PUT body of exactly `length` bytes.
+fn body_of(length: usize) -> String {
+    let frame = r#"{"value": ""}"#.len();
+    format!(r#"{{"value": "{}"}}"#, "x".repeat(length - frame))
+}
+
+/// One request with `Connection: close`; the response and how long it took.
+fn exchange(served: &ServedBinary, request: &str) -> (String, Duration) {
+    let mut stream = connect(served);
+    let started = Instant::now();
+    stream.write_all(request.as_bytes()).unwrap();
+    let (text, _) = read_until_closed(&mut stream, Duration::from_secs(10));
+    (text, started.elapsed())
+}
+
+fn put_request(ti: Uuid, token: &str, body: &str, chunked: bool) -> String {
+    let framing = if chunked {
+        format!(
+            "Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        )
+    } else {
+        format!("Content-Length: {}\r\n\r\n{body}", body.len())
+    };
+    format!(
+        "PUT /execution/store/ti/{ti}/k HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nConnection: close\r\n{framing}"
+    )
+}
+
+fn wait_for_metric(served: &ServedBinary, name: &str, value: f64) {
+    let started = Instant::now();
+    while metric(served, name) != value {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name} never reached {value}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_shed(text: &str, took: Duration) {
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(r#"{"detail":"Too many requests in flight on this replica, retry later"}"#),
+        "{text}"
+    );
+    assert!(took < Duration::from_millis(500), "shed after {took:?}");
+}
+
+#[test]
+fn requests_past_the_concurrency_limit_are_a_fast_503() {
+    let served = serve(&[("AIRSTATE_MAX_CONCURRENT_REQUESTS", "2")]);
+    let (ti, token) = task_token();
+    let mut stalled: Vec<TcpStream> = (0..2)
+        .map(|_| stalled_put(&served, ti, &token, 100, 10))
+        .collect();
+    // The scrape counts itself.
+    wait_for_metric(&served, "airstate_http_requests_in_flight", 3.0);
+    let get = format!(
+        "GET /execution/store/ti/{ti}/k HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let (text, took) = exchange(&served, &get);
+    assert_shed(&text, took);
+    // Probes are never shed.
+    let (text, _) = exchange(
+        &served,
+        "GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // One stalled request finishes: the next one fits.
+    stalled[0]
+        .write_all(&body_of(100).as_bytes()[10..])
+        .unwrap();
+    assert!(read_response(&mut stalled[0]).starts_with("HTTP/1.1 204"));
+    let (text, _) = exchange(&served, &get);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(
+        metric(
+            &served,
+            r#"airstate_requests_shed_total{reason="requests"}"#
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn body_bytes_past_the_in_flight_limit_are_a_fast_503() {
+    let served = serve(&[
+        ("AIRSTATE_MAX_BODY_BYTES", "1000"),
+        ("AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT", "1000"),
+    ]);
+    let (ti, token) = task_token();
+    let mut stalled = stalled_put(&served, ti, &token, 600, 10);
+    wait_for_metric(&served, "airstate_http_requests_in_flight", 2.0);
+    // 600 + 401 bytes do not fit; 600 + 400 exactly do.
+    let (text, took) = exchange(&served, &put_request(ti, &token, &body_of(401), false));
+    assert_shed(&text, took);
+    let (text, _) = exchange(&served, &put_request(ti, &token, &body_of(400), false));
+    assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+    // A chunked body may be as large as the body cap, so it is counted as that.
+    let (text, took) = exchange(&served, &put_request(ti, &token, &body_of(20), true));
+    assert_shed(&text, took);
+    stalled.write_all(&body_of(600).as_bytes()[10..]).unwrap();
+    assert!(read_response(&mut stalled).starts_with("HTTP/1.1 204"));
+    let (text, _) = exchange(&served, &put_request(ti, &token, &body_of(20), true));
+    assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+    assert_eq!(
+        metric(
+            &served,
+            r#"airstate_requests_shed_total{reason="body_bytes"}"#
+        ),
+        2.0
+    );
 }

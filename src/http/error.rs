@@ -114,6 +114,9 @@ pub enum ApiError {
     /// The request body did not arrive in full within `AIRSTATE_BODY_READ_TIMEOUT_MS`.
     #[error("request body timed out after {0} ms")]
     BodyTimeout(u128),
+    /// Past `AIRSTATE_MAX_CONCURRENT_REQUESTS` or `AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT`.
+    #[error("overloaded")]
+    Overloaded,
     /// The replica is stopping and cut off a request whose body was still arriving.
     #[error("shutting down")]
     ShuttingDown,
@@ -345,6 +348,10 @@ impl ApiError {
             BodyTimeout(millis) => (
                 StatusCode::REQUEST_TIMEOUT,
                 json!(format!("Request body not received within {millis} ms")),
+            ),
+            Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!("Too many requests in flight on this replica, retry later"),
             ),
             ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
