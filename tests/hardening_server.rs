@@ -424,3 +424,33 @@ fn body_bytes_past_the_in_flight_limit_are_a_fast_503() {
         2.0
     );
 }
+
+#[test]
+fn a_malformed_or_truncated_body_is_a_400() {
+    let served = serve(&[]);
+    let (ti, token) = task_token();
+    let head = format!(
+        "PUT /execution/store/ti/{ti}/k HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\n"
+    );
+    let detail = r#"{"detail":"Malformed or truncated request body (invalid chunked encoding, or fewer bytes than Content-Length)"}"#;
+    // A chunk size that is not hexadecimal.
+    let (text, _) = exchange(
+        &served,
+        &format!("{head}Transfer-Encoding: chunked\r\n\r\nzz\r\n"),
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.ends_with(detail), "{text}");
+    // A body cut short: the client half-closes after 5 of 40 declared bytes.
+    let mut stream = connect(&served);
+    stream
+        .write_all(format!("{head}Content-Length: 40\r\n\r\n{{\"va").as_bytes())
+        .unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let (text, _) = read_until_closed(&mut stream, Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.ends_with(detail), "{text}");
+    // Nothing was stored, and a whole chunked body is served.
+    let (text, _) = exchange(&served, &put_request(ti, &token, &body_of(30), true));
+    assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+}

@@ -110,7 +110,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 }
 
 /// Why a body could not be read: too large, cut by the server (too slow, or the replica
-/// stopping), or broken by the client.
+/// stopping), or broken by the client (400, not a 500 with an ERROR log line).
 fn body_error(rejection: BytesRejection, limit: Option<usize>) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::PayloadTooLarge(limit.unwrap_or_default());
@@ -118,7 +118,10 @@ fn body_error(rejection: BytesRejection, limit: Option<usize>) -> ApiError {
     if let Some(cut) = find_in_chain::<crate::server::BodyCut>(&rejection) {
         return cut.into();
     }
-    ApiError::Internal(rejection.body_text())
+    // Anything else failing while a body is read is the client's framing: a malformed
+    // chunk, or a connection closed before the declared length arrived.
+    tracing::debug!(error = %rejection.body_text(), "malformed request body");
+    ApiError::BadRequest("Malformed or truncated request body (invalid chunked encoding, or fewer bytes than Content-Length)")
 }
 
 /// The first error of type `T` in `error`'s source chain.
