@@ -38,6 +38,8 @@ pub struct Config {
     pub auth: AuthSettings,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// On SIGTERM: still accepting, `/ready` 503, until endpoints have dropped the replica.
+    pub shutdown_drain: Duration,
     /// Connection-level limits of the HTTP server (`crate::server`).
     pub server: ServerSettings,
     /// airstate's extensions beyond Airflow's API.
@@ -315,6 +317,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
         default: DefaultValue::Value("20"),
         meaning: "longest wait for in-flight requests on SIGTERM",
+    },
+    Variable {
+        name: "AIRSTATE_SHUTDOWN_DRAIN_SECONDS",
+        default: DefaultValue::Value("0"),
+        meaning: "on SIGTERM, keep accepting (with /ready 503) this long before stopping, so load balancers drop the replica first",
     },
     Variable {
         name: "AIRSTATE_LOG_FORMAT",
@@ -624,6 +631,7 @@ impl Config {
             auth,
             max_body_bytes: env.parse("AIRSTATE_MAX_BODY_BYTES")?,
             shutdown_grace: Duration::from_secs(env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS")?),
+            shutdown_drain: Duration::from_secs(env.parse("AIRSTATE_SHUTDOWN_DRAIN_SECONDS")?),
             server: server_settings(&env)?,
             extensions,
             reconcile,
@@ -1101,6 +1109,7 @@ mod tests {
         assert_eq!(c.listen, SocketAddr::from(([0, 0, 0, 0], 8080)));
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.shutdown_drain, Duration::ZERO);
         assert_eq!(c.server.max_header_bytes, 32768);
         assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));

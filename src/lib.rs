@@ -120,8 +120,9 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     }))
 }
 
-/// Serves until SIGTERM or Ctrl-C, then reports not-ready, stops accepting and drains
-/// in-flight requests for at most the configured grace period.
+/// Serves until SIGTERM or Ctrl-C, then reports not-ready while still accepting for the
+/// drain period, stops accepting and finishes in-flight requests for at most the grace
+/// period.
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let state = build_state(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -138,12 +139,24 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let mut server = std::pin::pin!(server);
     let shutdown = async {
         shutdown_signal().await;
+        // Still accepting: endpoints take a while to drop a replica that turns unready,
+        // and until then new connections keep arriving. Each response asks its client
+        // to reconnect, which by then reaches another replica.
         state.shutting_down.store(true, Ordering::Relaxed);
         let _ = phase.send(server::Phase::Draining);
+        if !config.shutdown_drain.is_zero() {
+            tracing::info!(
+                seconds = config.shutdown_drain.as_secs(),
+                "shutting down: not ready, still accepting"
+            );
+            tokio::time::sleep(config.shutdown_drain).await;
+        }
         // Change streams never finish on their own: end them so the drain can.
         state.store.close_watches();
+        // Stop accepting; idle connections and requests not yet fully received end now, so
+        // one half-sent request cannot hold the exit for the whole grace period.
         let _ = phase.send(server::Phase::Stopping);
-        tracing::info!("shutting down: draining in-flight requests");
+        tracing::info!("shutting down: finishing in-flight requests");
     };
     tokio::select! {
         _ = &mut server => {}

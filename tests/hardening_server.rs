@@ -454,3 +454,128 @@ fn a_malformed_or_truncated_body_is_a_400() {
     let (text, _) = exchange(&served, &put_request(ti, &token, &body_of(30), true));
     assert!(text.starts_with("HTTP/1.1 204"), "{text}");
 }
+
+fn sigterm(served: &ServedBinary) {
+    unsafe { libc::kill(served.child.id() as i32, libc::SIGTERM) };
+}
+
+/// Waits for the process to exit; how long after `since` it did.
+fn wait_exit(served: &mut ServedBinary, since: Instant, limit: Duration) -> Duration {
+    loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < limit, "no exit {limit:?} after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_half_sent_request_does_not_hold_the_shutdown() {
+    let mut served = serve(&[("AIRSTATE_SHUTDOWN_GRACE_SECONDS", "20")]);
+    let (ti, token) = task_token();
+    let mut head_only = connect(&served);
+    head_only
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let mut half_body = stalled_put(&served, ti, &token, 100, 10);
+    wait_for_metric(&served, "airstate_http_requests_in_flight", 2.0);
+    let signalled = Instant::now();
+    sigterm(&served);
+    let took = wait_exit(&mut served, signalled, Duration::from_secs(15));
+    assert!(took < Duration::from_secs(2), "exit {took:?} after SIGTERM");
+    // The request still receiving its body is told to go elsewhere; the one without its
+    // headers gets nothing, its connection closed.
+    let (text, _) = read_until_closed(&mut half_body, Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.ends_with(r#"{"detail":"Server shutting down, retry on another replica"}"#),
+        "{text}"
+    );
+    let (text, closed) = read_until_closed(&mut head_only, Duration::from_secs(5));
+    assert!(text.is_empty() && closed.is_some(), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_across_sigterm_are_all_served_during_the_drain() {
+    let mut served = serve(&[
+        ("AIRSTATE_SHUTDOWN_DRAIN_SECONDS", "2"),
+        ("AIRSTATE_SHUTDOWN_GRACE_SECONDS", "10"),
+    ]);
+    let (ti, token) = task_token();
+    // A worker keeping its connections alive, and new clients opening one per request.
+    let pooled = reqwest::Client::new();
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let url = format!("{}/execution/store/ti/{ti}/k", served.base);
+    let signalled = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let sender = {
+        let signalled = signalled.clone();
+        let fresh = fresh.clone();
+        tokio::spawn(async move {
+            let (mut before, mut after, mut failures) = (0, 0, Vec::new());
+            for i in 0.. {
+                if signalled
+                    .get()
+                    .is_some_and(|at| at.elapsed() > Duration::from_millis(1500))
+                {
+                    break;
+                }
+                let client = if i % 2 == 0 { &pooled } else { &fresh };
+                let outcome = client
+                    .put(&url)
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"value": i}))
+                    .send()
+                    .await;
+                match outcome {
+                    Ok(response) if response.status() == 204 => {}
+                    Ok(response) => failures.push(format!("{i}: {}", response.status())),
+                    Err(error) => failures.push(format!("{i}: {error}")),
+                }
+                if signalled.get().is_some() {
+                    after += 1;
+                } else {
+                    before += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (before, after, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&served);
+    signalled.set(Instant::now()).unwrap();
+    // Readiness turns 503 at once, on a new connection, while requests are still served.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = fresh
+        .get(format!("{}/ready", served.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let (before, after, failures) = sender.await.unwrap();
+    println!("{before} requests before SIGTERM, {after} in the 1.5 s after it");
+    assert!(
+        failures.is_empty(),
+        "refused during the drain: {failures:?}"
+    );
+    assert!(before > 5 && after > 30, "{before} / {after}");
+    // Then it stops accepting and exits once the drain is over.
+    let since = *signalled.get().unwrap();
+    let took = tokio::task::spawn_blocking(move || {
+        let took = wait_exit(&mut served, since, Duration::from_secs(10));
+        (took, served)
+    })
+    .await
+    .unwrap();
+    assert!(
+        took.0 >= Duration::from_secs(2) && took.0 < Duration::from_millis(3500),
+        "exit {:?} after SIGTERM, the drain is 2 s",
+        took.0
+    );
+    assert!(TcpStream::connect(address(&took.1)).is_err());
+}
