@@ -314,6 +314,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "how often a JWKS URL or file is re-read",
     },
     Variable {
+        name: "AIRSTATE_JWKS_TIMEOUT_MS",
+        default: DefaultValue::Value("5000"),
+        meaning: "longest a JWKS URL fetch may take, connect to last byte (start-up fails, a refresh keeps the old keys)",
+    },
+    Variable {
         name: "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
         default: DefaultValue::Value("20"),
         meaning: "longest wait for in-flight requests on SIGTERM",
@@ -535,6 +540,9 @@ impl Config {
             ),
             jwks_refresh: Duration::from_secs(
                 env.parse::<u64>("AIRSTATE_JWKS_REFRESH_SECONDS")?.max(1),
+            ),
+            jwks_timeout: Duration::from_millis(
+                env.parse::<u64>("AIRSTATE_JWKS_TIMEOUT_MS")?.max(1),
             ),
         };
         if auth.secret.is_none() && auth.jwks_source.is_none() && auth.private_key_path.is_none() {
@@ -1130,6 +1138,7 @@ mod tests {
         assert_eq!(metastore.timeout, Duration::from_millis(2000));
         assert_eq!(c.auth.refreshed_lifetime, Duration::from_secs(600));
         assert_eq!(c.auth.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(c.auth.jwks_timeout, Duration::from_secs(5));
         assert!(!c.extensions.asset_registration_check);
         assert!(c.extensions.change_streams);
         assert_eq!(c.extensions.change_stream_buffer, DEFAULT_EVENT_BUFFER);

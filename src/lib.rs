@@ -57,7 +57,7 @@ pub enum StartError {
 pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     telemetry::metrics_handle();
     let auth = auth::Authenticator::new(&config.auth)?;
-    auth.spawn_refresh(config.auth.jwks_refresh);
+    auth.spawn_refresh(config.auth.jwks_refresh, config.auth.jwks_timeout);
     let mut oracle: Option<Arc<dyn store::lifecycle::Oracle>> = None;
     let identity: Arc<dyn IdentityResolver> = match (config.identity, &config.metastore) {
         (IdentityMode::Metastore, Some(settings)) => {

@@ -579,3 +579,186 @@ async fn requests_across_sigterm_are_all_served_during_the_drain() {
     );
     assert!(TcpStream::connect(address(&took.1)).is_err());
 }
+
+/// A JWKS endpoint on raw TCP that serves `document` while `hang` is off, and accepts but
+/// never answers while it is on (the connections are kept open until the test ends).
+struct JwksEndpoint {
+    url: String,
+    document: std::sync::Arc<std::sync::Mutex<String>>,
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl JwksEndpoint {
+    fn start(document: String, hang: bool) -> JwksEndpoint {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let document = Arc::new(Mutex::new(document));
+        let hang = Arc::new(AtomicBool::new(hang));
+        let (served, hanging) = (document.clone(), hang.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                if hanging.load(Ordering::SeqCst) {
+                    held.push(stream);
+                    continue;
+                }
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let body = served.lock().unwrap().clone();
+                let _ = stream.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        JwksEndpoint {
+            url,
+            document,
+            hang,
+        }
+    }
+
+    fn hang(&self, on: bool) {
+        self.hang.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An Ed25519 key made by openssl: its PEM path and its public JWK with `kid`.
+fn ed25519_key(dir: &std::path::Path, kid: &str) -> (String, serde_json::Value) {
+    let path = dir.join(format!("{kid}.pem"));
+    let made = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl genpkey");
+    let pem = std::fs::read(&path).unwrap();
+    let encoding = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+    let mut jwk =
+        jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::EdDSA)
+            .unwrap();
+    jwk.common.key_id = Some(kid.to_owned());
+    (
+        path.display().to_string(),
+        serde_json::to_value(jwk).unwrap(),
+    )
+}
+
+/// A token for `ti` signed with the key at `pem` under `kid`, by `airstate token`.
+fn token_signed_by(pem: &str, kid: &str, ti: Uuid) -> String {
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", &ti.to_string()])
+        .args(["--dag-id", "d", "--run-id", "r", "--task-id", "t"])
+        .env_clear()
+        .env("AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH", pem)
+        .env("AIRFLOW__API_AUTH__JWT_KID", kid)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_jwks_endpoint_that_never_answers_fails_start_up_at_the_timeout() {
+    let endpoint = JwksEndpoint::start(String::new(), true);
+    let started = Instant::now();
+    let mut child = Command::new(BINARY)
+        .arg("serve")
+        .env_clear()
+        .env("AIRFLOW__API_AUTH__TRUSTED_JWKS_URL", &endpoint.url)
+        .env("AIRSTATE_JWKS_TIMEOUT_MS", "800")
+        .env(
+            "AIRSTATE_LISTEN",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("start-up still hangs on the JWKS after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("AIRFLOW__API_AUTH__TRUSTED_JWKS_URL"),
+        "{stderr}"
+    );
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(4),
+        "exited after {took:?}, the timeout is 800 ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_refresh_that_never_answers_does_not_stop_later_refreshes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem_a, jwk_a) = ed25519_key(dir.path(), "a");
+    let (pem_b, jwk_b) = ed25519_key(dir.path(), "b");
+    let endpoint = JwksEndpoint::start(serde_json::json!({"keys": [jwk_a]}).to_string(), false);
+    let served = ServedBinary::start(
+        &[
+            ("AIRFLOW__API_AUTH__TRUSTED_JWKS_URL", &endpoint.url),
+            ("AIRSTATE_JWKS_REFRESH_SECONDS", "1"),
+            ("AIRSTATE_JWKS_TIMEOUT_MS", "500"),
+            ("RUST_LOG", "error"),
+        ],
+        Stdio::inherit(),
+    );
+    let http = reqwest::Client::new();
+    let ti = Uuid::new_v4();
+    let url = format!("{}/execution/store/ti/{ti}/k", served.base);
+    let status = |token: String| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            http.get(&url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(status(token_signed_by(&pem_a, "a", ti)).await, 404);
+    // The endpoint hangs through a few refreshes; then it answers with a new key.
+    endpoint.hang(true);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    *endpoint.document.lock().unwrap() = serde_json::json!({"keys": [jwk_a, jwk_b]}).to_string();
+    endpoint.hang(false);
+    let token_b = token_signed_by(&pem_b, "b", ti);
+    let started = Instant::now();
+    loop {
+        let got = status(token_b.clone()).await;
+        if got == 404 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "the key added after the hang is never trusted ({got}): the refresh task is stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
