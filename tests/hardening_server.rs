@@ -762,3 +762,62 @@ async fn a_jwks_refresh_that_never_answers_does_not_stop_later_refreshes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_a_fast_503_while_redis_is_known_down() {
+    let mut redis = common::RedisServer::start();
+    let served = serve(&[
+        ("AIRSTATE_REDIS_URL", &redis.url),
+        ("AIRSTATE_REDIS_TIMEOUT_MS", "3000"),
+        ("AIRSTATE_REDIS_RECONNECT_MAX_MS", "500"),
+        ("RUST_LOG", "error"),
+    ]);
+    let (ti, token) = task_token();
+    let http = reqwest::Client::new();
+    let url = format!("{}/execution/store/ti/{ti}/k", served.base);
+    let put = |i: u32| {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        async move {
+            let started = Instant::now();
+            let response = http
+                .put(&url)
+                .bearer_auth(token)
+                .json(&serde_json::json!({"value": i}))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = response.headers().get("retry-after").cloned();
+            (response.status(), retry_after, started.elapsed())
+        }
+    };
+    assert_eq!(put(0).await.0, 204);
+    redis.stop();
+    // fred sees the connection drop at once; from then on it is reconnecting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut slowest = Duration::ZERO;
+    for i in 1..=20 {
+        let (status, retry_after, took) = put(i).await;
+        assert_eq!(status, 503, "request {i}");
+        assert_eq!(retry_after.unwrap(), "1");
+        slowest = slowest.max(took);
+    }
+    println!("slowest 503 while Redis is down: {slowest:?} (command timeout 3 s)");
+    assert!(
+        slowest < Duration::from_millis(300),
+        "slowest 503 took {slowest:?}"
+    );
+    // Back once Redis is: failing fast never outlives the outage.
+    redis.restart();
+    let started = Instant::now();
+    loop {
+        let (status, _, _) = put(99).await;
+        if status == 204 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never back: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
