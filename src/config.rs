@@ -38,6 +38,10 @@ pub struct Config {
     pub auth: AuthSettings,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// On SIGTERM: still accepting, `/ready` 503, until endpoints have dropped the replica.
+    pub shutdown_drain: Duration,
+    /// Connection-level limits of the HTTP server (`crate::server`).
+    pub server: ServerSettings,
     /// airstate's extensions beyond Airflow's API.
     pub extensions: ExtensionSettings,
     pub admin: AdminSettings,
@@ -48,6 +52,24 @@ pub struct Config {
     pub access_cache_capacity: u64,
     /// Lifecycle passes (metastore identity only); `None` when turned off.
     pub reconcile: Option<ReconcileSettings>,
+}
+
+/// What one client connection may cost: a client that never finishes its headers or its
+/// body, or keeps a connection idle, must not hold memory and descriptors for ever.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    pub max_header_bytes: usize,
+    /// From a request's first byte until its headers are complete.
+    pub header_read_timeout: Duration,
+    /// From a request's headers until its body is complete.
+    pub body_read_timeout: Duration,
+    /// Between requests on a kept-alive connection.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    /// Requests in their handlers at a time (`http::limits`).
+    pub max_requests: usize,
+    /// Request-body bytes in handlers at a time.
+    pub max_body_bytes_in_flight: usize,
 }
 
 /// How state follows Airflow's lifecycle (`crate::lifecycle`).
@@ -257,14 +279,59 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "largest request body accepted (413 above)",
     },
     Variable {
+        name: "AIRSTATE_MAX_HEADER_BYTES",
+        default: DefaultValue::Value("32768"),
+        meaning: "largest request line plus headers accepted (431 above)",
+    },
+    Variable {
+        name: "AIRSTATE_HEADER_READ_TIMEOUT_MS",
+        default: DefaultValue::Value("10000"),
+        meaning: "a connection that started a request's headers but not finished them in this long is closed",
+    },
+    Variable {
+        name: "AIRSTATE_BODY_READ_TIMEOUT_MS",
+        default: DefaultValue::Value("30000"),
+        meaning: "a request body not received in full this long after its headers is refused (408)",
+    },
+    Variable {
+        name: "AIRSTATE_IDLE_TIMEOUT_MS",
+        default: DefaultValue::Value("60000"),
+        meaning: "a keep-alive connection with no request for this long is closed",
+    },
+    Variable {
+        name: "AIRSTATE_MAX_CONNECTIONS",
+        default: DefaultValue::Value("1000"),
+        meaning: "open client connections per replica; one more is closed at once",
+    },
+    Variable {
+        name: "AIRSTATE_MAX_CONCURRENT_REQUESTS",
+        default: DefaultValue::Value("256"),
+        meaning: "requests handled at a time per replica; one more is a 503 at once",
+    },
+    Variable {
+        name: "AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT",
+        default: DefaultValue::Value("16777216"),
+        meaning: "request-body bytes handled at a time per replica (declared length; the body cap when chunked); past it a 503 at once",
+    },
+    Variable {
         name: "AIRSTATE_JWKS_REFRESH_SECONDS",
         default: DefaultValue::Value("300"),
         meaning: "how often a JWKS URL or file is re-read",
     },
     Variable {
+        name: "AIRSTATE_JWKS_TIMEOUT_MS",
+        default: DefaultValue::Value("5000"),
+        meaning: "longest a JWKS URL fetch may take, connect to last byte (start-up fails, a refresh keeps the old keys)",
+    },
+    Variable {
         name: "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
         default: DefaultValue::Value("20"),
         meaning: "longest wait for in-flight requests on SIGTERM",
+    },
+    Variable {
+        name: "AIRSTATE_SHUTDOWN_DRAIN_SECONDS",
+        default: DefaultValue::Value("0"),
+        meaning: "on SIGTERM, keep accepting (with /ready 503) this long before stopping, so load balancers drop the replica first",
     },
     Variable {
         name: "AIRSTATE_LOG_FORMAT",
@@ -479,6 +546,9 @@ impl Config {
             jwks_refresh: Duration::from_secs(
                 env.parse::<u64>("AIRSTATE_JWKS_REFRESH_SECONDS")?.max(1),
             ),
+            jwks_timeout: Duration::from_millis(
+                env.parse::<u64>("AIRSTATE_JWKS_TIMEOUT_MS")?.max(1),
+            ),
         };
         if auth.secret.is_none() && auth.jwks_source.is_none() && auth.private_key_path.is_none() {
             return Err(error(
@@ -574,6 +644,8 @@ impl Config {
             auth,
             max_body_bytes: env.parse("AIRSTATE_MAX_BODY_BYTES")?,
             shutdown_grace: Duration::from_secs(env.parse("AIRSTATE_SHUTDOWN_GRACE_SECONDS")?),
+            shutdown_drain: Duration::from_secs(env.parse("AIRSTATE_SHUTDOWN_DRAIN_SECONDS")?),
+            server: server_settings(&env)?,
             extensions,
             reconcile,
         })
@@ -689,6 +761,51 @@ fn upstream_settings(env: &Env) -> Result<Option<UpstreamSettings>, ConfigError>
                 .max(1),
         ),
     }))
+}
+
+fn server_settings(env: &Env) -> Result<ServerSettings, ConfigError> {
+    let millis = |name: &str| -> Result<Duration, ConfigError> {
+        match env.parse::<u64>(name)? {
+            0 => Err(error(name, "must be at least 1 ms")),
+            ms => Ok(Duration::from_millis(ms)),
+        }
+    };
+    let max_header_bytes: usize = env.parse("AIRSTATE_MAX_HEADER_BYTES")?;
+    // Below this hyper cannot parse a request line and a bearer token.
+    if max_header_bytes < 1024 {
+        return Err(error("AIRSTATE_MAX_HEADER_BYTES", "must be at least 1024"));
+    }
+    let max_connections: usize = env.parse("AIRSTATE_MAX_CONNECTIONS")?;
+    if max_connections == 0 {
+        return Err(error("AIRSTATE_MAX_CONNECTIONS", "must be at least 1"));
+    }
+    let max_requests: usize = env.parse("AIRSTATE_MAX_CONCURRENT_REQUESTS")?;
+    if max_requests == 0 {
+        return Err(error(
+            "AIRSTATE_MAX_CONCURRENT_REQUESTS",
+            "must be at least 1",
+        ));
+    }
+    let max_body_bytes: usize = env.parse("AIRSTATE_MAX_BODY_BYTES")?;
+    let max_body_bytes_in_flight: usize = env.parse("AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT")?;
+    if max_body_bytes_in_flight < max_body_bytes || max_body_bytes_in_flight > u32::MAX as usize {
+        return Err(error(
+            "AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT",
+            &format!(
+                "must be between AIRSTATE_MAX_BODY_BYTES ({max_body_bytes}), so that one largest body fits, and {}",
+                u32::MAX
+            ),
+        ));
+    }
+    Ok(ServerSettings {
+        max_requests,
+        max_body_bytes_in_flight,
+        max_header_bytes,
+        header_read_timeout: millis("AIRSTATE_HEADER_READ_TIMEOUT_MS")?,
+        body_read_timeout: millis("AIRSTATE_BODY_READ_TIMEOUT_MS")?,
+        idle_timeout: millis("AIRSTATE_IDLE_TIMEOUT_MS")?,
+        max_connections,
+    })
 }
 
 /// `AIRSTATE_CHANGE_STREAMS`: read for the HTTP layer (streams served or 406) and for the
@@ -843,6 +960,13 @@ mod tests {
             ("AIRSTATE_AIRFLOW_API_URL", "https://airflow:8080"),
             ("AIRSTATE_AIRFLOW_API_URL", "http://user:pw@airflow:8080"),
             ("AIRSTATE_AIRFLOW_API_URL", "http://airflow:8080/?x=1"),
+            ("AIRSTATE_MAX_HEADER_BYTES", "100"),
+            ("AIRSTATE_HEADER_READ_TIMEOUT_MS", "0"),
+            ("AIRSTATE_BODY_READ_TIMEOUT_MS", "0"),
+            ("AIRSTATE_IDLE_TIMEOUT_MS", "soon"),
+            ("AIRSTATE_MAX_CONNECTIONS", "0"),
+            ("AIRSTATE_MAX_CONCURRENT_REQUESTS", "0"),
+            ("AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT", "1000"),
         ] {
             let err = config(&[SECRET, (var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");
@@ -1003,6 +1127,14 @@ mod tests {
         assert_eq!(c.listen, SocketAddr::from(([0, 0, 0, 0], 8080)));
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.shutdown_drain, Duration::ZERO);
+        assert_eq!(c.server.max_header_bytes, 32768);
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 1000);
+        assert_eq!(c.server.max_requests, 256);
+        assert_eq!(c.server.max_body_bytes_in_flight, 16 << 20);
         let redis = c.redis.unwrap();
         assert_eq!(redis.key_prefix, "airstate:");
         assert_eq!(redis.command_timeout, Duration::from_millis(2000));
@@ -1016,6 +1148,7 @@ mod tests {
         assert_eq!(metastore.timeout, Duration::from_millis(2000));
         assert_eq!(c.auth.refreshed_lifetime, Duration::from_secs(600));
         assert_eq!(c.auth.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(c.auth.jwks_timeout, Duration::from_secs(5));
         assert!(!c.extensions.asset_registration_check);
         assert!(c.extensions.change_streams);
         assert_eq!(c.extensions.change_stream_buffer, DEFAULT_EVENT_BUFFER);

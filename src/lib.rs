@@ -19,6 +19,7 @@ pub mod http;
 pub mod identity;
 pub mod lifecycle;
 pub mod migrate;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 
@@ -56,7 +57,7 @@ pub enum StartError {
 pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     telemetry::metrics_handle();
     let auth = auth::Authenticator::new(&config.auth)?;
-    auth.spawn_refresh(config.auth.jwks_refresh);
+    auth.spawn_refresh(config.auth.jwks_refresh, config.auth.jwks_timeout);
     let mut oracle: Option<Arc<dyn store::lifecycle::Oracle>> = None;
     let identity: Arc<dyn IdentityResolver> = match (config.identity, &config.metastore) {
         (IdentityMode::Metastore, Some(settings)) => {
@@ -111,11 +112,17 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
             config.access_cache_ttl,
             config.access_cache_capacity,
         ),
+        limits: Arc::new(http::limits::RequestLimits::new(
+            config.server.max_requests,
+            config.server.max_body_bytes_in_flight,
+            config.max_body_bytes,
+        )),
     }))
 }
 
-/// Serves until SIGTERM or Ctrl-C, then stops accepting, reports not-ready and drains
-/// in-flight requests for at most the configured grace period.
+/// Serves until SIGTERM or Ctrl-C, then reports not-ready while still accepting for the
+/// drain period, stops accepting and finishes in-flight requests for at most the grace
+/// period.
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let state = build_state(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -127,26 +134,37 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let local = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(address = %local, "listening");
     let app = http::router(state.clone(), config.max_body_bytes);
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let grace = config.shutdown_grace;
-    let shutdown_state = state.clone();
-    // The peer address feeds `X-Forwarded-For` on forwarded requests.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let (phase, stopping) = server::Stopping::channel();
+    let server = server::run(listener, app, config.server, stopping);
+    let mut server = std::pin::pin!(server);
+    let shutdown = async {
         shutdown_signal().await;
-        shutdown_state.shutting_down.store(true, Ordering::Relaxed);
+        // Still accepting: endpoints take a while to drop a replica that turns unready,
+        // and until then new connections keep arriving. Each response asks its client
+        // to reconnect, which by then reaches another replica.
+        state.shutting_down.store(true, Ordering::Relaxed);
+        let _ = phase.send(server::Phase::Draining);
+        if !config.shutdown_drain.is_zero() {
+            tracing::info!(
+                seconds = config.shutdown_drain.as_secs(),
+                "shutting down: not ready, still accepting"
+            );
+            tokio::time::sleep(config.shutdown_drain).await;
+        }
         // Change streams never finish on their own: end them so the drain can.
-        shutdown_state.store.close_watches();
-        tracing::info!("shutting down: draining in-flight requests");
-        let _ = drained_tx.send(());
-    });
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+        state.store.close_watches();
+        // Stop accepting; idle connections and requests not yet fully received end now, so
+        // one half-sent request cannot hold the exit for the whole grace period.
+        let _ = phase.send(server::Phase::Stopping);
+        tracing::info!("shutting down: finishing in-flight requests");
+    };
     tokio::select! {
-        result = &mut server => result.map_err(|source| StartError::Listen { addr: local, source })?,
-        _ = async {
-            let _ = drained_rx.await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!("grace period over; exiting with requests still in flight"),
+        _ = &mut server => {}
+        _ = shutdown => {
+            if tokio::time::timeout(config.shutdown_grace, &mut server).await.is_err() {
+                tracing::warn!("grace period over; exiting with requests still in flight");
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(())

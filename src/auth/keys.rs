@@ -104,7 +104,7 @@ pub(super) type SigningKey = (EncodingKey, Algorithm, String);
 impl KeyRing {
     pub(super) fn load(settings: &AuthSettings) -> Result<(Self, Option<SigningKey>), KeyError> {
         if let Some(source) = &settings.jwks_source {
-            let keys = fetch_jwks(source, settings.algorithm)?;
+            let keys = fetch_jwks(source, settings.algorithm, settings.jwks_timeout)?;
             let description = format!("JWKS from {source} ({} keys)", keys.len());
             return Ok((
                 KeyRing::ByKid {
@@ -209,7 +209,7 @@ impl KeyRing {
         }
     }
 
-    pub(super) fn spawn_refresh(&self, every: Duration) {
+    pub(super) fn spawn_refresh(&self, every: Duration, timeout: Duration) {
         let KeyRing::ByKid {
             keys,
             jwks_source: Some(source),
@@ -239,9 +239,10 @@ impl KeyRing {
                     }
                 }
                 let source_for_fetch = source.clone();
-                let fetched =
-                    tokio::task::spawn_blocking(move || fetch_jwks(&source_for_fetch, configured))
-                        .await;
+                let fetched = tokio::task::spawn_blocking(move || {
+                    fetch_jwks(&source_for_fetch, configured, timeout)
+                })
+                .await;
                 match fetched {
                     Ok(Ok(fresh)) => {
                         let mut trusted = keys.write().unwrap();
@@ -265,9 +266,18 @@ impl KeyRing {
     }
 }
 
-fn fetch_jwks(source: &str, configured: Option<Algorithm>) -> Result<KidMap, KeyError> {
+fn fetch_jwks(
+    source: &str,
+    configured: Option<Algorithm>,
+    timeout: Duration,
+) -> Result<KidMap, KeyError> {
     let text = if source.starts_with("http://") || source.starts_with("https://") {
-        ureq::get(source)
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
+        agent
+            .get(source)
             .call()
             .map_err(|e| KeyError::new(JWKS_VAR, format!("cannot fetch {source}: {e}")))?
             .body_mut()

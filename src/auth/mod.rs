@@ -78,6 +78,9 @@ pub struct AuthSettings {
     /// Lifetime of a refreshed token (`[execution_api] jwt_expiration_time`).
     pub refreshed_lifetime: Duration,
     pub jwks_refresh: Duration,
+    /// Whole JWKS fetch, connect to last body byte: ureq has no timeout of its own, and an
+    /// endpoint that never answers would hang start-up and every later refresh.
+    pub jwks_timeout: Duration,
 }
 
 /// Signs refreshed tokens; present only when the gateway holds Airflow's signing key.
@@ -140,8 +143,8 @@ impl Authenticator {
     }
 
     /// Starts background refresh of a JWKS; a no-op in other key modes.
-    pub fn spawn_refresh(self: &Arc<Self>, every: Duration) {
-        self.keys.spawn_refresh(every);
+    pub fn spawn_refresh(self: &Arc<Self>, every: Duration, timeout: Duration) {
+        self.keys.spawn_refresh(every, timeout);
     }
 
     pub fn describe(&self) -> String {

@@ -111,6 +111,15 @@ pub enum ApiError {
     /// A request that is malformed at the HTTP level (framing, target).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request body did not arrive in full within `AIRSTATE_BODY_READ_TIMEOUT_MS`.
+    #[error("request body timed out after {0} ms")]
+    BodyTimeout(u128),
+    /// Past `AIRSTATE_MAX_CONCURRENT_REQUESTS` or `AIRSTATE_MAX_BODY_BYTES_IN_FLIGHT`.
+    #[error("overloaded")]
+    Overloaded,
+    /// The replica is stopping and cut off a request whose body was still arriving.
+    #[error("shutting down")]
+    ShuttingDown,
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -122,6 +131,15 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::Unavailable(reason) => ApiError::Unavailable(reason),
             StoreError::Internal(reason) => ApiError::Internal(reason),
+        }
+    }
+}
+
+impl From<&crate::server::BodyCut> for ApiError {
+    fn from(cut: &crate::server::BodyCut) -> Self {
+        match cut {
+            crate::server::BodyCut::Timeout(millis) => ApiError::BodyTimeout(*millis),
+            crate::server::BodyCut::ShuttingDown => ApiError::ShuttingDown,
         }
     }
 }
@@ -327,6 +345,18 @@ impl ApiError {
                 )),
             ),
             BadRequest(message) => (StatusCode::BAD_REQUEST, json!(message)),
+            BodyTimeout(millis) => (
+                StatusCode::REQUEST_TIMEOUT,
+                json!(format!("Request body not received within {millis} ms")),
+            ),
+            Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!("Too many requests in flight on this replica, retry later"),
+            ),
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!("Server shutting down, retry on another replica"),
+            ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!("State store temporarily unavailable, retry later"),

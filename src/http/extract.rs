@@ -99,21 +99,43 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
         let limit = request.extensions().get::<BodyLimit>().map(|l| l.0);
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection: BytesRejection| {
-                    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        ApiError::PayloadTooLarge(limit.unwrap_or_default())
-                    } else {
-                        ApiError::Internal(rejection.body_text())
-                    }
-                })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| body_error(rejection, limit))?;
         Ok(JsonBody {
             content_type,
             bytes,
         })
     }
+}
+
+/// Why a body could not be read: too large, cut by the server (too slow, or the replica
+/// stopping), or broken by the client (400, not a 500 with an ERROR log line).
+fn body_error(rejection: BytesRejection, limit: Option<usize>) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::PayloadTooLarge(limit.unwrap_or_default());
+    }
+    if let Some(cut) = find_in_chain::<crate::server::BodyCut>(&rejection) {
+        return cut.into();
+    }
+    // Anything else failing while a body is read is the client's framing: a malformed
+    // chunk, or a connection closed before the declared length arrived.
+    tracing::debug!(error = %rejection.body_text(), "malformed request body");
+    ApiError::BadRequest("Malformed or truncated request body (invalid chunked encoding, or fewer bytes than Content-Length)")
+}
+
+/// The first error of type `T` in `error`'s source chain.
+pub(crate) fn find_in_chain<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = error.source();
+    }
+    None
 }
 
 /// The configured body cap, carried to [`JsonBody`] for its error message.

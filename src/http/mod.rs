@@ -10,6 +10,7 @@ pub mod error;
 pub mod extensions;
 pub mod extract;
 pub mod forward;
+pub mod limits;
 mod observe;
 pub mod openapi;
 pub mod routes;
@@ -52,6 +53,8 @@ pub struct AppState {
     /// access, and the metastore identity for asset ids), rather than forwarded.
     pub serve_core_api: bool,
     pub access_cache: core_api::AccessCache,
+    /// Requests and body bytes in flight (`limits`).
+    pub limits: Arc<limits::RequestLimits>,
 }
 
 /// The newest Execution API version, and the one that introduced the state routes.
@@ -82,6 +85,11 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
+        // Outermost: an overloaded replica refuses before parsing or authenticating.
+        .layer(middleware::from_fn_with_state(
+            state.limits.clone(),
+            limits::shed,
+        ))
         .with_state(state)
 }
 

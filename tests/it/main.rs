@@ -27,6 +27,7 @@ mod core_api;
 mod deploy;
 mod extensions;
 mod forward;
+mod hardening_server;
 mod lifecycle;
 mod metastore_tls;
 mod migrate;

@@ -23,6 +23,10 @@ pub(super) struct Connection {
     /// Present when writes wait for replicas (see [`RedisSettings::wait_replicas`]).
     confirmed: Option<Arc<ConfirmedWrites>>,
     command_timeout: Duration,
+    /// Answer at once while no pooled connection is up, instead of queueing the command
+    /// for the whole timeout. Not on a Cluster: there fred reports the least healthy
+    /// node's state, and the other nodes' slots are still served.
+    fail_fast: bool,
 }
 
 /// Writes acknowledged only after `WAIT`. `WAIT` counts the writes of the connection it
@@ -138,10 +142,12 @@ impl Connection {
         } else {
             None
         };
+        let fail_fast = !pool.clients().iter().any(|client| client.is_clustered());
         Ok(Self {
             pool,
             confirmed,
             command_timeout: timeout,
+            fail_fast,
         })
     }
 
@@ -168,6 +174,20 @@ impl Connection {
             db.system = "redis",
             db.operation = command,
         );
+        if self.fail_fast
+            && !self
+                .pool
+                .clients()
+                .iter()
+                .any(|client| client.is_connected())
+        {
+            // fred knows Redis is gone (refused, closed) and is reconnecting: waiting
+            // the command timeout for each request would only hold it longer.
+            return Err(count_error(
+                command,
+                StoreError::Unavailable("no connection to Redis; reconnecting".into()),
+            ));
+        }
         let started = Instant::now();
         let deadline = self.command_timeout;
         async move {
