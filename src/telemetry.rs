@@ -113,7 +113,9 @@ pub fn init(format: LogFormat) -> Telemetry {
     } else {
         None
     };
-    let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(crate::config::default_value("RUST_LOG").unwrap_or_default())
+    });
     let logs = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -157,7 +159,8 @@ fn build_provider() -> Result<SdkTracerProvider, String> {
     let service = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|name| !name.trim().is_empty())
-        .unwrap_or_else(|| "airstate".to_owned());
+        .or_else(|| crate::config::default_value("OTEL_SERVICE_NAME"))
+        .unwrap_or_default();
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service)
         .build();
