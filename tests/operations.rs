@@ -161,3 +161,401 @@ fn help_lists_every_variable_the_binary_reads() {
         "missing from --help: {missing:?}\n{help}"
     );
 }
+
+/// A small deterministic generator: the fuzzed requests are the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+
+    fn word(&mut self) -> String {
+        let len = 1 + self.below(12);
+        (0..len)
+            .map(|_| {
+                let chars = b"abcdefghijklmnopqrstuvwxyz0123456789-_.%~";
+                chars[self.below(chars.len())] as char
+            })
+            .collect()
+    }
+}
+
+/// Series in a Prometheus exposition: its sample lines.
+fn series(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| line.rsplit_once(' ').map_or(line, |(series, _)| series))
+        .collect()
+}
+
+fn label<'a>(series: &'a str, name: &str) -> Option<&'a str> {
+    let start = series.find(&format!("{name}=\""))? + name.len() + 2;
+    let end = start + series[start..].find('"')?;
+    Some(&series[start..end])
+}
+
+/// Sends `count` fuzzed requests: known and unknown paths with made-up ids, keys and
+/// segments, standard and invented methods, good and bad tokens, bodies and headers.
+async fn fuzz(base: &str, templates: &[String], token: &str, rng: &mut Rng, count: usize) {
+    let http = reqwest::Client::new();
+    for _ in 0..count {
+        let path = match rng.below(4) {
+            // A route template with its parameters made up.
+            0 | 1 => {
+                let template = &templates[rng.below(templates.len())];
+                template
+                    .split('/')
+                    .map(|segment| {
+                        if segment.starts_with('{') {
+                            if rng.below(2) == 0 {
+                                uuid::Uuid::new_v4().to_string()
+                            } else {
+                                rng.word()
+                            }
+                        } else {
+                            segment.to_owned()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("/")
+            }
+            // Somewhere under a known prefix.
+            2 => format!(
+                "{}/{}/{}",
+                rng.pick(&[
+                    "/execution/store/ti",
+                    "/execution/state/asset",
+                    "/admin/v1",
+                    "/api/v2/dags",
+                    "/execution",
+                    ""
+                ]),
+                rng.word(),
+                rng.word()
+            ),
+            _ => format!("/{}", rng.word()),
+        };
+        let query = if rng.below(4) == 0 {
+            format!("?{}={}", rng.word(), rng.word())
+        } else {
+            String::new()
+        };
+        let method = match rng.below(8) {
+            7 => format!(
+                "X{}",
+                rng.word().to_ascii_uppercase().replace(['%', '~', '.'], "")
+            ),
+            n => ["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS"][n].to_owned(),
+        };
+        let Ok(method) = reqwest::Method::from_bytes(method.as_bytes()) else {
+            continue;
+        };
+        let mut request = http.request(method, format!("{base}{path}{query}"));
+        match rng.below(3) {
+            0 => request = request.bearer_auth(token),
+            1 => request = request.bearer_auth(rng.word()),
+            _ => {}
+        }
+        if rng.below(3) == 0 {
+            request = request.header("if-match", format!("\"{}\"", rng.word()));
+        }
+        if rng.below(4) == 0 {
+            request = request.header(
+                "accept",
+                rng.pick(&["text/event-stream", "text/html", "*/*"]),
+            );
+        }
+        request = match rng.below(3) {
+            0 => request
+                .header("content-type", "application/json")
+                .body(format!("{{\"value\": \"{}\"}}", rng.word())),
+            1 => request
+                .header("content-type", rng.pick(&["text/plain", "application/xml"]))
+                .body(rng.word()),
+            _ => request,
+        };
+        let _ = request.send().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzzed_requests_leave_a_bounded_set_of_series() {
+    let redis = common::RedisServer::shared();
+    let prefix = format!("fuzz-{}:", uuid::Uuid::new_v4().simple());
+    let served = ServedBinary::start(
+        &[
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+            ("AIRSTATE_REDIS_URL", redis.url.as_str()),
+            ("AIRSTATE_KEY_PREFIX", prefix.as_str()),
+            ("AIRSTATE_IDENTITY", "claims"),
+            ("AIRSTATE_ADMIN_TOKEN", &"a".repeat(32)),
+            ("RUST_LOG", "off"),
+        ],
+        Stdio::null(),
+    );
+    let document: serde_json::Value = reqwest::get(format!("{}/openapi.json", served.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let templates: Vec<String> = document["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    // The document writes `{*key}` as OpenAPI's `{key}`.
+    let is_template = |route: &str| templates.iter().any(|t| *t == route.replace("{*", "{"));
+    let token = {
+        let output = run(
+            &[
+                "token",
+                "--sub",
+                &uuid::Uuid::now_v7().to_string(),
+                "--dag-id",
+                "d",
+                "--run-id",
+                "r",
+                "--task-id",
+                "t",
+            ],
+            &[("AIRSTATE_IDENTITY", "claims")],
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let scrape = || async {
+        reqwest::get(format!("{}/metrics", served.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    fuzz(&served.base, &templates, &token, &mut rng, 1000).await;
+    let first = scrape().await;
+    fuzz(&served.base, &templates, &token, &mut rng, 1000).await;
+    let second = scrape().await;
+    let (first, second) = (series(&first), series(&second));
+    let mut by_metric: std::collections::BTreeMap<&str, usize> = Default::default();
+    for series in &second {
+        *by_metric
+            .entry(series.split('{').next().unwrap())
+            .or_default() += 1;
+    }
+    println!(
+        "series after 1000 requests: {}, after 2000: {}",
+        first.len(),
+        second.len()
+    );
+    println!("{by_metric:#?}");
+    // Route labels are templates (or one of two catch-alls), never a path sent.
+    for series in &second {
+        if let Some(route) = label(series, "route") {
+            assert!(
+                is_template(route) || ["unmatched", "forwarded"].contains(&route),
+                "route label {route:?} is not a template: {series}"
+            );
+        }
+        if let Some(method) = label(series, "method") {
+            assert!(
+                ["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER"]
+                    .contains(&method),
+                "{series}"
+            );
+        }
+    }
+    // One latency histogram per operation (HEAD answering GETs too), plus the unmatched
+    // and forwarded ones, each with any of eight method labels.
+    let operations: usize = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    let histograms = by_metric["airstate_http_request_duration_seconds_count"];
+    assert!(
+        histograms <= 2 * operations + 16,
+        "{histograms} latency histograms for {operations} operations"
+    );
+    assert!(
+        second.len() <= MAX_SERIES,
+        "{} series after 2000 fuzzed requests (bound {MAX_SERIES}): {by_metric:#?}",
+        second.len()
+    );
+}
+
+/// What one replica may expose however it is called (README, "Observability").
+const MAX_SERIES: usize = 2500;
+
+/// The metric names recorded in the sources (`counter!("…"`, `gauge!`, `histogram!`).
+fn metric_names_in_sources() -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut stack = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+            for piece in text.split(macro_name).skip(1) {
+                let piece = piece.trim_start();
+                if let Some(rest) = piece.strip_prefix('"') {
+                    names.insert(rest.split('"').next().unwrap().to_owned());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Every metric carries HELP and follows Prometheus' naming; the build, the metastore pool
+/// and queries, and the process are measured; all scraped from a running binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_prometheus_conventions() {
+    let recorded = metric_names_in_sources();
+    assert!(recorded.len() >= 15, "{recorded:?}");
+    let described: Vec<&str> = airstate::telemetry::METRICS
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    for name in &recorded {
+        assert!(
+            described.contains(&name.as_str()),
+            "{name} has no HELP text in telemetry::METRICS"
+        );
+        assert!(name.starts_with("airstate_"), "{name}");
+        // Counters end in _total; units are base units (seconds, bytes).
+        assert!(!name.contains("_ms") && !name.contains("millis"), "{name}");
+    }
+
+    let pg = common::Postgres::shared();
+    let redis = common::RedisServer::shared();
+    let prefix = format!("conv-{}:", uuid::Uuid::new_v4().simple());
+    let served = ServedBinary::start(
+        &[
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+            ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", pg.url.as_str()),
+            ("AIRSTATE_REDIS_URL", redis.url.as_str()),
+            ("AIRSTATE_KEY_PREFIX", prefix.as_str()),
+            ("AIRSTATE_METASTORE_POOL_SIZE", "3"),
+            ("RUST_LOG", "off"),
+        ],
+        Stdio::null(),
+    );
+    let http = reqwest::Client::new();
+    // A token for a task instance the metastore does not know: one metastore query.
+    let ti = uuid::Uuid::now_v7();
+    let token = String::from_utf8(run(&["token", "--sub", &ti.to_string()], &[]).stdout).unwrap();
+    let missing = http
+        .get(format!("{}/execution/store/ti/{ti}/k", served.base))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    let status = missing.status();
+    assert!(
+        status.is_client_error(),
+        "{status}: {}",
+        missing.text().await.unwrap()
+    );
+    println!("unknown task instance: {status}");
+    assert_eq!(
+        http.get(format!("{}/ready", served.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let text = http
+        .get(format!("{}/metrics", served.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    let typed: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .collect();
+    assert!(typed.len() >= 10, "{text}");
+    for (name, kind) in &typed {
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with(&format!("# HELP {name} "))),
+            "{name} has no HELP line:\n{text}"
+        );
+        if *kind == "counter" {
+            assert!(name.ends_with("_total"), "counter {name}");
+        }
+    }
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+            .and_then(|line| line.rsplit_once(' '))
+            .and_then(|(_, value)| value.parse().ok())
+    };
+    let build = text
+        .lines()
+        .find(|line| line.starts_with("airstate_build_info{"))
+        .unwrap_or_else(|| panic!("no airstate_build_info in:\n{text}"));
+    assert!(build.ends_with(" 1"), "{build}");
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{build}"
+    );
+    let commit = label(build, "commit").unwrap();
+    assert!(!commit.is_empty(), "{build}");
+    assert_eq!(commit, airstate::telemetry::COMMIT);
+    // Process metrics, from /proc.
+    assert!(
+        value("process_resident_memory_bytes").unwrap() > 1e6,
+        "{text}"
+    );
+    assert!(value("process_cpu_seconds_total").unwrap() > 0.0);
+    let fds = value("process_open_fds").unwrap();
+    assert!(
+        fds >= 3.0 && fds <= value("process_max_fds").unwrap(),
+        "{fds}"
+    );
+    let started = value("process_start_time_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started <= now + 1.0 && started > now - 120.0,
+        "{started} vs {now}"
+    );
+    // The metastore pool and its queries.
+    assert_eq!(value("airstate_metastore_pool_max_connections"), Some(3.0));
+    assert!(value("airstate_metastore_pool_connections").unwrap() >= 1.0);
+    assert!(value("airstate_metastore_pool_idle_connections").is_some());
+    assert_eq!(value("airstate_metastore_pool_waiting"), Some(0.0));
+    assert!(
+        value("airstate_metastore_query_duration_seconds_count").unwrap() >= 1.0,
+        "{text}"
+    );
+}
