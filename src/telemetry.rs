@@ -206,8 +206,22 @@ pub const METRICS: &[(&str, &str)] = &[
     ("airstate_reconcile_pass_duration_seconds", "Duration of lifecycle reconcile passes"),
 ];
 
-/// The git commit the binary was built from (`build.rs`), or `unknown`.
-pub const COMMIT: &str = env!("BUILD_COMMIT");
+/// The `reason` label values of `airstate_jwt_failures_total`.
+pub const JWT_FAILURE_REASONS: &[&str] = &[
+    "missing",
+    "invalid",
+    "claim",
+    "unknown_kid",
+    "token_type",
+    "subject",
+];
+
+/// The git commit the binary was built from (`build.rs`), or `unknown` (also when a build,
+/// such as an image's, leaves `build.rs` out).
+pub const COMMIT: &str = match option_env!("BUILD_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
@@ -230,6 +244,21 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             "commit" => COMMIT,
         )
         .set(1.0);
+        // Series without labels, and labels whose values are all known, start at zero: a
+        // rate() over an absent series is no 0 but nothing, and an alert on it never fires.
+        for name in [
+            "airstate_admin_auth_failures_total",
+            "airstate_asset_registration_denied_total",
+            "airstate_change_streams_lagged_total",
+            "airstate_change_stream_events_missed_total",
+            "airstate_redis_unconfirmed_writes_total",
+        ] {
+            metrics::counter!(name).increment(0);
+        }
+        metrics::gauge!("airstate_change_streams").increment(0.0);
+        for reason in JWT_FAILURE_REASONS {
+            metrics::counter!("airstate_jwt_failures_total", "reason" => *reason).increment(0);
+        }
         // Histogram samples pile up in memory until drained into buckets; without a
         // scraper nothing else drains them (measured: 135 MiB RSS after ~1M requests).
         let upkeep = handle.clone();

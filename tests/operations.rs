@@ -559,3 +559,328 @@ async fn metrics_follow_prometheus_conventions() {
         "{text}"
     );
 }
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/airstate");
+
+/// helm and a PyYAML virtualenv, from `scripts/deploy-tools.sh` (as tests/deploy.rs uses).
+fn deploy_tools() -> std::path::PathBuf {
+    let target = format!("{}/deploy-tools", env!("CARGO_TARGET_TMPDIR"));
+    let output = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/deploy-tools.sh"
+        ))
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "deploy-tools.sh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::path::PathBuf::from(target)
+}
+
+fn checked(output: std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// `promtool` from Debian's `prometheus` package, installed when missing (as root, the
+/// way CI runs); `None` with a message when it cannot be had.
+fn promtool() -> Option<String> {
+    let found = || Command::new("promtool").arg("--version").output().is_ok();
+    if !found() {
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "prometheus"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    if found() {
+        Some("promtool".to_owned())
+    } else {
+        eprintln!("SKIPPED the promtool checks: promtool is not installed and `apt-get install prometheus` failed");
+        None
+    }
+}
+
+/// The chart's alert rules and Grafana dashboard (rendered by helm, as installed) use only
+/// metrics a running replica exposes, and promtool accepts the rules and sees each alert
+/// fire on the series it is about, and none on healthy ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alert_rules_use_metrics_a_replica_exposes() {
+    let tools = deploy_tools();
+    let helm = |args: &[&str]| {
+        let output = Command::new(tools.join("helm"))
+            .args(args)
+            .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+            .output()
+            .unwrap();
+        checked(output, &format!("helm {args:?}"))
+    };
+    let sets = [
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ];
+    let mut lint = vec!["lint", "--strict", CHART];
+    lint.extend(sets);
+    helm(&lint);
+    let mut template = vec!["template", "t", CHART];
+    template.extend(sets);
+    let rendered = helm(&template);
+    let mut python = Command::new(tools.join("venv/bin/python"));
+    let script = "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))";
+    let mut child = python
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), rendered.as_bytes()).unwrap();
+    let documents: Vec<serde_json::Value> =
+        serde_json::from_str(&checked(child.wait_with_output().unwrap(), "PyYAML")).unwrap();
+    let rule = documents
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    let dashboard_map = documents
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "t-airstate-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(
+        dashboard_map["metadata"]["labels"]["grafana_dashboard"],
+        "1"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(dashboard_map["data"]["airstate.json"].as_str().unwrap()).unwrap();
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{CHART}/dashboards/airstate.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard, on_disk);
+
+    // Every expression, and the metric names in it.
+    let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
+    let alerts: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    for wanted in [
+        "AirstateHighErrorRatio",
+        "AirstateHighLatency",
+        "AirstateRedisErrors",
+        "AirstateMetastoreErrors",
+        "AirstateIdentityCacheMisses",
+        "AirstateJwtFailures",
+        "AirstateChangeStreamLag",
+    ] {
+        assert!(alerts.contains(&wanted), "{wanted} missing from {alerts:?}");
+    }
+    let mut expressions: Vec<String> = rules
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap().to_owned())
+        .collect();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            expressions.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for expression in &expressions {
+        let mut rest = expression.as_str();
+        while let Some(at) = rest.find(|c: char| c.is_ascii_lowercase()) {
+            rest = &rest[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let word = &rest[..end];
+            if word.starts_with("airstate_") || word.starts_with("process_") {
+                used.insert(word.to_owned());
+            }
+            rest = &rest[end..];
+        }
+    }
+    assert!(used.len() >= 20, "{used:?}");
+
+    // A replica with traffic of every kind: served, refused, forwarded to a dead upstream,
+    // a reconcile pass, then Redis gone.
+    let mut redis = common::RedisServer::start();
+    let pg = common::Postgres::shared();
+    let dead_upstream = format!("http://127.0.0.1:{}", common::free_port());
+    let served = ServedBinary::start(
+        &[
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+            ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", pg.url.as_str()),
+            ("AIRSTATE_REDIS_URL", redis.url.as_str()),
+            ("AIRSTATE_AIRFLOW_API_URL", dead_upstream.as_str()),
+            ("AIRSTATE_RECONCILE_INTERVAL_SECONDS", "1"),
+            ("AIRSTATE_REDIS_TIMEOUT_MS", "300"),
+            ("RUST_LOG", "off"),
+        ],
+        Stdio::null(),
+    );
+    let http = reqwest::Client::new();
+    let ti = uuid::Uuid::now_v7();
+    pg.insert_task_instance(ti, &format!("dag-{ti}"), &format!("run-{ti}"), "t", -1)
+        .await;
+    let token = String::from_utf8(run(&["token", "--sub", &ti.to_string()], &[]).stdout).unwrap();
+    let key = format!("{}/execution/store/ti/{ti}/k", served.base);
+    let put = http
+        .put(&key)
+        .bearer_auth(token.trim())
+        .json(&serde_json::json!({"value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    assert_eq!(
+        http.get(&key)
+            .bearer_auth("garbage")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let forwarded = http
+        .get(format!("{}/api/v2/dags", served.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forwarded.status(), 502);
+    // A reconcile pass (every second) has run once the metric shows.
+    let scrape = || async {
+        http.get(format!("{}/metrics", served.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !scrape().await.contains("airstate_reconcile_passes_total{") {
+        assert!(std::time::Instant::now() < deadline, "no reconcile pass");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    redis.stop();
+    let failed = http
+        .get(&key)
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 503);
+    let text = scrape().await;
+    let exposed: std::collections::BTreeSet<&str> = series(&text)
+        .into_iter()
+        .map(|series| series.split('{').next().unwrap())
+        .collect();
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|name| !exposed.contains(name.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "used but not exposed: {missing:?}\n{text}"
+    );
+
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rules_file = dir.path().join("rules.json");
+    std::fs::write(&rules_file, serde_json::to_string(&rule["spec"]).unwrap()).unwrap();
+    checked(
+        Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(&rules_file)
+            .output()
+            .unwrap(),
+        "promtool check rules",
+    );
+    let job = "job=\"t-airstate\"";
+    let failing = [
+        ("airstate_http_requests_total{status=\"503\",route=\"/r\",method=\"GET\"}", "0+600x60"),
+        ("airstate_http_requests_total{status=\"200\",route=\"/r\",method=\"GET\"}", "0+600x60"),
+        ("airstate_http_request_duration_seconds_bucket{le=\"0.25\",route=\"/r\",method=\"GET\"}", "0+0x60"),
+        ("airstate_http_request_duration_seconds_bucket{le=\"1\",route=\"/r\",method=\"GET\"}", "0+600x60"),
+        ("airstate_http_request_duration_seconds_bucket{le=\"+Inf\",route=\"/r\",method=\"GET\"}", "0+600x60"),
+        ("airstate_redis_errors_total{command=\"hget\",kind=\"unavailable\"}", "0+60x60"),
+        ("airstate_metastore_errors_total{kind=\"pool\"}", "0+60x60"),
+        ("airstate_metastore_pool_waiting", "3+0x60"),
+        ("airstate_identity_cache_total{kind=\"task\",result=\"miss\"}", "0+600x60"),
+        ("airstate_identity_cache_total{kind=\"task\",result=\"hit\"}", "0+60x60"),
+        ("airstate_jwt_failures_total{reason=\"invalid\"}", "0+600x60"),
+        ("airstate_change_streams_lagged_total", "0+60x60"),
+    ];
+    let healthy = [
+        ("airstate_http_requests_total{status=\"200\",route=\"/r\",method=\"GET\"}", "0+600x60"),
+        ("airstate_http_requests_total{status=\"404\",route=\"/r\",method=\"GET\"}", "0+60x60"),
+        ("airstate_http_request_duration_seconds_bucket{le=\"0.005\",route=\"/r\",method=\"GET\"}", "0+600x60"),
+        ("airstate_http_request_duration_seconds_bucket{le=\"+Inf\",route=\"/r\",method=\"GET\"}", "0+600x60"),
+        ("airstate_redis_errors_total{command=\"hget\",kind=\"unavailable\"}", "0+0x60"),
+        ("airstate_metastore_errors_total{kind=\"pool\"}", "0+0x60"),
+        ("airstate_metastore_pool_waiting", "0+0x60"),
+        ("airstate_identity_cache_total{kind=\"task\",result=\"miss\"}", "0+60x60"),
+        ("airstate_identity_cache_total{kind=\"task\",result=\"hit\"}", "0+600x60"),
+        ("airstate_jwt_failures_total{reason=\"invalid\"}", "0+6x60"),
+        ("airstate_change_streams_lagged_total", "0+0x60"),
+    ];
+    let input = |series: &[(&str, &str)]| -> Vec<serde_json::Value> {
+        series
+            .iter()
+            .map(|(name, values)| {
+                let series = match name.split_once('{') {
+                    Some((metric, labels)) => format!("{metric}{{{job},{labels}"),
+                    None => format!("{name}{{{job}}}"),
+                };
+                serde_json::json!({"series": series, "values": values})
+            })
+            .collect()
+    };
+    let expect = |firing: bool| -> Vec<serde_json::Value> {
+        rules
+            .iter()
+            .map(|rule| {
+                let expected = if firing {
+                    vec![serde_json::json!({
+                        "exp_labels": rule["labels"],
+                        "exp_annotations": rule["annotations"],
+                    })]
+                } else {
+                    vec![]
+                };
+                serde_json::json!({
+                    "eval_time": "40m",
+                    "alertname": rule["alert"],
+                    "exp_alerts": expected,
+                })
+            })
+            .collect()
+    };
+    let tests = serde_json::json!({
+        "rule_files": [rules_file],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m", "input_series": input(&failing), "alert_rule_test": expect(true)},
+            {"interval": "1m", "input_series": input(&healthy), "alert_rule_test": expect(false)},
+        ],
+    });
+    let tests_file = dir.path().join("tests.json");
+    std::fs::write(&tests_file, tests.to_string()).unwrap();
+    let tested = checked(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(&tests_file)
+            .output()
+            .unwrap(),
+        "promtool test rules",
+    );
+    println!("{tested}");
+    assert!(tested.contains("SUCCESS"), "{tested}");
+}

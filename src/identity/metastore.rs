@@ -118,6 +118,16 @@ impl MetastoreResolver {
             .recycle_timeout(Some(settings.timeout))
             .build()
             .map_err(|e| format!("cannot build the metastore pool: {e}"))?;
+        // Every label value known, every series from zero (see `telemetry::metrics_handle`).
+        for kind in ["pool", "query", "timeout"] {
+            metrics::counter!("airstate_metastore_errors_total", "kind" => kind).increment(0);
+        }
+        for kind in ["task", "asset", "registration"] {
+            for result in ["hit", "miss"] {
+                metrics::counter!("airstate_identity_cache_total", "kind" => kind, "result" => result)
+                    .increment(0);
+            }
+        }
         Ok(Self {
             pool,
             tasks: bounded_cache(settings),
