@@ -13,9 +13,13 @@ RUN mkdir -p src benches \
  && cargo build --release --locked --bin airstate \
  && rm -rf src benches target/release/airstate* target/release/deps/airstate-* \
       target/release/deps/libairstate-* target/release/.fingerprint/airstate-*
+COPY build.rs ./
 COPY src src
 COPY lua lua
 COPY benches benches
+# The image has no .git: pass the commit for airstate_build_info
+# (`docker build --build-arg AIRSTATE_BUILD_COMMIT=$(git rev-parse --short=12 HEAD) .`).
+ARG AIRSTATE_BUILD_COMMIT=unknown
 RUN cargo build --release --locked --bin airstate
 
 # Run: glibc and libgcc only, no shell, a non-root user (65532).

@@ -339,6 +339,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "log line format: json | text",
     },
     Variable {
+        name: ALLOW_UNKNOWN_VARIABLES,
+        default: DefaultValue::Value("false"),
+        meaning: "true: an unknown AIRSTATE_* variable is only warned about; false: it stops the start",
+    },
+    Variable {
         name: "AIRSTATE_ADMIN_TOKEN",
         default: DefaultValue::Described("unset: admin API off"),
         meaning: "bearer token of the admin API (/admin/v1), at least 32 characters; from a Secret",
@@ -459,6 +464,122 @@ pub const VARIABLES: &[Variable] = &[
         name: "AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME",
         default: DefaultValue::Value("600"),
         meaning: "lifetime of refreshed tokens, seconds",
+    },
+    // Read by the libraries airstate uses: logging, OpenTelemetry and the TLS roots.
+    Variable {
+        name: "RUST_LOG",
+        default: DefaultValue::Value("info"),
+        meaning: "log filter (tracing EnvFilter syntax), e.g. info,airstate::access=off",
+    },
+    Variable {
+        name: "OTEL_SDK_DISABLED",
+        default: DefaultValue::Described("unset"),
+        meaning: "true: no traces exported whatever else is set",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default: DefaultValue::Described("unset: no traces exported"),
+        meaning: "OTLP collector base URL; setting it turns trace export on",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        default: DefaultValue::Described("unset"),
+        meaning: "OTLP traces URL, instead of the base URL",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default: DefaultValue::Described("http/protobuf"),
+        meaning: "grpc | http/protobuf",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        default: DefaultValue::Described("unset"),
+        meaning: "protocol for traces, over OTEL_EXPORTER_OTLP_PROTOCOL",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_HEADERS",
+        default: DefaultValue::Described("unset"),
+        meaning: "key=value,... sent with every export",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        default: DefaultValue::Described("unset"),
+        meaning: "headers for traces only",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_TIMEOUT",
+        default: DefaultValue::Described("SDK: 10000"),
+        meaning: "export timeout, milliseconds",
+    },
+    Variable {
+        name: "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        default: DefaultValue::Described("unset"),
+        meaning: "export timeout for traces, milliseconds",
+    },
+    Variable {
+        name: "OTEL_SERVICE_NAME",
+        default: DefaultValue::Value("airstate"),
+        meaning: "service.name of the exported spans",
+    },
+    Variable {
+        name: "OTEL_RESOURCE_ATTRIBUTES",
+        default: DefaultValue::Described("unset"),
+        meaning: "key=value,... added to the exported resource",
+    },
+    Variable {
+        name: "OTEL_TRACES_SAMPLER",
+        default: DefaultValue::Described("SDK: parentbased_always_on"),
+        meaning: "always_on | always_off | traceidratio | parentbased_*",
+    },
+    Variable {
+        name: "OTEL_TRACES_SAMPLER_ARG",
+        default: DefaultValue::Described("unset"),
+        meaning: "the sampler's ratio, 0.0-1.0",
+    },
+    Variable {
+        name: "OTEL_BSP_SCHEDULE_DELAY",
+        default: DefaultValue::Described("SDK: 5000"),
+        meaning: "milliseconds between span batch exports",
+    },
+    Variable {
+        name: "OTEL_BSP_MAX_QUEUE_SIZE",
+        default: DefaultValue::Described("SDK: 2048"),
+        meaning: "spans buffered for export (more are dropped)",
+    },
+    Variable {
+        name: "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        default: DefaultValue::Described("SDK: 512"),
+        meaning: "spans per export",
+    },
+    Variable {
+        name: "OTEL_BSP_EXPORT_TIMEOUT",
+        default: DefaultValue::Described("SDK: 30000"),
+        meaning: "longest export of one batch, milliseconds",
+    },
+    Variable {
+        name: "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+        default: DefaultValue::Described("SDK: 128"),
+        meaning: "attributes kept per span",
+    },
+    Variable {
+        name: "OTEL_SPAN_EVENT_COUNT_LIMIT",
+        default: DefaultValue::Described("SDK: 128"),
+        meaning: "events kept per span",
+    },
+    Variable {
+        name: "OTEL_SPAN_LINK_COUNT_LIMIT",
+        default: DefaultValue::Described("SDK: 128"),
+        meaning: "links kept per span",
+    },
+    Variable {
+        name: "SSL_CERT_FILE",
+        default: DefaultValue::Described("system CA roots"),
+        meaning: "PEM CA bundle trusted for rediss:// and the metastore's TLS",
+    },
+    Variable {
+        name: "SSL_CERT_DIR",
+        default: DefaultValue::Described("system CA roots"),
+        meaning: "directory of CA certificates trusted likewise",
     },
 ];
 
@@ -832,6 +953,136 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// The opt-out of [`check_variables`]' refusal.
+pub const ALLOW_UNKNOWN_VARIABLES: &str = "AIRSTATE_ALLOW_UNKNOWN_VARIABLES";
+
+/// An `AIRSTATE_*` variable airstate does not read, with the known name it most resembles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownVariable {
+    pub name: String,
+    pub suggestion: Option<&'static str>,
+}
+
+impl std::fmt::Display for UnknownVariable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.suggestion {
+            Some(known) => write!(
+                f,
+                "{} is not a variable airstate reads; did you mean {known}?",
+                self.name
+            ),
+            None => write!(
+                f,
+                "{} is not a variable airstate reads (see airstate --help)",
+                self.name
+            ),
+        }
+    }
+}
+
+/// A misspelt variable would otherwise fall back on its default silently (a typo in
+/// `AIRSTATE_REDIS_URL` starts the in-memory store), so unknown `AIRSTATE_*` names stop the
+/// start unless [`ALLOW_UNKNOWN_VARIABLES`] is true; then they are returned as warnings.
+pub fn check_variables(
+    names: impl IntoIterator<Item = String>,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<UnknownVariable>, ConfigError> {
+    let env = Env(&lookup);
+    let allowed: bool = env.parse(ALLOW_UNKNOWN_VARIABLES)?;
+    let mut unknown: Vec<UnknownVariable> = names
+        .into_iter()
+        .filter(|name| name.to_ascii_uppercase().starts_with("AIRSTATE_"))
+        .filter(|name| !VARIABLES.iter().any(|variable| variable.name == name))
+        .filter(|name| !kubernetes_service_link(name, &env.text(name).unwrap_or_default()))
+        .map(|name| UnknownVariable {
+            suggestion: nearest_variable(&name),
+            name,
+        })
+        .collect();
+    unknown.sort_by(|a, b| a.name.cmp(&b.name));
+    match unknown.first() {
+        Some(first) if !allowed => Err(error(
+            &first.name,
+            &format!(
+                "{}{}; set {ALLOW_UNKNOWN_VARIABLES}=true to start anyway",
+                first,
+                match unknown.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more unknown AIRSTATE_* variables)", n - 1),
+                }
+            ),
+        )),
+        _ => Ok(unknown),
+    }
+}
+
+/// Kubernetes gives every pod `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_8080_TCP` and the
+/// like for each Service in its namespace (unless `enableServiceLinks: false`); a Service
+/// named `airstate…` thus puts `AIRSTATE_*` names in the environment that no one misspelt.
+fn kubernetes_service_link(name: &str, value: &str) -> bool {
+    if name.ends_with("_SERVICE_HOST")
+        || name.ends_with("_SERVICE_PORT")
+        || name.contains("_SERVICE_PORT_")
+    {
+        return true;
+    }
+    // `<SERVICE>_PORT=tcp://10.0.0.1:8080`; a number there is someone's setting.
+    if name.ends_with("_PORT") {
+        return ["tcp://", "udp://", "sctp://"]
+            .iter()
+            .any(|scheme| value.starts_with(scheme));
+    }
+    // <SERVICE>_PORT_<number>_<protocol>[_PROTO|_PORT|_ADDR]
+    name.split("_PORT_").skip(1).any(|rest| {
+        let mut parts = rest.split('_');
+        let number = parts.next().unwrap_or_default();
+        let protocol = parts.next().unwrap_or_default();
+        let field = parts.next();
+        !number.is_empty()
+            && number.bytes().all(|b| b.is_ascii_digit())
+            && matches!(protocol, "TCP" | "UDP" | "SCTP")
+            && matches!(field, None | Some("PROTO" | "PORT" | "ADDR"))
+            && parts.next().is_none()
+    })
+}
+
+/// The known `AIRSTATE_*` name closest to `name`, if it is close enough to be a typo.
+fn nearest_variable(name: &str) -> Option<&'static str> {
+    let wanted = name.to_ascii_uppercase();
+    VARIABLES
+        .iter()
+        .filter(|variable| variable.name.starts_with("AIRSTATE_"))
+        .map(|variable| (edit_distance(&wanted, variable.name), variable.name))
+        .filter(|(distance, known)| *distance <= 3.max(known.len() / 5))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, known)| known)
+}
+
+/// Optimal string alignment distance: a swap of two neighbours (`ULR` for `URL`) is one edit.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = best;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
 /// The value `name` takes when unset, from [`VARIABLES`]; `None` when the code works it
 /// out or it has none.
 pub fn default_value(name: &str) -> Option<String> {
@@ -1162,6 +1413,58 @@ mod tests {
         assert_eq!(tool.command_timeout, redis.command_timeout);
         assert_eq!(tool.reconnect, redis.reconnect);
         assert_eq!(tool.key_prefix, "p:");
+    }
+
+    #[test]
+    fn unknown_variables_are_refused_with_the_nearest_name() {
+        let check = |names: &[&str], allow: Option<&str>| {
+            let allow = allow.map(str::to_owned);
+            check_variables(names.iter().map(|n| n.to_string()), |name| match name {
+                ALLOW_UNKNOWN_VARIABLES => allow.clone(),
+                "AIRSTATE_PORT" => Some("tcp://10.0.0.1:8080".to_owned()),
+                "AIRSTATE_LISTEN_PORT" => Some("8080".to_owned()),
+                _ => None,
+            })
+        };
+        let err = check(&["AIRSTATE_REDIS_ULR", "PATH"], None).unwrap_err();
+        assert_eq!(err.variable, "AIRSTATE_REDIS_ULR");
+        assert!(
+            err.message.contains("did you mean AIRSTATE_REDIS_URL?"),
+            "{err}"
+        );
+        assert!(err.message.contains(ALLOW_UNKNOWN_VARIABLES), "{err}");
+        assert_eq!(
+            nearest_variable("airstate_listen"),
+            Some("AIRSTATE_LISTEN"),
+            "case is a typo too"
+        );
+        assert_eq!(
+            nearest_variable("AIRSTATE_REDIS_POOLSIZE"),
+            Some("AIRSTATE_REDIS_POOL_SIZE")
+        );
+        assert_eq!(nearest_variable("AIRSTATE_SOMETHING_ELSE_ENTIRELY"), None);
+        // Known names, other prefixes and Kubernetes service links pass.
+        let fine = [
+            "AIRSTATE_REDIS_URL",
+            "AIRFLOW__CORE__DAGS_FOLDER",
+            "AIRSTATE_SERVICE_HOST",
+            "AIRSTATE_SERVICE_PORT",
+            "AIRSTATE_SERVICE_PORT_HTTP",
+            "AIRSTATE_PORT",
+            "AIRSTATE_PORT_8080_TCP",
+            "AIRSTATE_PORT_8080_TCP_ADDR",
+            "AIRSTATE_REDIS_PORT_6379_TCP_PROTO",
+        ];
+        assert_eq!(check(&fine, None).unwrap(), []);
+        assert!(check(&["AIRSTATE_PORT_8080_TCP_EXTRA"], None).is_err());
+        assert!(check(&["AIRSTATE_LISTEN_PORT"], None).is_err());
+        // The opt-out turns the refusal into warnings; it must itself be a boolean.
+        let warned = check(&["AIRSTATE_REDIS_ULR"], Some("true")).unwrap();
+        assert_eq!(warned[0].suggestion, Some("AIRSTATE_REDIS_URL"));
+        assert_eq!(
+            check(&[], Some("yes")).unwrap_err().variable,
+            ALLOW_UNKNOWN_VARIABLES
+        );
     }
 
     #[test]

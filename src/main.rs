@@ -225,10 +225,35 @@ fn migrate(migration: Migration) -> ExitCode {
     }
 }
 
+/// Refuses unknown `AIRSTATE_*` variables (or warns, with the opt-out), for every command
+/// that reads the configuration.
+fn check_variables() -> Result<(), ExitCode> {
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    match airstate::config::check_variables(names, |name| std::env::var(name).ok()) {
+        Ok(unknown) => {
+            for variable in unknown {
+                eprintln!("airstate: warning: {variable}");
+            }
+            Ok(())
+        }
+        Err(error) => {
+            eprintln!("airstate: {error}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Healthcheck { url } = &cli.command {
+        // Probes run in the serving container: a start that got past the check needs no other.
+        return healthcheck(url.clone());
+    }
+    if let Err(code) = check_variables() {
+        return code;
+    }
     match &cli.command {
-        Command::Healthcheck { url } => return healthcheck(url.clone()),
+        Command::Healthcheck { .. } => unreachable!("answered above"),
         Command::Export {
             output,
             to_metastore,

@@ -113,7 +113,9 @@ pub fn init(format: LogFormat) -> Telemetry {
     } else {
         None
     };
-    let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(crate::config::default_value("RUST_LOG").unwrap_or_default())
+    });
     let logs = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -157,7 +159,8 @@ fn build_provider() -> Result<SdkTracerProvider, String> {
     let service = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|name| !name.trim().is_empty())
-        .unwrap_or_else(|| "airstate".to_owned());
+        .or_else(|| crate::config::default_value("OTEL_SERVICE_NAME"))
+        .unwrap_or_default();
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service)
         .build();
@@ -172,6 +175,58 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// Every metric airstate records, with its HELP text (a test checks the sources name no
+/// other). Registered with the recorder, so each exposition carries `# HELP` lines.
+pub const METRICS: &[(&str, &str)] = &[
+    ("airstate_build_info", "Always 1; the version and git commit of this binary as labels"),
+    ("airstate_http_requests_total", "HTTP requests answered, by route template, method and status"),
+    ("airstate_http_request_duration_seconds", "Time from request to response headers, by route template and method"),
+    ("airstate_http_requests_in_flight", "HTTP requests being answered now"),
+    ("airstate_jwt_failures_total", "Requests refused for their token, by reason"),
+    ("airstate_admin_auth_failures_total", "Admin API requests refused for their bearer token"),
+    ("airstate_identity_cache_total", "Identity look-ups, by kind and whether the cache answered (hit) or the metastore was asked (miss)"),
+    ("airstate_asset_registration_denied_total", "Asset requests refused because the task does not declare the asset"),
+    ("airstate_core_api_access_total", "Core REST API access decisions, by result"),
+    ("airstate_forward_errors_total", "Requests forwarded to Airflow's API server that failed, by kind"),
+    ("airstate_change_streams", "Change streams open now"),
+    ("airstate_change_streams_lagged_total", "Change streams ended because their watcher fell behind"),
+    ("airstate_change_stream_events_missed_total", "Change events lagged streams missed (where known)"),
+    ("airstate_redis_command_duration_seconds", "Redis command and script latency, by command"),
+    ("airstate_redis_errors_total", "Failed Redis commands, by command and kind"),
+    ("airstate_redis_retries_total", "Redis commands retried after a connection error, by command"),
+    ("airstate_redis_unconfirmed_writes_total", "Writes WAIT did not confirm on enough replicas in time"),
+    ("airstate_metastore_query_duration_seconds", "Metastore statement latency including the pool wait, by outcome"),
+    ("airstate_metastore_errors_total", "Failed metastore statements and pings, by kind (pool, query, timeout)"),
+    ("airstate_metastore_pool_connections", "Connections the metastore pool holds"),
+    ("airstate_metastore_pool_idle_connections", "Metastore pool connections not in use"),
+    ("airstate_metastore_pool_max_connections", "Most connections the metastore pool may hold (AIRSTATE_METASTORE_POOL_SIZE)"),
+    ("airstate_metastore_pool_waiting", "Requests waiting for a metastore connection"),
+    ("airstate_reconcile_passes_total", "Lifecycle reconcile passes, by outcome"),
+    ("airstate_reconcile_reclaimed_total", "State reclaimed by reconcile passes, by kind"),
+    ("airstate_reconcile_pass_duration_seconds", "Duration of lifecycle reconcile passes"),
+    ("airstate_connections_open", "Client connections open now"),
+    ("airstate_connections_rejected_total", "Client connections closed at once because AIRSTATE_MAX_CONNECTIONS were open"),
+    ("airstate_connections_timed_out_total", "Client connections closed at the header read or idle timeout"),
+    ("airstate_requests_shed_total", "Requests answered 503 at once because this replica was at a limit, by reason (requests, body_bytes)"),
+];
+
+/// The `reason` label values of `airstate_jwt_failures_total`.
+pub const JWT_FAILURE_REASONS: &[&str] = &[
+    "missing",
+    "invalid",
+    "claim",
+    "unknown_kid",
+    "token_type",
+    "subject",
+];
+
+/// The git commit the binary was built from (`build.rs`), or `unknown` (also when a build,
+/// such as an image's, leaves `build.rs` out).
+pub const COMMIT: &str = match option_env!("BUILD_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -183,6 +238,37 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Fails only if another recorder was installed first; /metrics then stays empty.
         let _ = metrics::set_global_recorder(recorder);
+        for (name, help) in METRICS {
+            // The kind is the exporter's to tell from what is recorded; HELP is kind-free.
+            metrics::describe_counter!(*name, *help);
+        }
+        metrics::gauge!(
+            "airstate_build_info",
+            "version" => env!("CARGO_PKG_VERSION"),
+            "commit" => COMMIT,
+        )
+        .set(1.0);
+        // Series without labels, and labels whose values are all known, start at zero: a
+        // rate() over an absent series is no 0 but nothing, and an alert on it never fires.
+        for name in [
+            "airstate_admin_auth_failures_total",
+            "airstate_asset_registration_denied_total",
+            "airstate_change_streams_lagged_total",
+            "airstate_change_stream_events_missed_total",
+            "airstate_redis_unconfirmed_writes_total",
+            "airstate_connections_rejected_total",
+            "airstate_connections_timed_out_total",
+        ] {
+            metrics::counter!(name).increment(0);
+        }
+        for reason in ["requests", "body_bytes"] {
+            metrics::counter!("airstate_requests_shed_total", "reason" => reason).increment(0);
+        }
+        metrics::gauge!("airstate_change_streams").increment(0.0);
+        metrics::gauge!("airstate_connections_open").increment(0.0);
+        for reason in JWT_FAILURE_REASONS {
+            metrics::counter!("airstate_jwt_failures_total", "reason" => *reason).increment(0);
+        }
         // Histogram samples pile up in memory until drained into buckets; without a
         // scraper nothing else drains them (measured: 135 MiB RSS after ~1M requests).
         let upkeep = handle.clone();
@@ -195,4 +281,99 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             .expect("metrics upkeep thread");
         handle
     })
+}
+
+/// Prometheus' standard process metrics, read from `/proc` at each scrape (empty elsewhere).
+pub fn process_metrics() -> String {
+    let mut text = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    // The kernel reports CPU times in USER_HZ ticks: 100 a second on every Linux ABI.
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+    if let (Some(user), Some(system)) = (field(14), field(15)) {
+        metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (user + system) / TICKS,
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("btime ")?.trim().parse::<f64>().ok());
+    if let (Some(boot), Some(start)) = (boot, field(22)) {
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot + start / TICKS,
+        );
+    }
+    if let Some(threads) = field(20) {
+        metric(
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            threads,
+        );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status.lines().find_map(|line| {
+            let value = line.strip_prefix(key)?.trim().strip_suffix("kB")?;
+            value.trim().parse::<f64>().ok().map(|kib| kib * 1024.0)
+        })
+    };
+    if let Some(rss) = kib("VmRSS:") {
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss,
+        );
+    }
+    if let Some(virtual_bytes) = kib("VmSize:") {
+        metric(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            virtual_bytes,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let max_fds = limits.lines().find_map(|line| {
+        line.strip_prefix("Max open files")?
+            .split_whitespace()
+            .next()?
+            .parse::<f64>()
+            .ok()
+    });
+    if let Some(max_fds) = max_fds {
+        metric(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        );
+    }
+    text
 }

@@ -346,10 +346,13 @@ async fn next_event(state: &mut Stream) -> Option<SseEvent> {
             Ok(Delivery::Event(event)) => event,
             Ok(Delivery::Lost) => {
                 state.done = true;
+                metrics::counter!("airstate_change_streams_lagged_total").increment(1);
                 return ending("lagged", "{\"missed\":null}".into());
             }
             Err(RecvError::Lagged(missed)) => {
                 state.done = true;
+                metrics::counter!("airstate_change_streams_lagged_total").increment(1);
+                metrics::counter!("airstate_change_stream_events_missed_total").increment(missed);
                 return ending("lagged", format!("{{\"missed\":{missed}}}"));
             }
             Err(RecvError::Closed) => return None,

@@ -82,7 +82,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .layer(Extension(BodyLimit(max_body_bytes)));
     let app = routes.open.merge(execution).merge(admin).merge(core_api);
     app.fallback(forward::forward)
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .method_not_allowed_fallback(|| async {
+            // Counted as unmatched: no operation of the table served it.
+            (Extension(observe::Unrouted), ApiError::MethodNotAllowed)
+        })
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
         // Outermost: an overloaded replica refuses before parsing or authenticating.
@@ -210,13 +213,13 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Prometheus text exposition of every metric the process records.
-async fn metrics() -> Response {
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::metrics_handle().render(),
-    )
-        .into_response()
+/// Prometheus text exposition of every metric the process records; gauges of state held
+/// elsewhere (the metastore pool, `/proc`) are read now, so they are never stale.
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    app.identity.record_metrics();
+    let mut text = crate::telemetry::metrics_handle().render();
+    text.push_str(&crate::telemetry::process_metrics());
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Readiness: the store (and the metastore, when used) answer within the timeout.

@@ -70,13 +70,63 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-type RouteHandles = HashMap<(&'static str, u16), (Counter, Histogram)>;
+/// A response no operation of the route table produced (the method-not-allowed fallback):
+/// its request is labelled `unmatched`, like one whose path matched nothing.
+#[derive(Clone, Copy)]
+pub struct Unrouted;
 
-/// The request counter and latency histogram of one (route, method, status), registered
-/// once: looking them up by labels on every request cost measurable throughput.
+/// The status label: the codes the gateway answers with, each its own; any other (a
+/// forwarded upstream's) only as its class, so the label has a fixed set of values.
+fn status_label(status: u16) -> &'static str {
+    const ANSWERED: &[(u16, &str)] = &[
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (406, "406"),
+        (409, "409"),
+        (412, "412"),
+        (413, "413"),
+        (415, "415"),
+        (422, "422"),
+        (429, "429"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    match ANSWERED.iter().find(|(code, _)| *code == status) {
+        Some((_, label)) => label,
+        None => CLASSES[usize::from(status / 100).clamp(1, 5) - 1],
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn status_labels_are_a_fixed_set() {
+    assert_eq!(status_label(412), "412");
+    assert_eq!(status_label(418), "4xx");
+    assert_eq!(status_label(207), "2xx");
+    assert_eq!(status_label(599), "5xx");
+    assert_eq!(status_label(999), "5xx");
+}
+
+type RouteHandles = HashMap<(&'static str, &'static str), (Counter, Histogram)>;
+
+/// The request counter of one (route, method, status) and the latency histogram of one
+/// (route, method), registered once: looking them up by labels on every request cost
+/// measurable throughput. The histogram has no status label: its fourteen series per label
+/// set multiplied by every status were most of a replica's series.
 fn request_handles(route: &str, method: &'static str, status: u16) -> (Counter, Histogram) {
     static HANDLES: OnceLock<RwLock<HashMap<String, RouteHandles>>> = OnceLock::new();
     let handles = HANDLES.get_or_init(Default::default);
+    let status = status_label(status);
     if let Some(found) = handles
         .read()
         .unwrap()
@@ -85,14 +135,18 @@ fn request_handles(route: &str, method: &'static str, status: u16) -> (Counter, 
     {
         return found.clone();
     }
-    let labels = [
-        ("method", method.to_owned()),
-        ("route", route.to_owned()),
-        ("status", status.to_string()),
-    ];
     let created = (
-        metrics::counter!("airstate_http_requests_total", &labels),
-        metrics::histogram!("airstate_http_request_duration_seconds", &labels),
+        metrics::counter!(
+            "airstate_http_requests_total",
+            "method" => method,
+            "route" => route.to_owned(),
+            "status" => status,
+        ),
+        metrics::histogram!(
+            "airstate_http_request_duration_seconds",
+            "method" => method,
+            "route" => route.to_owned(),
+        ),
     );
     handles
         .write()
@@ -163,6 +217,8 @@ pub async fn observe(matched: Option<MatchedPath>, request: Request, next: Next)
         span.record("otel.name", format!("{method} forwarded"));
         span.record("http.route", "forwarded");
         "forwarded"
+    } else if response.extensions().get::<Unrouted>().is_some() {
+        "unmatched"
     } else {
         route
     };

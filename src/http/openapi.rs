@@ -66,6 +66,8 @@ pub struct Operation {
     /// The axum template (`{*key}` for a key that may hold `/`).
     pub path: &'static str,
     pub summary: &'static str,
+    /// The `operationId`: written in the table, so it never changes with a path or summary.
+    pub id: &'static str,
     /// Query parameters: (name, required, JSON schema type).
     pub query: &'static [(&'static str, bool, &'static str)],
     pub body: Body,
@@ -139,13 +141,14 @@ pub struct Route {
 /// A [`Route`]: `handler` serves `method` on `path`; the rest is the operation's entry in
 /// the document (see [`Operation`]).
 macro_rules! route {
-    ($method:literal, $path:expr, $handler:expr, $summary:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
+    ($method:literal, $path:expr, $handler:expr, $summary:literal, $id:literal, $query:expr, $body:ident, $reply:ident, $auth:ident) => {
         $crate::http::openapi::Route {
             handler: axum::routing::on($crate::http::openapi::method_filter($method), $handler),
             operation: $crate::http::openapi::Operation {
                 method: $method,
                 path: $path,
                 summary: $summary,
+                id: $id,
                 query: $query,
                 body: $crate::http::openapi::Body::$body,
                 reply: $crate::http::openapi::Reply::$reply,
@@ -316,6 +319,80 @@ fn success(op: &Operation) -> (String, Value) {
     }
 }
 
+/// Which conditional requests an operation takes (`super::conditional`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Conditional {
+    None,
+    /// A GET of one key: `ETag`, and 304 under `If-None-Match`.
+    Read,
+    /// A write or delete of one key: `If-Match` / `If-None-Match`, 412.
+    Write,
+}
+
+fn conditional_kind(op: &Operation) -> Conditional {
+    let one_key = op.path.ends_with("{*key}") || op.path.ends_with("/value");
+    match (op.auth, op.method) {
+        (Auth::Execution, "get") if one_key => Conditional::Read,
+        (Auth::Execution, "put" | "delete") if one_key => Conditional::Write,
+        _ => Conditional::None,
+    }
+}
+
+/// The error statuses of an operation, each answered as `{"detail": ...}`.
+fn error_statuses(op: &Operation, conditional: Conditional) -> Vec<u16> {
+    if op.auth == Auth::None {
+        return if op.path == "/ready" {
+            vec![503]
+        } else {
+            vec![]
+        };
+    }
+    // Empty keys are refused after authentication, before anything is looked up.
+    if op.path.ends_with('/') {
+        return vec![400, 401, 403, 422];
+    }
+    let mut codes = vec![400, 401, 403, 404, 422, 500, 503];
+    if !matches!(op.body, Body::None) {
+        codes.push(413);
+    }
+    if matches!(op.reply, Reply::Bulk) {
+        // A change stream with change streams off, and a bulk read under If-None-Match.
+        codes.extend([304, 406]);
+    }
+    if conditional == Conditional::Write || op.method == "patch" {
+        codes.push(412);
+    }
+    if op.auth == Auth::Airflow {
+        // Airflow's API server answers the access question.
+        codes.extend([502, 504]);
+    }
+    codes.sort_unstable();
+    codes
+}
+
+fn error_response(code: u16) -> Value {
+    let description = match code {
+        304 => "Not modified: If-None-Match names the current version",
+        400 => "Bad request: a malformed header (If-Match, If-None-Match) or parameter",
+        401 => "No credentials",
+        403 => "Credentials refused, or not allowed for this resource",
+        404 => "No such key, task instance or asset",
+        406 => "A change stream was asked for, but change streams are off",
+        412 => "Precondition failed: If-Match or If-None-Match does not hold",
+        413 => "The request body is larger than AIRSTATE_MAX_BODY_BYTES",
+        422 => "The request does not validate (Airflow's validation error list)",
+        500 => "An internal error",
+        502 => "Airflow's API server could not be reached",
+        503 => "Redis or the metastore does not answer (or, for /ready, not ready)",
+        504 => "Airflow's API server did not answer in time",
+        _ => "An error",
+    };
+    if code == 304 {
+        return json!({"description": description});
+    }
+    json!({"description": description, "content": json_content(detail())})
+}
+
 fn operation(op: &Operation) -> Value {
     let mut parameters = Vec::new();
     let path = openapi_path(op.path);
@@ -338,34 +415,57 @@ fn operation(op: &Operation) -> Value {
             json!({"name": name, "in": "query", "required": required, "schema": {"type": kind}}),
         );
     }
-    let mut responses = Map::new();
-    let (status, reply) = success(op);
-    responses.insert(status, reply);
-    if matches!(op.reply, Reply::Status) {
-        responses.insert(
-            "503".into(),
-            json!({"description": "Not ready", "content": json_content(detail())}),
-        );
+    let conditional = conditional_kind(op);
+    if conditional != Conditional::None {
+        for (name, description) in [
+            ("If-Match", "Act only if the key's current ETag is listed (`*`: if it exists); else 412"),
+            ("If-None-Match", "GET: 304 when the current ETag is listed. Writes: act only if it is not (`*`: only if the key does not exist); else 412"),
+        ] {
+            parameters.push(json!({"name": name, "in": "header", "required": false,
+                                   "description": description, "schema": {"type": "string"}}));
+        }
     }
-    if op.auth != Auth::None {
-        if matches!(op.reply, Reply::Value | Reply::Bulk) {
+    let mut responses = Map::new();
+    let (status, mut reply) = success(op);
+    let etag = json!({"ETag": {"$ref": "#/components/headers/ETag"}});
+    match conditional {
+        Conditional::Read => {
+            reply["headers"] = etag.clone();
+            responses.insert(status, reply);
             responses.insert(
                 "304".into(),
-                json!({"description": "Not modified (If-None-Match)"}),
+                json!({"description": "Not modified: If-None-Match names the current ETag", "headers": etag}),
             );
         }
-        // Every error carries Airflow's `{"detail": ...}`: 400 (bad If-Match), 401, 403,
-        // 404, 406 (change streams off), 412, 413, 422, 503.
+        Conditional::Write if op.method == "put" => {
+            reply["headers"] = etag;
+            responses.insert(status, reply);
+        }
+        _ if op.path.ends_with('/') => {}
+        _ => {
+            responses.insert(status, reply);
+        }
+    }
+    for code in error_statuses(op, conditional) {
         responses.insert(
-            "default".into(),
-            json!({"description": "An error, as {\"detail\": ...}", "content": json_content(detail())}),
+            code.to_string(),
+            json!({"$ref": format!("#/components/responses/{code}")}),
         );
     }
+    let tag = match (op.auth, op.path.contains("/ti/")) {
+        (Auth::None, _) => "gateway",
+        (Auth::Execution, true) => "task state",
+        (Auth::Execution, false) => "asset state",
+        (Auth::Admin, _) => "admin",
+        (Auth::Airflow, _) => "core api",
+    };
     let mut out = json!({
         "summary": op.summary,
-        "operationId": format!("{}_{}", op.method, path.trim_start_matches('/').replace(['/', '{', '}', '-', '.'], "_")),
+        "operationId": op.id,
+        "tags": [tag],
         "parameters": parameters,
         "responses": responses,
+        "security": [],
     });
     match op.auth {
         Auth::None => {}
@@ -397,6 +497,18 @@ fn operation(op: &Operation) -> Value {
     out
 }
 
+fn security_scheme(name: &str) -> Value {
+    match name {
+        "execution_jwt" => json!({"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}),
+        "admin_token" => {
+            json!({"type": "http", "scheme": "bearer", "description": "AIRSTATE_ADMIN_TOKEN"})
+        }
+        _ => {
+            json!({"type": "http", "scheme": "bearer", "description": "Airflow's own API token or UI session; Airflow's API server decides access"})
+        }
+    }
+}
+
 /// The document of `operations` (see `routes::document`).
 pub fn document<'a>(operations: impl IntoIterator<Item = &'a Operation>) -> Value {
     let mut paths = Map::new();
@@ -406,18 +518,61 @@ pub fn document<'a>(operations: impl IntoIterator<Item = &'a Operation>) -> Valu
             .or_insert_with(|| json!({}));
         item[op.method] = operation(op);
     }
+    let mut schemes = Map::new();
+    let mut codes = BTreeSet::new();
+    let mut tags = BTreeSet::new();
+    for item in paths.values() {
+        for op in item.as_object().into_iter().flat_map(|ops| ops.values()) {
+            for requirement in op["security"].as_array().into_iter().flatten() {
+                for name in requirement.as_object().into_iter().flat_map(|r| r.keys()) {
+                    schemes.insert(name.clone(), security_scheme(name));
+                }
+            }
+            for (code, response) in op["responses"].as_object().into_iter().flatten() {
+                if response.get("$ref").is_some() {
+                    codes.insert(code.parse::<u16>().unwrap_or_default());
+                }
+            }
+            for tag in op["tags"].as_array().into_iter().flatten() {
+                tags.insert(tag.as_str().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    let responses: Map<String, Value> = codes
+        .into_iter()
+        .map(|code| (code.to_string(), error_response(code)))
+        .collect();
+    let tags: Vec<Value> = tags
+        .into_iter()
+        .map(|name| {
+            let description = match name.as_str() {
+                "gateway" => "Health, readiness, metrics and this document",
+                "task state" => "Airflow's Execution API: a task instance's state keys (AIP-103), with airstate's bulk reads and change streams",
+                "asset state" => "Airflow's Execution API: an asset's state keys (AIP-103), with airstate's bulk reads and change streams",
+                "admin" => "airstate's admin API (AIRSTATE_ADMIN_TOKEN)",
+                _ => "Airflow's Core REST API state routes, served here",
+            };
+            json!({"name": name, "description": description})
+        })
+        .collect();
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "airstate",
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Apache Airflow's task-state and asset-state Execution API (AIP-103) served from Redis, with airstate's extensions and admin API.",
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
+        "servers": [{"url": "/", "description": "The gateway that serves this document"}],
+        "tags": tags,
         "paths": paths,
-        "components": {"securitySchemes": {
-            "execution_jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-            "admin_token": {"type": "http", "scheme": "bearer", "description": "AIRSTATE_ADMIN_TOKEN"},
-            "airflow": {"type": "http", "scheme": "bearer", "description": "Airflow's own API token or UI session; Airflow's API server decides access"},
-        }},
+        "components": {
+            "securitySchemes": schemes,
+            "headers": {"ETag": {
+                "description": "The key's version, a strong entity tag: send it back in If-Match or If-None-Match",
+                "schema": {"type": "string"},
+            }},
+            "responses": responses,
+        },
     })
 }

@@ -118,6 +118,16 @@ impl MetastoreResolver {
             .recycle_timeout(Some(settings.timeout))
             .build()
             .map_err(|e| format!("cannot build the metastore pool: {e}"))?;
+        // Every label value known, every series from zero (see `telemetry::metrics_handle`).
+        for kind in ["pool", "query", "timeout"] {
+            metrics::counter!("airstate_metastore_errors_total", "kind" => kind).increment(0);
+        }
+        for kind in ["task", "asset", "registration"] {
+            for result in ["hit", "miss"] {
+                metrics::counter!("airstate_identity_cache_total", "kind" => kind, "result" => result)
+                    .increment(0);
+            }
+        }
         Ok(Self {
             pool,
             tasks: bounded_cache(settings),
@@ -183,16 +193,30 @@ impl MetastoreResolver {
             otel.kind = "client",
             db.system = "postgresql"
         );
-        async {
-            let client = self.pool.get().await.map_err(|e| explain(&e))?;
+        let started = std::time::Instant::now();
+        let (outcome, result) = async {
+            let client = match self.pool.get().await {
+                Ok(client) => client,
+                Err(e) => return ("pool", Err(explain(&e))),
+            };
             let query = client.query_typed(sql, params);
             match tokio::time::timeout(self.timeout, query).await {
-                Ok(result) => result.map_err(|e| explain(&e)),
-                Err(_) => Err(self.abandon(client)),
+                Ok(Ok(rows)) => ("ok", Ok(rows)),
+                Ok(Err(e)) => ("query", Err(explain(&e))),
+                Err(_) => ("timeout", Err(self.abandon(client))),
             }
         }
         .instrument(span)
-        .await
+        .await;
+        metrics::histogram!(
+            "airstate_metastore_query_duration_seconds",
+            "outcome" => if outcome == "ok" { "ok" } else { "error" },
+        )
+        .record(started.elapsed().as_secs_f64());
+        if outcome != "ok" {
+            metastore_error(outcome);
+        }
+        result
     }
 
     /// Like [`query_all`](Self::query_all), for a statement of one row at most (a
@@ -372,23 +396,39 @@ impl IdentityResolver for MetastoreResolver {
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| IdentityError::Unavailable(explain(&e)))?;
+        let client = self.pool.get().await.map_err(|e| {
+            metastore_error("pool");
+            IdentityError::Unavailable(explain(&e))
+        })?;
         // The simple query protocol: no prepared statement at all.
         match tokio::time::timeout(self.timeout, client.simple_query("SELECT 1")).await {
-            Ok(result) => result
-                .map(drop)
-                .map_err(|e| IdentityError::Unavailable(explain(&e))),
-            Err(_) => Err(IdentityError::Unavailable(self.abandon(client))),
+            Ok(result) => result.map(drop).map_err(|e| {
+                metastore_error("query");
+                IdentityError::Unavailable(explain(&e))
+            }),
+            Err(_) => {
+                metastore_error("timeout");
+                Err(IdentityError::Unavailable(self.abandon(client)))
+            }
         }
     }
 
     fn describe(&self) -> String {
         self.display.clone()
     }
+
+    fn record_metrics(&self) {
+        let status = self.pool.status();
+        metrics::gauge!("airstate_metastore_pool_connections").set(status.size as f64);
+        metrics::gauge!("airstate_metastore_pool_idle_connections").set(status.available as f64);
+        metrics::gauge!("airstate_metastore_pool_max_connections").set(status.max_size as f64);
+        metrics::gauge!("airstate_metastore_pool_waiting").set(status.waiting as f64);
+    }
+}
+
+/// `kind`: `pool` (no connection in time), `query` (the statement failed) or `timeout`.
+fn metastore_error(kind: &'static str) {
+    metrics::counter!("airstate_metastore_errors_total", "kind" => kind).increment(1);
 }
 
 /// Records on the current span whether the cache answered, and counts it.

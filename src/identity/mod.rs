@@ -92,6 +92,8 @@ pub trait IdentityResolver: Send + Sync + 'static {
     /// Whether the identity source answers; drives `/ready`.
     async fn ping(&self) -> Result<(), IdentityError>;
     fn describe(&self) -> String;
+    /// Sets the gauges of what the resolver holds (a connection pool), before a scrape.
+    fn record_metrics(&self) {}
 }
 
 /// `scope` with its run's `dag_run.id` attached, as the identity knows it; `None` when

@@ -33,6 +33,7 @@ mod metastore_tls;
 mod migrate;
 mod observability;
 mod openapi;
+mod operations;
 mod ops;
 mod pgbouncer;
 mod redis_cluster;
