@@ -122,7 +122,6 @@ async fn clears_under_writers(url: &str) -> (Vec<String>, Vec<i64>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 7: clear-all gives up (503) while map indices are being added"]
 async fn clear_all_never_gives_up_under_writers_on_standalone() {
     let (failures, survivors) = clears_under_writers(&RedisServer::shared().url).await;
     assert!(failures.is_empty(), "clear-all failed: {failures:?}");
@@ -130,7 +129,6 @@ async fn clear_all_never_gives_up_under_writers_on_standalone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 7: clear-all gives up (503) while map indices are being added"]
 async fn clear_all_never_gives_up_under_writers_on_a_cluster() {
     let (failures, survivors) = clears_under_writers(&RedisCluster::shared().url).await;
     assert!(failures.is_empty(), "clear-all failed: {failures:?}");
