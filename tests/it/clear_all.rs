@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use airstate::store::redis::{RedisSettings, RedisStore};
-use airstate::store::{StateStore, TaskScope};
+use airstate::store::{StateStore, StoreError, TaskScope};
 use common::{RedisCluster, RedisServer};
 use gateway::unique;
 
@@ -133,4 +133,114 @@ async fn clear_all_never_gives_up_under_writers_on_a_cluster() {
     let (failures, survivors) = clears_under_writers(&RedisCluster::shared().url).await;
     assert!(failures.is_empty(), "clear-all failed: {failures:?}");
     assert!(survivors.is_empty(), "survived a clear: {survivors:?}");
+}
+
+/// Moves `keys` of `slot` from `source` to `target`, as a reshard does.
+fn migrate_keys(source: u16, target: u16, keys: &[&str]) {
+    let port = target.to_string();
+    let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+    args.extend_from_slice(keys);
+    assert_eq!(common::redis_cli(source, &args), "OK", "MIGRATE {keys:?}");
+}
+
+fn keys_in_slot(port: u16, slot: &str) -> usize {
+    common::redis_cli(port, &["CLUSTER", "COUNTKEYSINSLOT", slot])
+        .parse()
+        .unwrap()
+}
+
+/// Clear-all finds the map indices in the registry, inside its script, so it does not
+/// declare their keys; on a slot being migrated it must still delete all or none. The
+/// key moved first is the one the registry lists last, so a script that started deleting
+/// before knowing every key was local would have deleted the first 1,000 by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_all_on_a_half_migrated_slot_deletes_nothing_until_it_settles() {
+    let cluster = RedisCluster::start();
+    let prefix = format!("{}:", unique("clearall"));
+    let store = store_on(&cluster.url, &prefix).await;
+    let dag = unique("dag");
+    let own = scope(&dag, -1);
+    // Every scope has an expiring key, so its expiry zset exists too: the EVAL's check of
+    // its declared keys passes, and no batch of deletes would meet a key missing anywhere,
+    // only the one moved.
+    let in_an_hour = airstate::store::now_millis() + 3_600_000;
+    store
+        .put_task(&own, "k", "1", Some(in_an_hour))
+        .await
+        .unwrap();
+    for index in 0..600 {
+        store
+            .put_task(&scope(&dag, index), "k", "1", Some(in_an_hour))
+            .await
+            .unwrap();
+    }
+    let tag = airstate::store::redis::task_hash_tag(&prefix, &own);
+    let slot_number = cluster.slot_of(&tag);
+    let slot = slot_number.to_string();
+    let source = cluster.primary_of_slot(slot_number);
+    let target = [0u16, 5461, 10923]
+        .iter()
+        .map(|s| cluster.primary_of_slot(*s))
+        .find(|p| *p != source)
+        .unwrap();
+    let registry = format!("{tag}:r");
+    let last = common::redis_cli(source, &["HKEYS", &registry])
+        .lines()
+        .filter_map(|field| field.strip_prefix('m'))
+        .rfind(|index| *index != "-1")
+        .expect("a map index")
+        .to_owned();
+    let before = keys_in_slot(source, &slot);
+    assert_eq!(before, 1203, "601 scopes, their expiry zsets, the registry");
+
+    let (source_id, target_id) = (RedisCluster::node_id(source), RedisCluster::node_id(target));
+    let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id];
+    assert_eq!(common::redis_cli(target, &importing), "OK");
+    let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id];
+    assert_eq!(common::redis_cli(source, &migrating), "OK");
+    migrate_keys(source, target, &[&format!("{tag}:{last}")]);
+
+    let started = Instant::now();
+    let cleared = store.clear_task(&own, true).await;
+    let took = started.elapsed();
+    let (left, moved) = (keys_in_slot(source, &slot), keys_in_slot(target, &slot));
+    println!(
+        "clear-all with map index {last} moved: {cleared:?} after {took:?}; \
+         {left} + {moved} keys left"
+    );
+    // Retried while the slot migrates, then a 503, as for TRYAGAIN.
+    assert!(
+        matches!(cleared, Err(StoreError::Unavailable(_))),
+        "a clear-all that cannot reach every key must not succeed: {cleared:?}"
+    );
+    assert!(took >= Duration::from_millis(1500), "not retried: {took:?}");
+    assert_eq!(
+        (left, moved),
+        (before - 1, 1),
+        "a refused clear-all deleted keys"
+    );
+
+    // Finish the reshard; the clear then goes through whole.
+    loop {
+        let keys = common::redis_cli(source, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+        if keys.is_empty() {
+            break;
+        }
+        migrate_keys(source, target, &keys.lines().collect::<Vec<_>>());
+    }
+    let assign = ["CLUSTER", "SETSLOT", &slot, "NODE", &target_id];
+    for node in &cluster.nodes {
+        common::redis_cli(node.port, &assign);
+    }
+    store
+        .clear_task(&own, true)
+        .await
+        .expect("clear-all once the slot has settled");
+    assert_eq!(keys_in_slot(target, &slot), 0);
+    for index in [-1, 0, 599] {
+        assert_eq!(
+            store.get_task(&scope(&dag, index), "k").await.unwrap(),
+            None
+        );
+    }
 }
