@@ -23,6 +23,7 @@ mod asset_state;
 mod auth;
 mod binary;
 mod change_streams;
+mod clear_all;
 mod core_api;
 mod deploy;
 mod extensions;

@@ -5,17 +5,13 @@ use sha2::{Digest, Sha256};
 
 use super::super::version::new_version;
 use super::super::{
-    now_millis, Condition, Entry, EpochMillis, StoreError, StoreResult, StoredValue, TaskScope,
-    Written,
+    now_millis, Condition, Entry, EpochMillis, StoreResult, StoredValue, TaskScope, Written,
 };
 
 use super::codec::{decode, encode, pairs};
 use super::events::task_channel;
 use super::scripts::WriteOp;
 use super::{written, RedisStore};
-
-/// Reads of the registry before a clear-all gives up on a task still gaining map indices.
-pub(super) const CLEAR_ALL_ATTEMPTS: usize = 5;
 
 /// Key names of one task scope.
 pub(super) struct TaskKeys {
@@ -286,44 +282,22 @@ impl RedisStore {
                 .await?;
             return self.redis.confirm(&client, &declared[0]).await;
         }
-        // The script is handed every key it deletes. On a Cluster slot being migrated,
-        // Redis then answers TRYAGAIN (retried) rather than letting the script miss the
-        // keys already moved, which would break the clear's atomicity. The registry is
-        // read first to name them; the script refuses (-1) if it grew meanwhile.
-        let own = scope.map_index.to_string();
+        // One script reads the registry and deletes every map index it lists, in one
+        // atomic step: it never races a writer adding map indices, so it never needs a
+        // retry for that. How it stays all-or-nothing while a Cluster slot migrates is
+        // told in `lua/task_clear.lua`.
         let args: Vec<Value> = vec![
             "all".into(),
             keys.base.as_str().into(),
             channel.as_str().into(),
         ];
-        for _ in 0..CLEAR_ALL_ATTEMPTS {
-            let fields: Vec<String> = self
-                .redis
-                .call("hkeys", |pool| pool.hkeys(keys.registry.as_str()))
-                .await?;
-            let mut indices: Vec<&str> =
-                fields.iter().filter_map(|f| f.strip_prefix('m')).collect();
-            if !indices.contains(&own.as_str()) {
-                indices.push(&own);
-            }
-            let mut declared = Vec::with_capacity(1 + 2 * indices.len());
-            declared.push(keys.registry.clone());
-            for index in indices {
-                declared.push(format!("{}{index}", keys.base));
-                declared.push(format!("{}{index}:x", keys.base));
-            }
-            let client = self.redis.write_client().await?;
-            let cleared: i64 = self
-                .redis
-                .eval("task_clear", script, &client, &declared, &args)
-                .await?;
-            if cleared >= 0 {
-                return self.redis.confirm(&client, &declared[0]).await;
-            }
-        }
-        Err(StoreError::Unavailable(
-            "map indices kept being added while clearing them all; try again".into(),
-        ))
+        let declared = vec![keys.registry, keys.scope, keys.expiry];
+        let client = self.redis.write_client().await?;
+        let _: i64 = self
+            .redis
+            .eval("task_clear", script, &client, &declared, &args)
+            .await?;
+        self.redis.confirm(&client, &declared[0]).await
     }
 
     pub(super) async fn list_task(&self, scope: &TaskScope) -> StoreResult<Vec<Entry>> {
