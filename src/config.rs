@@ -116,6 +116,8 @@ pub struct ExtensionSettings {
     pub change_stream_buffer: usize,
     /// Change streams: how often an idle stream gets a keep-alive comment.
     pub change_stream_heartbeat: Duration,
+    /// Bulk reads: the most bytes of stored values one read returns (422 above).
+    pub bulk_read_max_bytes: usize,
 }
 
 /// A variable's default: what parsing uses when the variable is unset, and what `--help`
@@ -296,6 +298,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
         default: DefaultValue::Value("15"),
         meaning: "keep-alive interval of idle change streams",
+    },
+    Variable {
+        name: "AIRSTATE_BULK_READ_MAX_BYTES",
+        default: DefaultValue::Value("4194304"),
+        meaning: "most bytes of values one bulk read returns (422 above, nothing read)",
     },
     // Forwarding to Airflow's API server.
     Variable {
@@ -507,11 +514,16 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let bulk_read_max_bytes: usize = env.parse("AIRSTATE_BULK_READ_MAX_BYTES")?;
+        if bulk_read_max_bytes == 0 {
+            return Err(error("AIRSTATE_BULK_READ_MAX_BYTES", "must be at least 1"));
+        }
         let extensions = ExtensionSettings {
             asset_registration_check,
             change_streams,
             change_stream_buffer,
             change_stream_heartbeat: Duration::from_secs(heartbeat),
+            bulk_read_max_bytes,
         };
 
         // A token mounted from a Secret file often ends in a newline.
@@ -825,6 +837,7 @@ mod tests {
             ("AIRSTATE_CHANGE_STREAMS", "off"),
             ("AIRSTATE_CHANGE_STREAM_BUFFER", "0"),
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
+            ("AIRSTATE_BULK_READ_MAX_BYTES", "0"),
             ("AIRSTATE_ADMIN_TOKEN", "too-short"),
             ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "-1"),
             ("AIRSTATE_ACCESS_CACHE_SECONDS", "6"),
@@ -1013,6 +1026,7 @@ mod tests {
             c.extensions.change_stream_heartbeat,
             Duration::from_secs(15)
         );
+        assert_eq!(c.extensions.bulk_read_max_bytes, 4_194_304);
         assert_eq!(c.admin.max_value_bytes, 65535);
         // The settings a tool connecting on its own gets are the same defaults.
         let tool = redis_defaults("redis://h:1", "p:").unwrap();

@@ -161,8 +161,9 @@ impl StateStore for RedisStore {
         &self,
         scope: &TaskScope,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
-        self.get_task_many(scope, keys).await
+        self.get_task_many(scope, keys, max_bytes).await
     }
 
     async fn put_task_if(
@@ -210,8 +211,9 @@ impl StateStore for RedisStore {
         &self,
         asset: &AssetKey,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
-        self.get_asset_many(asset, keys).await
+        self.get_asset_many(asset, keys, max_bytes).await
     }
 
     async fn put_asset_if(

@@ -221,13 +221,15 @@ impl RedisStore {
         &self,
         scope: &TaskScope,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
         let scope_key = self.task_keys(scope).scope;
         let now = now_millis();
-        // Expired keys read as missing; reclaiming them is left to the next write or
-        // single-key read, so a bulk read stays one HMGET.
+        // Expired keys read as missing (they still count towards `max_bytes`);
+        // reclaiming them is left to the next write or single-key read, so a bulk read
+        // stays one call.
         Ok(self
-            .hmget(&scope_key, keys)
+            .read_many(&scope_key, keys, max_bytes)
             .await?
             .into_iter()
             .map(|value| value.filter(|value| !value.is_expired(now)))

@@ -1,0 +1,209 @@
+//! Issue 15, the store and data items: every limit at its edge, and the memory cases on
+//! the real binary (its peak RSS read from /proc/<pid>/status).
+
+mod common;
+#[macro_use]
+mod gateway;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Postgres, RedisServer, ServedBinary};
+use gateway::{token_for, unique, Backend, Gateway, SECRET};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The real binary on the shared Redis and PostgreSQL, with a key prefix of its own.
+fn serve(extra: &[(&str, &str)]) -> ServedBinary {
+    let prefix = format!("{}:", unique("hardening"));
+    let mut env = vec![
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+        (
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+            Postgres::shared().url.as_str(),
+        ),
+        ("AIRSTATE_REDIS_URL", RedisServer::shared().url.as_str()),
+        ("AIRSTATE_KEY_PREFIX", prefix.as_str()),
+        ("RUST_LOG", "warn"),
+    ];
+    env.extend_from_slice(extra);
+    ServedBinary::start(&env, Stdio::inherit())
+}
+
+/// A task instance in the shared metastore, with its token.
+async fn task_instance() -> (Uuid, String) {
+    let id = Uuid::now_v7();
+    Postgres::shared()
+        .insert_task_instance(id, &unique("dag"), &unique("run"), "task", -1)
+        .await;
+    (id, token_for(id))
+}
+
+async fn send(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<String>,
+) -> (u16, Value) {
+    let mut request = http
+        .request(method.parse().unwrap(), url)
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(60));
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A PUT body whose value is a JSON string of exactly `bytes` characters of text.
+fn json_of_len(bytes: usize, fill: char) -> String {
+    format!("{{\"value\": \"{}\"}}", fill.to_string().repeat(bytes - 2))
+}
+
+/// A reply for a failure message, cut short: values here are up to a megabyte.
+fn short(text: impl std::fmt::Display) -> String {
+    text.to_string().chars().take(300).collect()
+}
+
+// --- Item 2: bulk reads bounded in bytes --------------------------------------------------
+
+/// Stored size in Redis: the JSON text plus `<13-digit ms>.<16 hex>::`.
+const BOOKKEEPING: usize = 32;
+
+/// At the limit a bulk read is served whole; one byte over it is a 422 that names the
+/// total and the limit, on the GET and the POST form, for task scopes and assets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_read_at_its_byte_limit_and_one_byte_over() {
+    let limit = 3 * (1000 + BOOKKEEPING);
+    let limit_text = limit.to_string();
+    let gw = Gateway::start_with(
+        Backend::Redis,
+        &[("AIRSTATE_BULK_READ_MAX_BYTES", limit_text.as_str())],
+    )
+    .await;
+    let ti = gw.task().await;
+    for (key, len) in [("a", 1000), ("b", 1000), ("c", 1000), ("d", 1001)] {
+        let reply = gw
+            .put_text(
+                &gateway::ti_path(&ti, key),
+                &ti.token,
+                &json_of_len(len, 'x'),
+            )
+            .await;
+        assert_eq!(reply.status, 204, "{}", short(format!("{reply:?}")));
+    }
+    let bulk = |keys: &str| format!("/execution/store/ti/{}?keys={keys}", ti.id);
+    let at_limit = gw.get(&bulk("a,b,c,missing"), &ti.token).await;
+    assert_eq!(at_limit.status, 200, "{}", short(format!("{at_limit:?}")));
+    assert_eq!(at_limit.body["values"]["c"], json!("x".repeat(998)));
+    assert_eq!(at_limit.body["missing"], json!(["missing"]));
+    for keys in ["a,b,d", "a,b,c,d"] {
+        let over = gw.get(&bulk(keys), &ti.token).await;
+        assert_eq!(over.status, 422, "{keys}: {over:?}");
+        assert_eq!(
+            over.body["detail"]["reason"], "bulk_read_too_large",
+            "{over:?}"
+        );
+        assert_eq!(over.body["detail"]["limit"], json!(limit));
+        assert!(over.header("retry-after").is_none());
+    }
+    let over = gw.get(&bulk("a,b,d"), &ti.token).await;
+    assert_eq!(over.body["detail"]["bytes"], json!(limit + 1));
+    let posted = gw
+        .send(
+            "POST",
+            &format!("/execution/store/ti/{}", ti.id),
+            Some(&ti.token),
+            Some(json!({"keys": ["a", "b", "c", "d"]})),
+        )
+        .await;
+    assert_eq!(posted.status, 422, "{posted:?}");
+
+    let name = unique("asset");
+    gw.pg
+        .insert_asset(&name, &format!("s3://b/{}", unique("p")), true)
+        .await;
+    for key in ["a", "b", "c", "d"] {
+        let path = format!("/execution/store/asset/by-name/value?name={name}&key={key}");
+        let reply = gw.put_text(&path, &ti.token, &json_of_len(1000, 'y')).await;
+        assert_eq!(reply.status, 204, "{}", short(format!("{reply:?}")));
+    }
+    let values =
+        |keys: &str| format!("/execution/store/asset/by-name/values?name={name}&keys={keys}");
+    assert_eq!(gw.get(&values("a,b,c"), &ti.token).await.status, 200);
+    let over = gw.get(&values("a,b,c,d"), &ti.token).await;
+    assert_eq!(over.status, 422, "{over:?}");
+    assert_eq!(
+        over.body["detail"]["bytes"],
+        json!(4 * (1000 + BOOKKEEPING))
+    );
+}
+
+/// A task's own 60 values of 1 MiB, read in bulk by four readers at once over and over:
+/// each read is refused before anything is buffered, so the replica's peak memory does
+/// not grow with the data (before: 5-6 times the 60 MiB read, per reader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_reads_of_far_more_than_the_limit_cost_no_memory() {
+    let served = serve(&[]);
+    let pid = served.child.id();
+    let http = reqwest::Client::new();
+    let (ti, token) = task_instance().await;
+    let value = json_of_len(1_000_000, 'v');
+    let keys: Vec<String> = (0..60).map(|n| format!("k{n}")).collect();
+    for key in &keys {
+        let url = format!("{}/execution/store/ti/{ti}/{key}", served.base);
+        let (status, body) = send(&http, "PUT", &url, &token, Some(value.clone())).await;
+        assert_eq!(status, 204, "{}", short(&body));
+    }
+    // Within the default limit of 4 MiB: served whole.
+    let url = format!("{}/execution/store/ti/{ti}?keys=k0,k1,k2", served.base);
+    let (status, body) = send(&http, "GET", &url, &token, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["values"]["k2"].as_str().map(str::len), Some(999_998));
+
+    let before = status_kib(pid, "VmHWM");
+    let url = format!(
+        "{}/execution/store/ti/{ti}?keys={}",
+        served.base,
+        keys.join(",")
+    );
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url, token) = (http.clone(), url.clone(), token.clone());
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    let (status, body) = send(&http, "GET", &url, &token, None).await;
+                    assert_eq!(status, 422, "{}", short(&body));
+                    assert_eq!(body["detail"]["reason"], "bulk_read_too_large");
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let grown_mib = (status_kib(pid, "VmHWM") - before) / 1024;
+    println!(
+        "peak RSS before the reads {} MiB, grown by {grown_mib} MiB",
+        before / 1024
+    );
+    assert!(grown_mib < 24, "peak RSS grew by {grown_mib} MiB");
+    let url = format!("{}/execution/store/ti/{ti}", served.base);
+    assert_eq!(send(&http, "DELETE", &url, &token, None).await.0, 204);
+}
