@@ -11,7 +11,7 @@ use jsonwebtoken::Algorithm;
 
 use crate::auth::AuthSettings;
 use crate::identity::metastore::{postgres_url_from_sqlalchemy, MetastoreSettings};
-use crate::store::events::DEFAULT_EVENT_BUFFER;
+use crate::store::events::{DEFAULT_EVENT_BUFFER, DEFAULT_EVENT_BUFFER_BYTES};
 use crate::store::redis::RedisSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +114,8 @@ pub struct ExtensionSettings {
     pub change_streams: bool,
     /// Change streams: events buffered per watcher before it is told it lagged.
     pub change_stream_buffer: usize,
+    /// Change streams: bytes of events buffered per watcher before it is cut off.
+    pub change_stream_buffer_bytes: usize,
     /// Change streams: how often an idle stream gets a keep-alive comment.
     pub change_stream_heartbeat: Duration,
     /// Bulk reads: the most bytes of stored values one read returns (422 above).
@@ -293,6 +295,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "AIRSTATE_CHANGE_STREAM_BUFFER",
         default: DefaultValue::Number(DEFAULT_EVENT_BUFFER as u64),
         meaning: "change events buffered per stream before it lags",
+    },
+    Variable {
+        name: "AIRSTATE_CHANGE_STREAM_BUFFER_BYTES",
+        default: DefaultValue::Number(DEFAULT_EVENT_BUFFER_BYTES as u64),
+        meaning: "bytes of change events buffered per stream before it is cut off (lagged)",
     },
     Variable {
         name: "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
@@ -507,6 +514,13 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        let change_stream_buffer_bytes: usize = env.parse("AIRSTATE_CHANGE_STREAM_BUFFER_BYTES")?;
+        if change_stream_buffer_bytes == 0 {
+            return Err(error(
+                "AIRSTATE_CHANGE_STREAM_BUFFER_BYTES",
+                "must be at least 1",
+            ));
+        }
         let heartbeat: u64 = env.parse("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS")?;
         if heartbeat == 0 {
             return Err(error(
@@ -522,6 +536,7 @@ impl Config {
             asset_registration_check,
             change_streams,
             change_stream_buffer,
+            change_stream_buffer_bytes,
             change_stream_heartbeat: Duration::from_secs(heartbeat),
             bulk_read_max_bytes,
         };
@@ -836,6 +851,7 @@ mod tests {
             ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true"),
             ("AIRSTATE_CHANGE_STREAMS", "off"),
             ("AIRSTATE_CHANGE_STREAM_BUFFER", "0"),
+            ("AIRSTATE_CHANGE_STREAM_BUFFER_BYTES", "0"),
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
             ("AIRSTATE_BULK_READ_MAX_BYTES", "0"),
             ("AIRSTATE_ADMIN_TOKEN", "too-short"),
@@ -1022,6 +1038,7 @@ mod tests {
         assert!(!c.extensions.asset_registration_check);
         assert!(c.extensions.change_streams);
         assert_eq!(c.extensions.change_stream_buffer, DEFAULT_EVENT_BUFFER);
+        assert_eq!(c.extensions.change_stream_buffer_bytes, 4_194_304);
         assert_eq!(
             c.extensions.change_stream_heartbeat,
             Duration::from_secs(15)

@@ -207,3 +207,133 @@ async fn bulk_reads_of_far_more_than_the_limit_cost_no_memory() {
     let url = format!("{}/execution/store/ti/{ti}", served.base);
     assert_eq!(send(&http, "DELETE", &url, &token, None).await.0, 204);
 }
+
+// --- Item 3: change-stream buffers bounded in bytes --------------------------------------
+
+fn set_event(json_bytes: usize) -> airstate::store::events::Delivery {
+    use airstate::store::events::{Change, Delivery, Event};
+    Delivery::Event(std::sync::Arc::new(Event {
+        map_index: None,
+        change: Change::Set {
+            key: "k".into(),
+            json: "x".repeat(json_bytes),
+            version: "v".into(),
+        },
+    }))
+}
+
+/// A watcher may hold exactly its byte limit of undelivered events; one byte more cuts it
+/// off (its next read is `Lagged`, what it held is gone). An empty buffer takes one event
+/// whatever its size.
+#[tokio::test]
+async fn change_stream_buffer_at_its_byte_limit_and_one_byte_over() {
+    use airstate::store::events::{BufferLimits, Delivery, EventHub, RecvError, EVENT_OVERHEAD};
+    // key "k" + version "v" + the JSON text + the fixed overhead.
+    let weight = |json: usize| EVENT_OVERHEAD + 2 + json;
+    let hub = EventHub::new(BufferLimits {
+        events: 1000,
+        bytes: 3 * weight(1000),
+    });
+    let mut at_limit = hub.watch("a".into(), None).await.unwrap();
+    for _ in 0..3 {
+        hub.deliver("a", set_event(1000));
+    }
+    for _ in 0..3 {
+        assert!(matches!(
+            at_limit.deliveries.recv().await,
+            Ok(Delivery::Event(_))
+        ));
+    }
+    let mut over = hub.watch("b".into(), None).await.unwrap();
+    hub.deliver("b", set_event(1000));
+    hub.deliver("b", set_event(1000));
+    hub.deliver("b", set_event(1001));
+    match over.deliveries.recv().await {
+        Err(RecvError::Lagged(missed)) => assert_eq!(missed, 3),
+        other => panic!("expected the watcher cut off, got {:?}", other.map(|_| ())),
+    }
+    let mut huge = hub.watch("c".into(), None).await.unwrap();
+    hub.deliver("c", set_event(10 * weight(1000)));
+    assert!(matches!(
+        huge.deliveries.recv().await,
+        Ok(Delivery::Event(_))
+    ));
+}
+
+/// A watcher that stops reading while 200 values of 1 MiB are written to its task: it is
+/// cut off at the byte limit, so the replica's peak memory stays flat (before: every event
+/// was kept, 200 MiB and more), and when it reads again its stream ends with `lagged`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_is_cut_off_at_its_byte_limit() {
+    use std::io::{Read, Write};
+    let served = serve(&[]);
+    let pid = served.child.id();
+    let http = reqwest::Client::new();
+    let (ti, token) = task_instance().await;
+    let value = json_of_len(1_000_000, 'w');
+    let url = format!("{}/execution/store/ti/{ti}/big", served.base);
+    // The same writes with nobody watching first: what they cost the write path alone
+    // (buffers that grow once and stay) is not what is measured below.
+    for _ in 0..200 {
+        let (status, body) = send(&http, "PUT", &url, &token, Some(value.clone())).await;
+        assert_eq!(status, 204, "{}", short(&body));
+    }
+    let addr = served.base.trim_start_matches("http://").to_owned();
+    let mut watcher = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        watcher,
+        "GET /execution/store/ti/{ti} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Accept: text/event-stream\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    watcher
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: ready") {
+        let n = watcher.read(&mut chunk).expect("the stream starts");
+        assert!(n > 0, "stream closed before ready");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    // From here the watcher reads nothing.
+    let before = status_kib(pid, "VmHWM");
+    for _ in 0..200 {
+        let (status, body) = send(&http, "PUT", &url, &token, Some(value.clone())).await;
+        assert_eq!(status, 204, "{}", short(&body));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown_mib = (status_kib(pid, "VmHWM") - before) / 1024;
+    println!(
+        "peak RSS before the writes {} MiB, grown by {grown_mib} MiB over 200 MiB written",
+        before / 1024
+    );
+    assert!(grown_mib < 32, "peak RSS grew by {grown_mib} MiB");
+    // Reading again: what the sockets held, then the end of the stream.
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut tail: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            let n = watcher
+                .read(&mut chunk)
+                .expect("the stream ends within 30 s");
+            if n == 0 {
+                return String::from_utf8_lossy(&tail).into_owned();
+            }
+            tail.extend_from_slice(&chunk[..n]);
+            let cut = tail.len().saturating_sub(200);
+            tail.drain(..cut);
+        }
+    });
+    let tail = reader.await.unwrap();
+    assert!(
+        tail.contains("event: lagged"),
+        "stream ended without lagged: {tail:?}"
+    );
+    assert_eq!(
+        send(&http, "DELETE", &url.replace("/big", ""), &token, None)
+            .await
+            .0,
+        204
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::events::{Change, Delivery, Event, EventHub, Watch};
+use super::events::{BufferLimits, Change, Delivery, Event, EventHub, Watch};
 use super::lifecycle::{asset_id, Oracle, PassError, PassLimits, Reclaimed};
 use super::version::new_version;
 use super::{
@@ -33,7 +33,7 @@ impl Default for MemoryStore {
         Self {
             tasks: Mutex::default(),
             assets: Mutex::default(),
-            events: EventHub::new(super::events::DEFAULT_EVENT_BUFFER),
+            events: EventHub::new(BufferLimits::default()),
         }
     }
 }
@@ -43,9 +43,9 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Buffers `buffer` change events per watcher.
-    pub fn with_event_buffer(self, buffer: usize) -> Self {
-        self.events.set_capacity(buffer);
+    /// Each watcher buffers at most `limits` of change events.
+    pub fn with_event_limits(self, limits: BufferLimits) -> Self {
+        self.events.set_limits(limits);
         self
     }
 
