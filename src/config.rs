@@ -248,7 +248,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "AIRSTATE_METASTORE_TIMEOUT_MS",
         default: DefaultValue::Value("2000"),
-        meaning: "metastore connect, pool wait and per-statement timeout (waiting in PgBouncer's queue counts)",
+        meaning: "one deadline per metastore statement: pool wait, connecting and the statement together (503 after)",
     },
     Variable {
         name: "AIRSTATE_MAX_BODY_BYTES",

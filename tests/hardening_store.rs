@@ -337,3 +337,152 @@ async fn a_watcher_that_stops_reading_is_cut_off_at_its_byte_limit() {
         204
     );
 }
+
+// --- Item 4: a frozen metastore -----------------------------------------------------------
+
+/// Every process of the PostgreSQL server listening on `pg`: the postmaster and its
+/// backends and workers.
+async fn postgres_processes(pg: &Postgres) -> Vec<i32> {
+    let client = pg.client().await;
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(client);
+    let parent_of = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_name = &stat[stat.rfind(')')? + 2..];
+        after_name.split(' ').nth(1)?.parse().ok()
+    };
+    let postmaster = parent_of(backend).expect("the backend's parent");
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+            if parent_of(pid) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn signal_all(pids: &[i32], signal: i32) {
+    for pid in pids {
+        unsafe { libc::kill(*pid, signal) };
+    }
+}
+
+/// PostgreSQL frozen (SIGSTOP: connections stay open, nothing answers) under requests that
+/// need it: a task not in the identity cache, an unknown task, an asset. Each is answered
+/// 503 within AIRSTATE_METASTORE_TIMEOUT_MS (plus scheduling slack), however many come at
+/// once, and the replica serves again once the server thaws.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_metastore_answers_503_within_its_timeout() {
+    let pg = Postgres::start();
+    let prefix = format!("{}:", unique("frozen"));
+    let served = ServedBinary::start(
+        &[
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+            ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", pg.url.as_str()),
+            ("AIRSTATE_REDIS_URL", RedisServer::shared().url.as_str()),
+            ("AIRSTATE_KEY_PREFIX", prefix.as_str()),
+            ("AIRSTATE_METASTORE_TIMEOUT_MS", "1000"),
+            ("AIRSTATE_IDENTITY_CACHE_SECONDS", "1"),
+            ("AIRSTATE_RECONCILE_INTERVAL_SECONDS", "0"),
+            ("RUST_LOG", "error"),
+        ],
+        Stdio::inherit(),
+    );
+    let http = reqwest::Client::new();
+    let mut tis = Vec::new();
+    for _ in 0..8 {
+        let id = Uuid::now_v7();
+        pg.insert_task_instance(id, &unique("dag"), &unique("run"), "task", -1)
+            .await;
+        tis.push(id);
+    }
+    let asset = unique("asset");
+    pg.insert_asset(&asset, &format!("s3://b/{}", unique("p")), true)
+        .await;
+    let path_of = |ti: &Uuid| format!("{}/execution/store/ti/{ti}/k", served.base);
+    // Warm: every pooled connection opened and in use once.
+    let warm: Vec<_> = tis
+        .iter()
+        .map(|ti| {
+            let (http, url, token) = (http.clone(), path_of(ti), token_for(*ti));
+            tokio::spawn(async move {
+                send(&http, "PUT", &url, &token, Some("{\"value\": 1}".into())).await
+            })
+        })
+        .collect();
+    for put in warm {
+        assert_eq!(put.await.unwrap().0, 204);
+    }
+
+    let pids = postgres_processes(&pg).await;
+    signal_all(&pids, libc::SIGSTOP);
+    // Past the identity cache: every request below needs the metastore.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut requests = Vec::new();
+    for round in 0..3 {
+        for ti in &tis {
+            requests.push((path_of(ti), token_for(*ti)));
+        }
+        let unknown = Uuid::now_v7();
+        requests.push((path_of(&unknown), token_for(unknown)));
+        requests.push((
+            format!(
+                "{}/execution/store/asset/by-name/value?name={asset}&key=k{round}",
+                served.base
+            ),
+            token_for(tis[0]),
+        ));
+    }
+    let started = std::time::Instant::now();
+    let answers: Vec<_> = requests
+        .into_iter()
+        .map(|(url, token)| {
+            let http = http.clone();
+            tokio::spawn(async move {
+                let began = std::time::Instant::now();
+                let (status, body) = send(&http, "GET", &url, &token, None).await;
+                (status, body, began.elapsed())
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    let mut statuses = Vec::new();
+    for answer in answers {
+        let (status, body, took) = answer.await.unwrap();
+        slowest = slowest.max(took);
+        statuses.push((status, short(&body)));
+    }
+    let total = started.elapsed();
+    signal_all(&pids, libc::SIGCONT);
+    println!(
+        "frozen metastore: {} requests, slowest {slowest:?}, all within {total:?}",
+        statuses.len()
+    );
+    for (status, body) in &statuses {
+        assert_eq!(*status, 503, "{body}");
+    }
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "a request waited {slowest:?} on a frozen metastore with a 1000 ms timeout"
+    );
+
+    // Thawed: served again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = send(&http, "GET", &path_of(&tis[0]), &token_for(tis[0]), None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {status} after the thaw"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -184,9 +184,10 @@ impl MetastoreResolver {
             db.system = "postgresql"
         );
         async {
-            let client = self.pool.get().await.map_err(|e| explain(&e))?;
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            let client = self.checkout(deadline).await?;
             let query = client.query_typed(sql, params);
-            match tokio::time::timeout(self.timeout, query).await {
+            match tokio::time::timeout_at(deadline, query).await {
                 Ok(result) => result.map_err(|e| explain(&e)),
                 Err(_) => Err(self.abandon(client)),
             }
@@ -220,6 +221,23 @@ impl MetastoreResolver {
             .iter()
             .map(|row| i64::from(row.get::<_, i32>(0)))
             .collect())
+    }
+
+    /// A pooled connection by `deadline`, which the statement shares: the pool's own
+    /// timeouts apply one after the other (waiting for a free slot, then connecting or
+    /// recycling), so a frozen server, which accepts TCP connections and answers nothing,
+    /// would otherwise hold a request for several of them before its statement starts.
+    async fn checkout(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<deadpool_postgres::Object, String> {
+        match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(client) => client.map_err(|e| explain(&e)),
+            Err(_) => Err(format!(
+                "no metastore connection within {} ms",
+                self.timeout.as_millis()
+            )),
+        }
     }
 
     /// A statement over its time (still running, or queued in PgBouncer for a server
@@ -372,13 +390,13 @@ impl IdentityResolver for MetastoreResolver {
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let client = self
-            .pool
-            .get()
+            .checkout(deadline)
             .await
-            .map_err(|e| IdentityError::Unavailable(explain(&e)))?;
+            .map_err(IdentityError::Unavailable)?;
         // The simple query protocol: no prepared statement at all.
-        match tokio::time::timeout(self.timeout, client.simple_query("SELECT 1")).await {
+        match tokio::time::timeout_at(deadline, client.simple_query("SELECT 1")).await {
             Ok(result) => result
                 .map(drop)
                 .map_err(|e| IdentityError::Unavailable(explain(&e))),
