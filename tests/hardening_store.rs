@@ -486,3 +486,42 @@ async fn a_frozen_metastore_answers_503_within_its_timeout() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+// --- Item 10: a NUL byte in an asset name or URI ----------------------------------------
+
+/// With the metastore identity, an asset named with a NUL byte is no asset (PostgreSQL
+/// text cannot hold one): 404 on every asset route, never a 503 that invites retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_byte_in_an_asset_name_or_uri_is_not_found() {
+    let gw = Gateway::start(Backend::Redis).await;
+    let ti = gw.task().await;
+    for by in ["name", "uri"] {
+        for (method, path, body) in [
+            (
+                "GET",
+                format!("/execution/store/asset/by-{by}/value?{by}=a%00b&key=k"),
+                None,
+            ),
+            (
+                "PUT",
+                format!("/execution/store/asset/by-{by}/value?{by}=a%00b&key=k"),
+                Some(json!({"value": 1})),
+            ),
+            (
+                "DELETE",
+                format!("/execution/store/asset/by-{by}/value?{by}=%00&key=k"),
+                None,
+            ),
+            (
+                "GET",
+                format!("/execution/store/asset/by-{by}/values?{by}=a%00&keys=k"),
+                None,
+            ),
+        ] {
+            let reply = gw.send(method, &path, Some(&ti.token), body).await;
+            assert_eq!(reply.status, 404, "{method} {path}: {reply:?}");
+            assert!(reply.header("retry-after").is_none());
+            assert_eq!(reply.body["detail"]["reason"], "not_found", "{reply:?}");
+        }
+    }
+}

@@ -295,6 +295,13 @@ fn describe_config(config: &tokio_postgres::Config) -> String {
     )
 }
 
+/// PostgreSQL text cannot hold a NUL byte, so no row has one; sending it would be an
+/// encoding error, answered 503 with Retry-After as if the metastore were down. Text
+/// holding one is no such row (404) without asking.
+fn holds_nul(text: &str) -> bool {
+    text.contains('\0')
+}
+
 fn settle<T>(result: Result<T, Arc<Miss>>) -> Result<Option<T>, IdentityError> {
     match result {
         Ok(value) => Ok(Some(value)),
@@ -357,6 +364,9 @@ impl IdentityResolver for MetastoreResolver {
         task_id: &str,
         map_index: Option<i64>,
     ) -> Result<bool, IdentityError> {
+        if [dag_id, run_id, task_id].into_iter().any(holds_nul) {
+            return Ok(false);
+        }
         // A map index beyond i32 matches no row (the column is an integer).
         let map_index = match map_index.map(i32::try_from) {
             None => None,
@@ -377,6 +387,9 @@ impl IdentityResolver for MetastoreResolver {
     }
 
     async fn run_key(&self, dag_id: &str, run_id: &str) -> Result<RunKey, IdentityError> {
+        if holds_nul(dag_id) || holds_nul(run_id) {
+            return Ok(RunKey::NoSuchRun);
+        }
         let params: [(&(dyn ToSql + Sync), Type); 2] =
             [(&dag_id, Type::VARCHAR), (&run_id, Type::VARCHAR)];
         let row = self
@@ -442,6 +455,10 @@ impl MetastoreResolver {
     }
 
     async fn resolve_asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError> {
+        let (AssetRef::Name(text) | AssetRef::Uri(text)) = asset;
+        if holds_nul(text) {
+            return Ok(None);
+        }
         if let Some(key) = self.assets.get(asset).await {
             cache_outcome("asset", true);
             return Ok(Some(key));
