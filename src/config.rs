@@ -261,6 +261,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "how often a JWKS URL or file is re-read",
     },
     Variable {
+        name: "AIRSTATE_TOKEN_CACHE_MAX_BYTES",
+        default: DefaultValue::Value("33554432"),
+        meaning: "memory verified tokens are remembered in (each counted as 4 times its length plus 512 bytes); 0: none",
+    },
+    Variable {
         name: "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
         default: DefaultValue::Value("20"),
         meaning: "longest wait for in-flight requests on SIGTERM",
@@ -488,6 +493,7 @@ impl Config {
             jwks_refresh: Duration::from_secs(
                 env.parse::<u64>("AIRSTATE_JWKS_REFRESH_SECONDS")?.max(1),
             ),
+            token_cache_bytes: env.parse("AIRSTATE_TOKEN_CACHE_MAX_BYTES")?,
         };
         if auth.secret.is_none() && auth.jwks_source.is_none() && auth.private_key_path.is_none() {
             return Err(error(
@@ -854,6 +860,7 @@ mod tests {
             ("AIRSTATE_CHANGE_STREAM_BUFFER_BYTES", "0"),
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
             ("AIRSTATE_BULK_READ_MAX_BYTES", "0"),
+            ("AIRSTATE_TOKEN_CACHE_MAX_BYTES", "-1"),
             ("AIRSTATE_ADMIN_TOKEN", "too-short"),
             ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "-1"),
             ("AIRSTATE_ACCESS_CACHE_SECONDS", "6"),
@@ -1035,6 +1042,7 @@ mod tests {
         assert_eq!(metastore.timeout, Duration::from_millis(2000));
         assert_eq!(c.auth.refreshed_lifetime, Duration::from_secs(600));
         assert_eq!(c.auth.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(c.auth.token_cache_bytes, 33_554_432);
         assert!(!c.extensions.asset_registration_check);
         assert!(c.extensions.change_streams);
         assert_eq!(c.extensions.change_stream_buffer, DEFAULT_EVENT_BUFFER);

@@ -198,7 +198,7 @@ async fn bulk_reads_of_far_more_than_the_limit_cost_no_memory() {
     for reader in readers {
         reader.await.unwrap();
     }
-    let grown_mib = (status_kib(pid, "VmHWM") - before) / 1024;
+    let grown_mib = status_kib(pid, "VmHWM").saturating_sub(before) / 1024;
     println!(
         "peak RSS before the reads {} MiB, grown by {grown_mib} MiB",
         before / 1024
@@ -303,7 +303,7 @@ async fn a_watcher_that_stops_reading_is_cut_off_at_its_byte_limit() {
         assert_eq!(status, 204, "{}", short(&body));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let grown_mib = (status_kib(pid, "VmHWM") - before) / 1024;
+    let grown_mib = status_kib(pid, "VmHWM").saturating_sub(before) / 1024;
     println!(
         "peak RSS before the writes {} MiB, grown by {grown_mib} MiB over 200 MiB written",
         before / 1024
@@ -523,5 +523,48 @@ async fn a_nul_byte_in_an_asset_name_or_uri_is_not_found() {
             assert!(reply.header("retry-after").is_none());
             assert_eq!(reply.body["detail"]["reason"], "not_found", "{reply:?}");
         }
+    }
+}
+
+// --- Item 11: the verified-token cache bounded in bytes ----------------------------------
+
+fn auth_with_cache(bytes: u64) -> std::sync::Arc<airstate::auth::Authenticator> {
+    let limit = bytes.to_string();
+    let env = [
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+        ("AIRSTATE_TOKEN_CACHE_MAX_BYTES", limit.as_str()),
+    ];
+    let config = airstate::config::Config::from_lookup(|name| {
+        env.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.to_string())
+    })
+    .unwrap();
+    airstate::auth::Authenticator::new(&config.auth).unwrap()
+}
+
+/// The cache holds tokens up to its byte limit and never more: exactly N tokens' worth
+/// keeps all N; a limit of 10 tokens' worth keeps 10 of 50.
+#[tokio::test]
+async fn token_cache_at_its_byte_limit() {
+    let tokens: Vec<String> = (0..50).map(|_| token_for(Uuid::new_v4())).collect();
+    let weight = u64::from(airstate::auth::verified_weight(&tokens[0]));
+    assert!(tokens
+        .iter()
+        .all(|t| u64::from(airstate::auth::verified_weight(t)) == weight));
+    for (limit, kept) in [(50 * weight, 50), (10 * weight, 10), (0, 0)] {
+        let auth = auth_with_cache(limit);
+        for token in &tokens {
+            let header = format!("Bearer {token}");
+            auth.authenticate(Some(&header))
+                .await
+                .expect("a valid token");
+        }
+        let (bytes, entries) = auth.token_cache_usage();
+        assert!(
+            bytes <= limit,
+            "{bytes} bytes cached over a limit of {limit}"
+        );
+        assert_eq!(entries, kept, "limit {limit}");
     }
 }
