@@ -568,3 +568,91 @@ async fn token_cache_at_its_byte_limit() {
         assert_eq!(entries, kept, "limit {limit}");
     }
 }
+
+// --- Items 8 and 9: the same task rules at the API and in import; last line wins ------------
+
+/// With the claims identity, a token naming a task Airflow cannot have (an empty id, a
+/// map index below -1) is refused (403) before anything is stored; -1 and 0 are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_the_import_would_refuse_are_refused_at_the_api() {
+    let gw = Gateway::start_with(Backend::Redis, &[("AIRSTATE_IDENTITY", "claims")]).await;
+    let token = |dag_id: &str, task_id: &str, map_index: i64| {
+        let sub = Uuid::new_v4();
+        let mut claims = gateway::claims_for(sub);
+        claims.insert("dag_id".into(), json!(dag_id));
+        claims.insert("run_id".into(), json!("run"));
+        claims.insert("task_id".into(), json!(task_id));
+        claims.insert("map_index".into(), json!(map_index));
+        (sub, gateway::sign(&claims))
+    };
+    for (dag_id, task_id, map_index, expected) in [
+        ("d", "t", -1, 204),
+        ("d", "t", 0, 204),
+        ("d", "t", -2, 403),
+        ("d", "t", -5, 403),
+        ("", "t", -1, 403),
+        ("d", "", 3, 403),
+    ] {
+        let (sub, token) = token(dag_id, task_id, map_index);
+        let path = format!("/execution/store/ti/{sub}/k");
+        let put = gw.put(&path, &token, json!({"value": 1})).await;
+        assert_eq!(
+            put.status, expected,
+            "{dag_id:?} {task_id:?} {map_index}: {put:?}"
+        );
+        if expected == 403 {
+            assert!(put.text.contains("map_index") || put.text.contains("must not be empty"));
+            assert_eq!(gw.get(&path, &token).await.status, 403);
+        }
+    }
+}
+
+/// An import file naming a key twice: the last line wins, every time (before, writes ran
+/// concurrently and about one key in seven kept the earlier line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_naming_a_key_twice_keeps_the_last_line() {
+    use airstate::store::redis::RedisStore;
+    use airstate::store::{StateStore, TaskScope};
+    let prefix = format!("{}:", unique("dupes"));
+    let mut settings = airstate::config::redis_defaults(&RedisServer::shared().url, &prefix)
+        .expect("redis settings");
+    settings.sweep_interval = Duration::from_secs(3600);
+    let store: std::sync::Arc<dyn StateStore> =
+        std::sync::Arc::new(RedisStore::connect(&settings).await.unwrap());
+    let line = |key: usize, value: &str| {
+        format!(
+            r#"{{"kind":"task","dag_id":"d","run_id":"r","task_id":"t","map_index":-1,"key":"k{key}","value":"{value}","updated_at":"2026-05-01T00:00:00.000Z","expires_at":null}}"#
+        )
+    };
+    let mut file = String::new();
+    for key in 0..2000 {
+        file.push_str(&line(key, "first"));
+        file.push('\n');
+    }
+    for key in 0..2000 {
+        file.push_str(&line(key, "last"));
+        file.push('\n');
+    }
+    let summary = airstate::migrate::import(store.clone(), &mut file.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(summary.task_keys, 2000, "{summary}");
+    let scope = TaskScope {
+        dag_id: "d".into(),
+        run_id: "r".into(),
+        task_id: "t".into(),
+        map_index: -1,
+        run_key: None,
+    };
+    let keys: Vec<String> = (0..2000).map(|key| format!("k{key}")).collect();
+    let values = store
+        .get_task_many(&scope, &keys, usize::MAX)
+        .await
+        .unwrap();
+    let earlier = values
+        .iter()
+        .filter(|value| value.as_ref().map(|v| v.json.as_str()) != Some("\"last\""))
+        .count();
+    assert_eq!(earlier, 0, "{earlier} of 2000 keys kept an earlier line");
+    store.clear_task(&scope, true).await.unwrap();
+}

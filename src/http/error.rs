@@ -135,6 +135,9 @@ impl From<IdentityError> for ApiError {
         match error {
             IdentityError::Unavailable(reason) => ApiError::Unavailable(reason),
             IdentityError::NoAssetIds => ApiError::NoAssetIds,
+            IdentityError::InvalidClaims(problem) => {
+                ApiError::Auth(AuthError::InvalidClaim(problem))
+            }
         }
     }
 }

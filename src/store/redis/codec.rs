@@ -66,7 +66,8 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let mut args: Vec<Value> = Vec::with_capacity(keys.len() + 1);
-        args.push((max_bytes as i64).into());
+        let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        args.push(limit.into());
         args.extend(keys.iter().map(|key| Value::from(key.as_str())));
         let client = self.redis.shared_client();
         let mut reply: Vec<Value> = self
@@ -80,7 +81,7 @@ impl RedisStore {
             )
             .await?;
         let total = reply.first().and_then(Value::as_i64).unwrap_or(0);
-        if reply.len() == 1 && total > max_bytes as i64 {
+        if reply.len() == 1 && total > limit {
             return Err(StoreError::TooLarge {
                 bytes: total as u64,
                 limit: max_bytes as u64,
