@@ -656,3 +656,59 @@ async fn an_import_naming_a_key_twice_keeps_the_last_line() {
     assert_eq!(earlier, 0, "{earlier} of 2000 keys kept an earlier line");
     store.clear_task(&scope, true).await.unwrap();
 }
+
+// --- Item 14: a write that happened is acknowledged ----------------------------------------
+
+/// The sweep-index update after a write goes through the store's one call path; when it
+/// still fails (here: an ACL that denies the sweep-index keys, as a reshard's errors would
+/// after the call's retries), the write, which happened, is acknowledged rather than
+/// answered 5xx, so a client never retries its own write into a 412.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_acknowledged_when_only_its_sweep_index_update_fails() {
+    let redis = RedisServer::start();
+    let acl = common::redis_cli(
+        redis.port,
+        &[
+            "ACL",
+            "SETUSER",
+            "gw",
+            "on",
+            ">pw",
+            "~*{t:*",
+            "~*{rx:*",
+            "~*{ax:*",
+            "~*lifecycle*",
+            "&*",
+            "+@all",
+        ],
+    );
+    assert!(acl.contains("OK"), "{acl}");
+    let url = format!("redis://gw:pw@127.0.0.1:{}", redis.port);
+    let gw = Gateway::start_with(Backend::Redis, &[("AIRSTATE_REDIS_URL", url.as_str())]).await;
+    let ti = gw.task().await;
+    let permanent = gw
+        .put(
+            &gateway::ti_path(&ti, "kept"),
+            &ti.token,
+            json!({"value": 1}),
+        )
+        .await;
+    assert_eq!(permanent.status, 204, "{permanent:?}");
+    let expires = chrono::Utc::now() + chrono::Duration::hours(1);
+    // Permanent and expiring keys in one scope: the write must list it in the sweep index.
+    let mixed = gw
+        .put(
+            &gateway::ti_path(&ti, "lease"),
+            &ti.token,
+            json!({"value": 2, "expires_at": expires.to_rfc3339()}),
+        )
+        .await;
+    assert_eq!(mixed.status, 204, "{mixed:?}");
+    let read = gw.get(&gateway::ti_path(&ti, "lease"), &ti.token).await;
+    assert_eq!(read.body["value"], 2, "{read:?}");
+    let denied = common::redis_cli(redis.port, &["ACL", "LOG"]);
+    assert!(
+        denied.contains("sweep"),
+        "the sweep index was not denied: {denied}"
+    );
+}
