@@ -11,7 +11,7 @@ use jsonwebtoken::Algorithm;
 
 use crate::auth::AuthSettings;
 use crate::identity::metastore::{postgres_url_from_sqlalchemy, MetastoreSettings};
-use crate::store::events::DEFAULT_EVENT_BUFFER;
+use crate::store::events::{DEFAULT_EVENT_BUFFER, DEFAULT_EVENT_BUFFER_BYTES};
 use crate::store::redis::RedisSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -136,8 +136,12 @@ pub struct ExtensionSettings {
     pub change_streams: bool,
     /// Change streams: events buffered per watcher before it is told it lagged.
     pub change_stream_buffer: usize,
+    /// Change streams: bytes of events buffered per watcher before it is cut off.
+    pub change_stream_buffer_bytes: usize,
     /// Change streams: how often an idle stream gets a keep-alive comment.
     pub change_stream_heartbeat: Duration,
+    /// Bulk reads: the most bytes of stored values one read returns (422 above).
+    pub bulk_read_max_bytes: usize,
 }
 
 /// A variable's default: what parsing uses when the variable is unset, and what `--help`
@@ -271,7 +275,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "AIRSTATE_METASTORE_TIMEOUT_MS",
         default: DefaultValue::Value("2000"),
-        meaning: "metastore connect, pool wait and per-statement timeout (waiting in PgBouncer's queue counts)",
+        meaning: "one deadline per metastore statement: pool wait, connecting and the statement together (503 after)",
     },
     Variable {
         name: "AIRSTATE_MAX_BODY_BYTES",
@@ -324,6 +328,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "longest a JWKS URL fetch may take, connect to last byte (start-up fails, a refresh keeps the old keys)",
     },
     Variable {
+        name: "AIRSTATE_TOKEN_CACHE_MAX_BYTES",
+        default: DefaultValue::Value("33554432"),
+        meaning: "memory verified tokens are remembered in (each counted as 4 times its length plus 512 bytes); 0: none",
+    },
+    Variable {
         name: "AIRSTATE_SHUTDOWN_GRACE_SECONDS",
         default: DefaultValue::Value("20"),
         meaning: "longest wait for in-flight requests on SIGTERM",
@@ -370,9 +379,19 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "change events buffered per stream before it lags",
     },
     Variable {
+        name: "AIRSTATE_CHANGE_STREAM_BUFFER_BYTES",
+        default: DefaultValue::Number(DEFAULT_EVENT_BUFFER_BYTES as u64),
+        meaning: "bytes of change events buffered per stream before it is cut off (lagged)",
+    },
+    Variable {
         name: "AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS",
         default: DefaultValue::Value("15"),
         meaning: "keep-alive interval of idle change streams",
+    },
+    Variable {
+        name: "AIRSTATE_BULK_READ_MAX_BYTES",
+        default: DefaultValue::Value("4194304"),
+        meaning: "most bytes of values one bulk read returns (422 above, nothing read)",
     },
     // Forwarding to Airflow's API server.
     Variable {
@@ -670,6 +689,7 @@ impl Config {
             jwks_timeout: Duration::from_millis(
                 env.parse::<u64>("AIRSTATE_JWKS_TIMEOUT_MS")?.max(1),
             ),
+            token_cache_bytes: env.parse("AIRSTATE_TOKEN_CACHE_MAX_BYTES")?,
         };
         if auth.secret.is_none() && auth.jwks_source.is_none() && auth.private_key_path.is_none() {
             return Err(error(
@@ -696,6 +716,13 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        let change_stream_buffer_bytes: usize = env.parse("AIRSTATE_CHANGE_STREAM_BUFFER_BYTES")?;
+        if change_stream_buffer_bytes == 0 {
+            return Err(error(
+                "AIRSTATE_CHANGE_STREAM_BUFFER_BYTES",
+                "must be at least 1",
+            ));
+        }
         let heartbeat: u64 = env.parse("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS")?;
         if heartbeat == 0 {
             return Err(error(
@@ -703,11 +730,17 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let bulk_read_max_bytes: usize = env.parse("AIRSTATE_BULK_READ_MAX_BYTES")?;
+        if bulk_read_max_bytes == 0 {
+            return Err(error("AIRSTATE_BULK_READ_MAX_BYTES", "must be at least 1"));
+        }
         let extensions = ExtensionSettings {
             asset_registration_check,
             change_streams,
             change_stream_buffer,
+            change_stream_buffer_bytes,
             change_stream_heartbeat: Duration::from_secs(heartbeat),
+            bulk_read_max_bytes,
         };
 
         // A token mounted from a Secret file often ends in a newline.
@@ -1202,7 +1235,10 @@ mod tests {
             ("AIRSTATE_ASSET_REGISTRATION_CHECK", "true"),
             ("AIRSTATE_CHANGE_STREAMS", "off"),
             ("AIRSTATE_CHANGE_STREAM_BUFFER", "0"),
+            ("AIRSTATE_CHANGE_STREAM_BUFFER_BYTES", "0"),
             ("AIRSTATE_CHANGE_STREAM_HEARTBEAT_SECONDS", "0"),
+            ("AIRSTATE_BULK_READ_MAX_BYTES", "0"),
+            ("AIRSTATE_TOKEN_CACHE_MAX_BYTES", "-1"),
             ("AIRSTATE_ADMIN_TOKEN", "too-short"),
             ("AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES", "-1"),
             ("AIRSTATE_ACCESS_CACHE_SECONDS", "6"),
@@ -1400,13 +1436,16 @@ mod tests {
         assert_eq!(c.auth.refreshed_lifetime, Duration::from_secs(600));
         assert_eq!(c.auth.jwks_refresh, Duration::from_secs(300));
         assert_eq!(c.auth.jwks_timeout, Duration::from_secs(5));
+        assert_eq!(c.auth.token_cache_bytes, 33_554_432);
         assert!(!c.extensions.asset_registration_check);
         assert!(c.extensions.change_streams);
         assert_eq!(c.extensions.change_stream_buffer, DEFAULT_EVENT_BUFFER);
+        assert_eq!(c.extensions.change_stream_buffer_bytes, 4_194_304);
         assert_eq!(
             c.extensions.change_stream_heartbeat,
             Duration::from_secs(15)
         );
+        assert_eq!(c.extensions.bulk_read_max_bytes, 4_194_304);
         assert_eq!(c.admin.max_value_bytes, 65535);
         // The settings a tool connecting on its own gets are the same defaults.
         let tool = redis_defaults("redis://h:1", "p:").unwrap();

@@ -71,7 +71,10 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         }
         _ => Arc::new(ClaimsResolver),
     };
-    let buffer = config.extensions.change_stream_buffer;
+    let buffer = store::events::BufferLimits {
+        events: config.extensions.change_stream_buffer,
+        bytes: config.extensions.change_stream_buffer_bytes,
+    };
     let store: Arc<dyn StateStore> = match &config.redis {
         Some(settings) => {
             let store = RedisStore::connect(settings).await?;
@@ -81,7 +84,7 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
             }
             Arc::new(store)
         }
-        None => Arc::new(MemoryStore::new().with_event_buffer(buffer)),
+        None => Arc::new(MemoryStore::new().with_event_limits(buffer)),
     };
     for warning in store.warnings().await {
         tracing::warn!("{warning}");

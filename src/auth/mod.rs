@@ -81,6 +81,8 @@ pub struct AuthSettings {
     /// Whole JWKS fetch, connect to last body byte: ureq has no timeout of its own, and an
     /// endpoint that never answers would hang start-up and every later refresh.
     pub jwks_timeout: Duration,
+    /// The most memory verified tokens may take (`AIRSTATE_TOKEN_CACHE_MAX_BYTES`).
+    pub token_cache_bytes: u64,
 }
 
 /// Signs refreshed tokens; present only when the gateway holds Airflow's signing key.
@@ -92,7 +94,14 @@ struct Signer {
 /// How long a verified token is remembered. Its own `exp`/`nbf` are still checked on
 /// every use, and a key leaving the JWKS voids what it vouched for at that re-read.
 const VERIFIED_TTL: Duration = Duration::from_secs(30);
-const VERIFIED_CAPACITY: u64 = 100_000;
+
+/// What one remembered token is counted as: its text, kept as the key, and its decoded
+/// claims (a JSON map, several times the size of the claims' text), estimated from the
+/// token's length so that weighing costs nothing.
+pub fn verified_weight(token: &str) -> u32 {
+    let estimate = 4 * token.len() + 512;
+    u32::try_from(estimate).unwrap_or(u32::MAX)
+}
 
 pub struct Authenticator {
     keys: KeyRing,
@@ -125,8 +134,9 @@ impl Authenticator {
         validation.validate_nbf = true;
         Ok(Arc::new(Self {
             keys,
-            verified: moka::sync::Cache::builder()
-                .max_capacity(VERIFIED_CAPACITY)
+            verified: moka::sync::Cache::<Box<str>, (Arc<Claims>, u64)>::builder()
+                .max_capacity(settings.token_cache_bytes)
+                .weigher(|token, _| verified_weight(token))
                 .time_to_live(VERIFIED_TTL)
                 .build(),
             leeway: settings.leeway.as_secs() as i64,
@@ -140,6 +150,12 @@ impl Authenticator {
             audience: settings.audiences.first().cloned().unwrap_or_default(),
             refreshed_lifetime: settings.refreshed_lifetime.as_secs() as i64,
         }))
+    }
+
+    /// The memory the verified-token cache is counted at now, and its entries.
+    pub fn token_cache_usage(&self) -> (u64, u64) {
+        self.verified.run_pending_tasks();
+        (self.verified.weighted_size(), self.verified.entry_count())
     }
 
     /// Starts background refresh of a JWKS; a no-op in other key modes.

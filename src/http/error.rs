@@ -85,6 +85,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body over {0} bytes")]
     PayloadTooLarge(usize),
+    /// A bulk read whose values total more than `AIRSTATE_BULK_READ_MAX_BYTES`.
+    #[error("bulk read of {bytes} bytes over the limit of {limit}")]
+    BulkReadTooLarge { bytes: u64, limit: u64 },
     /// `AIRSTATE_ASSET_REGISTRATION_CHECK`: the task is neither an inlet nor an outlet of
     /// the asset.
     #[error("task not registered with the asset")]
@@ -131,6 +134,7 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::Unavailable(reason) => ApiError::Unavailable(reason),
             StoreError::Internal(reason) => ApiError::Internal(reason),
+            StoreError::TooLarge { bytes, limit } => ApiError::BulkReadTooLarge { bytes, limit },
         }
     }
 }
@@ -149,6 +153,9 @@ impl From<IdentityError> for ApiError {
         match error {
             IdentityError::Unavailable(reason) => ApiError::Unavailable(reason),
             IdentityError::NoAssetIds => ApiError::NoAssetIds,
+            IdentityError::InvalidClaims(problem) => {
+                ApiError::Auth(AuthError::InvalidClaim(problem))
+            }
         }
     }
 }
@@ -295,6 +302,21 @@ impl ApiError {
                 json!(format!(
                     "Request body is larger than the limit of {limit} bytes"
                 )),
+            ),
+            // 422, not 413: the request is small, what it asks for is not; the same request
+            // fails the same way until fewer keys are asked for, so no Retry-After.
+            BulkReadTooLarge { bytes, limit } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "reason": "bulk_read_too_large",
+                    "message": format!(
+                        "The values asked for total {bytes} bytes as stored, more than the \
+                         {limit} bytes one bulk read returns (AIRSTATE_BULK_READ_MAX_BYTES); \
+                         ask for fewer keys at a time"
+                    ),
+                    "bytes": bytes,
+                    "limit": limit,
+                }),
             ),
             AssetNotRegistered {
                 dag_id,

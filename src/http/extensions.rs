@@ -197,7 +197,10 @@ async fn task_bulk(
     keys: Vec<String>,
 ) -> Result<Response, ApiError> {
     let scope = scope_of(app, caller).await?;
-    let values = app.store.get_task_many(&scope, &keys).await?;
+    let values = app
+        .store
+        .get_task_many(&scope, &keys, app.extensions.bulk_read_max_bytes)
+        .await?;
     Ok(bulk_response(&keys, values))
 }
 
@@ -218,7 +221,10 @@ pub async fn asset_bulk_get<const BY_URI: bool>(
     }
     let keys = keys_from_query(query.as_deref())?;
     let asset = resolve(&app, &claims, asset).await?;
-    let values = app.store.get_asset_many(&asset, &keys).await?;
+    let values = app
+        .store
+        .get_asset_many(&asset, &keys, app.extensions.bulk_read_max_bytes)
+        .await?;
     Ok(bulk_response(&keys, values))
 }
 
@@ -232,7 +238,10 @@ pub async fn asset_bulk_post<const BY_URI: bool>(
     let (asset, _) = from_query(By::of(BY_URI), query.as_deref(), false)?;
     let keys = keys_from_body(&body)?;
     let asset = resolve(&app, &claims, asset).await?;
-    let values = app.store.get_asset_many(&asset, &keys).await?;
+    let values = app
+        .store
+        .get_asset_many(&asset, &keys, app.extensions.bulk_read_max_bytes)
+        .await?;
     Ok(bulk_response(&keys, values))
 }
 

@@ -195,12 +195,15 @@ impl MetastoreResolver {
         );
         let started = std::time::Instant::now();
         let (outcome, result) = async {
-            let client = match self.pool.get().await {
+            // One deadline for the pool wait and the statement: a frozen server (accepting,
+            // never answering) costs a request no more than the timeout.
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            let client = match self.checkout(deadline).await {
                 Ok(client) => client,
-                Err(e) => return ("pool", Err(explain(&e))),
+                Err(e) => return ("pool", Err(e)),
             };
             let query = client.query_typed(sql, params);
-            match tokio::time::timeout(self.timeout, query).await {
+            match tokio::time::timeout_at(deadline, query).await {
                 Ok(Ok(rows)) => ("ok", Ok(rows)),
                 Ok(Err(e)) => ("query", Err(explain(&e))),
                 Err(_) => ("timeout", Err(self.abandon(client))),
@@ -244,6 +247,23 @@ impl MetastoreResolver {
             .iter()
             .map(|row| i64::from(row.get::<_, i32>(0)))
             .collect())
+    }
+
+    /// A pooled connection by `deadline`, which the statement shares: the pool's own
+    /// timeouts apply one after the other (waiting for a free slot, then connecting or
+    /// recycling), so a frozen server, which accepts TCP connections and answers nothing,
+    /// would otherwise hold a request for several of them before its statement starts.
+    async fn checkout(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<deadpool_postgres::Object, String> {
+        match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(client) => client.map_err(|e| explain(&e)),
+            Err(_) => Err(format!(
+                "no metastore connection within {} ms",
+                self.timeout.as_millis()
+            )),
+        }
     }
 
     /// A statement over its time (still running, or queued in PgBouncer for a server
@@ -299,6 +319,13 @@ fn describe_config(config: &tokio_postgres::Config) -> String {
         hosts.join(","),
         config.get_dbname().unwrap_or("default")
     )
+}
+
+/// PostgreSQL text cannot hold a NUL byte, so no row has one; sending it would be an
+/// encoding error, answered 503 with Retry-After as if the metastore were down. Text
+/// holding one is no such row (404) without asking.
+fn holds_nul(text: &str) -> bool {
+    text.contains('\0')
 }
 
 fn settle<T>(result: Result<T, Arc<Miss>>) -> Result<Option<T>, IdentityError> {
@@ -363,6 +390,9 @@ impl IdentityResolver for MetastoreResolver {
         task_id: &str,
         map_index: Option<i64>,
     ) -> Result<bool, IdentityError> {
+        if [dag_id, run_id, task_id].into_iter().any(holds_nul) {
+            return Ok(false);
+        }
         // A map index beyond i32 matches no row (the column is an integer).
         let map_index = match map_index.map(i32::try_from) {
             None => None,
@@ -383,6 +413,9 @@ impl IdentityResolver for MetastoreResolver {
     }
 
     async fn run_key(&self, dag_id: &str, run_id: &str) -> Result<RunKey, IdentityError> {
+        if holds_nul(dag_id) || holds_nul(run_id) {
+            return Ok(RunKey::NoSuchRun);
+        }
         let params: [(&(dyn ToSql + Sync), Type); 2] =
             [(&dag_id, Type::VARCHAR), (&run_id, Type::VARCHAR)];
         let row = self
@@ -396,12 +429,13 @@ impl IdentityResolver for MetastoreResolver {
     }
 
     async fn ping(&self) -> Result<(), IdentityError> {
-        let client = self.pool.get().await.map_err(|e| {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let client = self.checkout(deadline).await.map_err(|e| {
             metastore_error("pool");
-            IdentityError::Unavailable(explain(&e))
+            IdentityError::Unavailable(e)
         })?;
         // The simple query protocol: no prepared statement at all.
-        match tokio::time::timeout(self.timeout, client.simple_query("SELECT 1")).await {
+        match tokio::time::timeout_at(deadline, client.simple_query("SELECT 1")).await {
             Ok(result) => result.map(drop).map_err(|e| {
                 metastore_error("query");
                 IdentityError::Unavailable(explain(&e))
@@ -464,6 +498,10 @@ impl MetastoreResolver {
     }
 
     async fn resolve_asset(&self, asset: &AssetRef) -> Result<Option<AssetKey>, IdentityError> {
+        let (AssetRef::Name(text) | AssetRef::Uri(text)) = asset;
+        if holds_nul(text) {
+            return Ok(None);
+        }
         if let Some(key) = self.assets.get(asset).await {
             cache_outcome("asset", true);
             return Ok(Some(key));

@@ -42,6 +42,9 @@ pub enum IdentityError {
     /// Airflow's integer asset ids mean something only where Airflow's `asset` table is.
     #[error("asset ids need the metastore identity")]
     NoAssetIds,
+    /// A token whose claims name no task instance Airflow can have (claims identity).
+    #[error("invalid claims: {0}")]
+    InvalidClaims(String),
 }
 
 #[async_trait]
@@ -135,6 +138,9 @@ impl IdentityResolver for ClaimsResolver {
                 None => return Ok(None),
             },
         };
+        // Refused here rather than stored under a scope `airstate import` would refuse.
+        crate::store::rules::check_task_identity(dag_id, run_id, task_id, map_index)
+            .map_err(IdentityError::InvalidClaims)?;
         Ok(Some(TaskScope {
             dag_id: dag_id.to_owned(),
             run_id: run_id.to_owned(),

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::store::redis::{RedisStore, ScopeRef};
-use crate::store::rules::{check_key, check_value_text};
+use crate::store::rules::{check_key, check_task_identity, check_value_text};
 use crate::store::{now_millis, AssetKey, Entry, EpochMillis, StateStore, StoreError, TaskScope};
 use crate::store::{StoredValue, Writer};
 
@@ -129,9 +129,7 @@ impl Item {
         match record.kind {
             Kind::Task => {
                 let need = |field: Option<String>, name: &str| {
-                    field
-                        .filter(|text| !text.is_empty())
-                        .ok_or_else(|| format!("a task record needs {name}"))
+                    field.ok_or_else(|| format!("a task record needs {name}"))
                 };
                 if record.asset.is_some() || record.last_updated_by.is_some() {
                     return Err("a task record has no asset or last_updated_by".into());
@@ -142,10 +140,18 @@ impl Item {
                     task_id: need(record.task_id, "task_id")?,
                     map_index: record
                         .map_index
-                        .filter(|index| *index >= -1)
                         .ok_or("a task record needs a map_index of -1 or more")?,
                     run_key: record.dag_run_id,
                 };
+                // The rule the API applies to a token's claims: what one accepts, the
+                // other does.
+                check_task_identity(
+                    &scope.dag_id,
+                    &scope.run_id,
+                    &scope.task_id,
+                    scope.map_index,
+                )
+                .map_err(|problem| format!("a task record: {problem}"))?;
                 let expires_at = record.expires_at.flatten().as_deref().map(parse_time);
                 Ok(Item::Task {
                     scope,
@@ -476,6 +482,35 @@ pub async fn import_with_run_ids(
     Ok(summary)
 }
 
+/// The key an item writes: two lines for the same key are the same write.
+fn target(item: &Item) -> (Option<&TaskScope>, Option<&AssetKey>, &str) {
+    match item {
+        Item::Task { scope, key, .. } => (Some(scope), None, key),
+        Item::Asset { asset, key, .. } => (None, Some(asset), key),
+    }
+}
+
+/// Lines naming a key an earlier line named replace it: the last line of a key wins, as
+/// if the file were applied in order (writes run concurrently, so both cannot be sent).
+fn last_of_each_key(items: Vec<Item>) -> (Vec<Item>, usize) {
+    let mut last = std::collections::HashMap::new();
+    for (index, item) in items.iter().enumerate() {
+        let (scope, asset, key) = target(item);
+        last.insert((scope.cloned(), asset.cloned(), key.to_owned()), index);
+    }
+    let replaced = items.len() - last.len();
+    let kept = items
+        .into_iter()
+        .enumerate()
+        .filter(|(index, item)| {
+            let (scope, asset, key) = target(item);
+            last.get(&(scope.cloned(), asset.cloned(), key.to_owned())) == Some(index)
+        })
+        .map(|(_, item)| item)
+        .collect();
+    (kept, replaced)
+}
+
 /// Every line parsed and checked; nothing is written.
 fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateError> {
     let mut items = Vec::new();
@@ -497,6 +532,12 @@ fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateEr
             continue;
         }
         items.push(item);
+    }
+    let (items, replaced) = last_of_each_key(items);
+    if replaced > 0 {
+        eprintln!(
+            "airstate: {replaced} lines name a key a later line names again; the last line of each key is imported"
+        );
     }
     Ok((items, summary))
 }

@@ -9,20 +9,47 @@
 //! it; that is what makes a write through any replica reach watchers on every replica.
 //! The in-memory store delivers straight to its hub.
 //!
-//! Buffers are bounded: each channel holds at most `capacity` undelivered events per
-//! watcher; a watcher that falls further behind is told it lagged (and its stream ends).
+//! Buffers are bounded, per watcher, in events and in bytes ([`BufferLimits`]): a watcher
+//! that falls further behind (a client that stopped reading) is cut off. What it had
+//! buffered is dropped at once, and its next read is [`RecvError::Lagged`] (its stream
+//! ends). Every watcher has a queue of its own, so one slow client never holds events for
+//! the others, nor they for it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
+
+pub use tokio::sync::broadcast::error::RecvError;
 
 use super::{StoreError, StoreResult};
 
 /// Events buffered per watcher and channel unless configured (`AIRSTATE_CHANGE_STREAM_BUFFER`
 /// shows it as its default).
 pub const DEFAULT_EVENT_BUFFER: usize = 256;
+
+/// Bytes of events buffered per watcher unless configured
+/// (`AIRSTATE_CHANGE_STREAM_BUFFER_BYTES`).
+pub const DEFAULT_EVENT_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// How much one watcher may have buffered before it is cut off. One event is always
+/// accepted into an empty buffer, whatever its size (request bodies bound it), so a value
+/// larger than `bytes` still reaches a watcher that keeps up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferLimits {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+impl Default for BufferLimits {
+    fn default() -> Self {
+        Self {
+            events: DEFAULT_EVENT_BUFFER,
+            bytes: DEFAULT_EVENT_BUFFER_BYTES,
+        }
+    }
+}
 
 /// One change to a task scope or an asset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,11 +114,24 @@ pub struct Event {
 }
 
 impl Event {
+    /// What the event costs a watcher's buffer: its text plus a fixed overhead.
+    pub fn weight(&self) -> usize {
+        EVENT_OVERHEAD
+            + match &self.change {
+                Change::Set { key, json, version } => key.len() + json.len() + version.len(),
+                Change::Delete { key } => key.len(),
+                Change::Clear => 0,
+            }
+    }
+
     /// Whether a watcher of `map_index` (`None`: an asset watcher) should see this event.
     pub fn concerns(&self, map_index: Option<i64>) -> bool {
         self.map_index.is_none() || self.map_index == map_index
     }
 }
+
+/// The bytes an event costs beyond its text (allocation headers, the shared `Arc`).
+pub const EVENT_OVERHEAD: usize = 64;
 
 /// What a channel delivers: an event, or word that events were lost upstream.
 #[derive(Debug, Clone)]
@@ -109,9 +149,83 @@ pub enum Upstream {
     Unsubscribe(String),
 }
 
+impl Delivery {
+    fn weight(&self) -> usize {
+        match self {
+            Delivery::Event(event) => event.weight(),
+            Delivery::Lost => EVENT_OVERHEAD,
+        }
+    }
+}
+
+/// One watcher's buffer.
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    pending: VecDeque<(Delivery, usize)>,
+    bytes: usize,
+    /// Set once the watcher was cut off: the events it will never see.
+    missed: Option<u64>,
+}
+
+impl Queue {
+    fn push(&self, delivery: Delivery, size: usize, limits: BufferLimits) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(missed) = state.missed.as_mut() {
+            *missed += 1;
+            return;
+        }
+        let full = state.pending.len() >= limits.events
+            || (!state.pending.is_empty() && state.bytes + size > limits.bytes);
+        if full {
+            // Freed now, not whenever the client reads again (it may never).
+            let missed = state.pending.len() as u64 + 1;
+            state.pending.clear();
+            state.bytes = 0;
+            state.missed = Some(missed);
+            metrics::counter!("airstate_change_streams_cut_total").increment(1);
+        } else {
+            state.bytes += size;
+            state.pending.push_back((delivery, size));
+        }
+        drop(state);
+        // One consumer: a permit is kept if it is not waiting right now.
+        self.ready.notify_one();
+    }
+}
+
+/// A watcher's end of its buffer.
+pub struct Deliveries {
+    queue: Arc<Queue>,
+}
+
+impl Deliveries {
+    /// The next delivery, in order; [`RecvError::Lagged`] once the watcher was cut off.
+    pub async fn recv(&mut self) -> Result<Delivery, RecvError> {
+        loop {
+            {
+                let mut state = self.queue.state.lock().unwrap();
+                if let Some((delivery, size)) = state.pending.pop_front() {
+                    state.bytes -= size;
+                    return Ok(delivery);
+                }
+                if let Some(missed) = state.missed {
+                    return Err(RecvError::Lagged(missed));
+                }
+            }
+            self.queue.ready.notified().await;
+        }
+    }
+}
+
 struct HubInner {
-    channels: Mutex<HashMap<String, broadcast::Sender<Delivery>>>,
-    capacity: AtomicUsize,
+    channels: Mutex<HashMap<String, Vec<Arc<Queue>>>>,
+    events: AtomicUsize,
+    bytes: AtomicUsize,
     closed: watch::Sender<bool>,
     upstream: Mutex<Option<mpsc::UnboundedSender<Upstream>>>,
 }
@@ -125,7 +239,7 @@ pub struct EventHub {
 /// One watcher's view of a channel. Dropping it ends the watch (and, for the last local
 /// watcher of a channel, the Redis subscription).
 pub struct Watch {
-    pub deliveries: broadcast::Receiver<Delivery>,
+    pub deliveries: Deliveries,
     /// Turns `true` when the process shuts down: the stream should end.
     pub closed: watch::Receiver<bool>,
     /// Which map index this watcher follows (`None` for an asset).
@@ -136,18 +250,20 @@ pub struct Watch {
 struct Guard {
     hub: Arc<HubInner>,
     channel: String,
+    queue: Arc<Queue>,
     upstream: bool,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         let mut channels = self.hub.channels.lock().unwrap();
-        if channels
-            .get(&self.channel)
-            .is_some_and(|sender| sender.receiver_count() == 0)
-        {
-            channels.remove(&self.channel);
+        if let Some(queues) = channels.get_mut(&self.channel) {
+            queues.retain(|queue| !Arc::ptr_eq(queue, &self.queue));
+            if queues.is_empty() {
+                channels.remove(&self.channel);
+            }
         }
+        drop(channels);
         if self.upstream {
             if let Some(upstream) = self.hub.upstream.lock().unwrap().as_ref() {
                 let _ = upstream.send(Upstream::Unsubscribe(self.channel.clone()));
@@ -157,23 +273,33 @@ impl Drop for Guard {
 }
 
 impl EventHub {
-    /// A hub whose channels buffer at most `capacity` events per watcher.
-    pub fn new(capacity: usize) -> Self {
-        Self {
+    /// A hub whose watchers buffer at most `limits` each.
+    pub fn new(limits: BufferLimits) -> Self {
+        let hub = Self {
             inner: Arc::new(HubInner {
                 channels: Mutex::new(HashMap::new()),
-                capacity: AtomicUsize::new(capacity.max(1)),
+                events: AtomicUsize::new(1),
+                bytes: AtomicUsize::new(1),
                 closed: watch::channel(false).0,
                 upstream: Mutex::new(None),
             }),
-        }
+        };
+        hub.set_limits(limits);
+        hub
     }
 
-    /// Sets the per-watcher buffer of channels opened from now on.
-    pub fn set_capacity(&self, capacity: usize) {
-        self.inner
-            .capacity
-            .store(capacity.max(1), Ordering::Relaxed);
+    /// Sets the per-watcher buffer limits.
+    pub fn set_limits(&self, limits: BufferLimits) {
+        let inner = &self.inner;
+        inner.events.store(limits.events.max(1), Ordering::Relaxed);
+        inner.bytes.store(limits.bytes.max(1), Ordering::Relaxed);
+    }
+
+    fn limits(&self) -> BufferLimits {
+        BufferLimits {
+            events: self.inner.events.load(Ordering::Relaxed),
+            bytes: self.inner.bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// Routes subscriptions to a Redis subscriber task (see [`RedisSubscriptions`]).
@@ -190,19 +316,22 @@ impl EventHub {
         if *self.inner.closed.borrow() {
             return Err(StoreError::Unavailable("shutting down".into()));
         }
-        let deliveries = {
-            let mut channels = self.inner.channels.lock().unwrap();
-            channels
-                .entry(channel.clone())
-                .or_insert_with(|| {
-                    broadcast::channel(self.inner.capacity.load(Ordering::Relaxed)).0
-                })
-                .subscribe()
-        };
+        let queue = Arc::new(Queue {
+            state: Mutex::default(),
+            ready: Notify::new(),
+        });
+        self.inner
+            .channels
+            .lock()
+            .unwrap()
+            .entry(channel.clone())
+            .or_default()
+            .push(queue.clone());
         let upstream = self.inner.upstream.lock().unwrap().clone();
         let mut guard = Guard {
             hub: self.inner.clone(),
             channel: channel.clone(),
+            queue: queue.clone(),
             upstream: false,
         };
         if let Some(upstream) = upstream {
@@ -217,7 +346,7 @@ impl EventHub {
             guard.upstream = true;
         }
         Ok(Watch {
-            deliveries,
+            deliveries: Deliveries { queue },
             closed: self.inner.closed.subscribe(),
             map_index,
             _guard: guard,
@@ -226,15 +355,22 @@ impl EventHub {
 
     /// Delivers to this process's watchers of `channel`, if any.
     pub fn deliver(&self, channel: &str, delivery: Delivery) {
-        if let Some(sender) = self.inner.channels.lock().unwrap().get(channel) {
-            let _ = sender.send(delivery);
+        let limits = self.limits();
+        let size = delivery.weight();
+        if let Some(queues) = self.inner.channels.lock().unwrap().get(channel) {
+            for queue in queues {
+                queue.push(delivery.clone(), size, limits);
+            }
         }
     }
 
     /// Tells every watcher that events may have been lost.
     pub fn deliver_lost_everywhere(&self) {
-        for sender in self.inner.channels.lock().unwrap().values() {
-            let _ = sender.send(Delivery::Lost);
+        let limits = self.limits();
+        for queues in self.inner.channels.lock().unwrap().values() {
+            for queue in queues {
+                queue.push(Delivery::Lost, Delivery::Lost.weight(), limits);
+            }
         }
     }
 
@@ -399,7 +535,10 @@ mod tests {
 
     #[tokio::test]
     async fn watchers_get_their_channel_and_lagging_is_bounded() {
-        let hub = EventHub::new(2);
+        let hub = EventHub::new(BufferLimits {
+            events: 2,
+            bytes: usize::MAX,
+        });
         let mut watch = hub.watch("a".into(), None).await.unwrap();
         let event = |key: &str| {
             Delivery::Event(Arc::new(Event {
@@ -416,9 +555,10 @@ mod tests {
         for key in ["1", "2", "3"] {
             hub.deliver("a", event(key));
         }
+        // The third undelivered event cuts the watcher off; the two it had are dropped.
         assert!(matches!(
             watch.deliveries.recv().await,
-            Err(broadcast::error::RecvError::Lagged(1))
+            Err(RecvError::Lagged(3))
         ));
         assert_eq!(hub.watched_channels(), 1);
         drop(watch);

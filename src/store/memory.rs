@@ -8,12 +8,12 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::events::{Change, Delivery, Event, EventHub, Watch};
+use super::events::{BufferLimits, Change, Delivery, Event, EventHub, Watch};
 use super::lifecycle::{asset_id, Oracle, PassError, PassLimits, Reclaimed};
 use super::version::new_version;
 use super::{
-    now_millis, AssetKey, Condition, Entry, EpochMillis, StateStore, StoreResult, StoredValue,
-    TaskScope, Writer, Written,
+    now_millis, AssetKey, Condition, Entry, EpochMillis, StateStore, StoreError, StoreResult,
+    StoredValue, TaskScope, Writer, Written,
 };
 
 type Fields = HashMap<String, StoredValue>;
@@ -33,7 +33,7 @@ impl Default for MemoryStore {
         Self {
             tasks: Mutex::default(),
             assets: Mutex::default(),
-            events: EventHub::new(super::events::DEFAULT_EVENT_BUFFER),
+            events: EventHub::new(BufferLimits::default()),
         }
     }
 }
@@ -43,9 +43,9 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Buffers `buffer` change events per watcher.
-    pub fn with_event_buffer(self, buffer: usize) -> Self {
-        self.events.set_capacity(buffer);
+    /// Each watcher buffers at most `limits` of change events.
+    pub fn with_event_limits(self, limits: BufferLimits) -> Self {
+        self.events.set_limits(limits);
         self
     }
 
@@ -54,6 +54,19 @@ impl MemoryStore {
         let event = Event { map_index, change };
         self.events.deliver(channel, Delivery::Event(event.into()));
     }
+}
+
+/// A bulk read's limit, checked before anything is copied; values count by their JSON
+/// text (Redis adds its few bytes of bookkeeping per value).
+fn within<'a>(values: impl Iterator<Item = &'a StoredValue>, max_bytes: usize) -> StoreResult<()> {
+    let bytes: usize = values.map(|value| value.json.len()).sum();
+    if bytes > max_bytes {
+        return Err(StoreError::TooLarge {
+            bytes: bytes as u64,
+            limit: max_bytes as u64,
+        });
+    }
+    Ok(())
 }
 
 fn task_channel(scope: &TaskScope) -> String {
@@ -116,20 +129,18 @@ impl StateStore for MemoryStore {
         &self,
         scope: &TaskScope,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
         let tasks = self.tasks.lock().unwrap();
         let fields = tasks
             .get(&task_key(scope))
             .and_then(|indices| indices.get(&scope.map_index));
+        let found = |key: &String| fields.and_then(|fields| fields.get(key));
+        within(keys.iter().filter_map(found), max_bytes)?;
         let now = now_millis();
         Ok(keys
             .iter()
-            .map(|key| {
-                fields
-                    .and_then(|fields| fields.get(key))
-                    .filter(|value| !value.is_expired(now))
-                    .cloned()
-            })
+            .map(|key| found(key).filter(|value| !value.is_expired(now)).cloned())
             .collect())
     }
 
@@ -217,17 +228,13 @@ impl StateStore for MemoryStore {
         &self,
         asset: &AssetKey,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
         let assets = self.assets.lock().unwrap();
         let fields = assets.get(asset);
-        Ok(keys
-            .iter()
-            .map(|key| {
-                fields
-                    .and_then(|fields| fields.get(key))
-                    .map(|(value, _)| value.clone())
-            })
-            .collect())
+        let found = |key: &String| fields.and_then(|fields| fields.get(key)).map(|(v, _)| v);
+        within(keys.iter().filter_map(found), max_bytes)?;
+        Ok(keys.iter().map(|key| found(key).cloned()).collect())
     }
 
     async fn put_asset_if(

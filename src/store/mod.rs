@@ -94,6 +94,10 @@ pub enum StoreError {
     /// Anything else: a bug, or data this version cannot read.
     #[error("state store error: {0}")]
     Internal(String),
+    /// A bulk read whose values together are larger than the caller's limit; nothing
+    /// was read.
+    #[error("values total {bytes} bytes, over the limit of {limit}")]
+    TooLarge { bytes: u64, limit: u64 },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -108,11 +112,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// A value that is present and not expired; an expired one is never returned.
     async fn get_task(&self, scope: &TaskScope, key: &str) -> StoreResult<Option<StoredValue>>;
     /// Many keys of one scope in one round trip, in the order asked; `None` for a key that
-    /// is missing or expired.
+    /// is missing or expired. [`StoreError::TooLarge`], with nothing read, when the values
+    /// as stored total more than `max_bytes`: the check happens before any value is read.
     async fn get_task_many(
         &self,
         scope: &TaskScope,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>>;
     /// Upsert. `expires_at: None` makes the key permanent, removing an earlier expiry.
     async fn put_task(
@@ -152,11 +158,13 @@ pub trait StateStore: Send + Sync + 'static {
     async fn clear_task(&self, scope: &TaskScope, all_map_indices: bool) -> StoreResult<()>;
 
     async fn get_asset(&self, asset: &AssetKey, key: &str) -> StoreResult<Option<StoredValue>>;
-    /// Many keys of one asset in one round trip, in the order asked; `None` for a missing key.
+    /// Many keys of one asset in one round trip, in the order asked; `None` for a missing
+    /// key. Bounded by `max_bytes` as [`get_task_many`](Self::get_task_many) is.
     async fn get_asset_many(
         &self,
         asset: &AssetKey,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>>;
     async fn put_asset(
         &self,

@@ -39,6 +39,26 @@ pub fn exceeds_value_limit(value: &str, limit: usize) -> bool {
     limit != 0 && value.len() > limit
 }
 
+/// What a task scope must name, wherever it comes from (a token's claims, an import
+/// line): Airflow's task instances have non-empty ids and a map index of -1 (not mapped)
+/// or more. State the API accepts can then always be exported and imported again.
+pub fn check_task_identity(
+    dag_id: &str,
+    run_id: &str,
+    task_id: &str,
+    map_index: i64,
+) -> Result<(), String> {
+    for (name, text) in [("dag_id", dag_id), ("run_id", run_id), ("task_id", task_id)] {
+        if text.is_empty() {
+            return Err(format!("{name} must not be empty"));
+        }
+    }
+    if map_index < -1 {
+        return Err(format!("map_index must be -1 or more, not {map_index}"));
+    }
+    Ok(())
+}
+
 /// A key is 1 to [`MAX_KEY_CHARS`] characters (not bytes: Airflow counts characters).
 pub fn check_key(key: &str) -> Result<(), KeyProblem> {
     if key.is_empty() {

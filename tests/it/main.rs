@@ -29,6 +29,7 @@ mod deploy;
 mod extensions;
 mod forward;
 mod hardening_server;
+mod hardening_store;
 mod lifecycle;
 mod metastore_tls;
 mod migrate;

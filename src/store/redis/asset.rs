@@ -71,9 +71,10 @@ impl RedisStore {
         &self,
         asset: &AssetKey,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
         let (values, _) = self.asset_keys(asset);
-        self.hmget(&values, keys).await
+        self.read_many(&values, keys, max_bytes).await
     }
 
     pub(super) async fn put_asset_if(

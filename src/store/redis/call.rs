@@ -344,6 +344,7 @@ fn count_error(command: &'static str, error: StoreError) -> StoreError {
     let kind = match error {
         StoreError::Unavailable(_) => "unavailable",
         StoreError::Internal(_) => "internal",
+        StoreError::TooLarge { .. } => "too_large",
     };
     metrics::counter!("airstate_redis_errors_total", "command" => command, "kind" => kind)
         .increment(1);

@@ -53,28 +53,57 @@ pub(super) fn pairs(map: std::collections::HashMap<String, String>) -> Vec<(Stri
 }
 
 impl RedisStore {
-    /// One `HMGET`, decoded; `None` for a missing field.
-    pub(super) async fn hmget(
+    /// Many fields of one hash, decoded, in one call (`bulk_read.lua`); `None` for a
+    /// missing field. Refused, with nothing read, when the stored values total more than
+    /// `max_bytes`.
+    pub(super) async fn read_many(
         &self,
         hash: &str,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let raw: Vec<Option<String>> = self
+        let mut args: Vec<Value> = Vec::with_capacity(keys.len() + 1);
+        let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        args.push(limit.into());
+        args.extend(keys.iter().map(|key| Value::from(key.as_str())));
+        let client = self.redis.shared_client();
+        let mut reply: Vec<Value> = self
             .redis
-            .call("hmget", |pool| pool.hmget(hash, keys.to_vec()))
+            .eval(
+                "bulk_read",
+                &self.scripts.bulk_read,
+                &client,
+                &[hash.to_owned()],
+                &args,
+            )
             .await?;
-        if raw.len() != keys.len() {
+        let total = reply.first().and_then(Value::as_i64).unwrap_or(0);
+        if reply.len() == 1 && total > limit {
+            return Err(StoreError::TooLarge {
+                bytes: total as u64,
+                limit: max_bytes as u64,
+            });
+        }
+        if reply.len() != keys.len() + 1 {
             return Err(StoreError::Internal(format!(
-                "HMGET of {} fields returned {}",
+                "bulk read of {} fields returned {}",
                 keys.len(),
-                raw.len()
+                reply.len().saturating_sub(1)
             )));
         }
-        raw.into_iter()
-            .map(|value| value.map(decode).transpose())
+        reply
+            .drain(1..)
+            .map(|value| match value {
+                Value::Null => Ok(None),
+                value => value
+                    .into_string()
+                    .ok_or_else(|| StoreError::Internal("a value that is not UTF-8".into()))
+                    .and_then(decode)
+                    .map(Some),
+            })
             .collect()
     }
 }

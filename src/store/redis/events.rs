@@ -1,7 +1,7 @@
 //! Change streams on Redis pub/sub: channel names, and the subscriber side.
 
 use super::super::events::{
-    parse_message, Change, ChangeKind, Event, EventHub, RedisSubscriptions, Watch,
+    parse_message, BufferLimits, Change, ChangeKind, Event, EventHub, RedisSubscriptions, Watch,
 };
 use super::super::{AssetKey, StoreError, StoreResult, TaskScope};
 use super::call;
@@ -58,15 +58,15 @@ impl RedisStore {
         format!("{}ev:{{a:{}}}", self.prefix, asset.0)
     }
 
-    /// Starts the change streams: one subscriber connection, its buffers `buffer` events
-    /// per watcher. Until called, watching is refused (writes publish regardless).
+    /// Starts the change streams: one subscriber connection, each watcher buffering at
+    /// most `limits`. Until called, watching is refused (writes publish regardless).
     pub async fn enable_change_streams(
         &self,
         settings: &RedisSettings,
-        buffer: usize,
+        limits: BufferLimits,
     ) -> StoreResult<()> {
         let subscriber = call::subscriber(settings).await?;
-        self.events.set_capacity(buffer);
+        self.events.set_limits(limits);
         RedisSubscriptions::spawn(subscriber, self.events.clone(), decode_event);
         Ok(())
     }

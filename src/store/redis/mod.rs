@@ -43,7 +43,7 @@ use fred::prelude::*;
 
 use self::call::Connection;
 use self::scripts::Scripts;
-use super::events::{EventHub, Watch, DEFAULT_EVENT_BUFFER};
+use super::events::{BufferLimits, EventHub, Watch};
 use super::lifecycle::{Oracle, PassError, PassLimits, Reclaimed};
 use super::{
     AssetKey, Condition, Entry, EpochMillis, StateStore, StoreError, StoreResult, StoredValue,
@@ -111,7 +111,7 @@ impl RedisStore {
             redis,
             prefix: settings.key_prefix.clone(),
             scripts: Arc::new(scripts),
-            events: EventHub::new(DEFAULT_EVENT_BUFFER),
+            events: EventHub::new(BufferLimits::default()),
             url_for_display: redact_url(&settings.url),
             sweeper: None,
             change_events: settings.change_events,
@@ -161,8 +161,9 @@ impl StateStore for RedisStore {
         &self,
         scope: &TaskScope,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
-        self.get_task_many(scope, keys).await
+        self.get_task_many(scope, keys, max_bytes).await
     }
 
     async fn put_task_if(
@@ -210,8 +211,9 @@ impl StateStore for RedisStore {
         &self,
         asset: &AssetKey,
         keys: &[String],
+        max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
-        self.get_asset_many(asset, keys).await
+        self.get_asset_many(asset, keys, max_bytes).await
     }
 
     async fn put_asset_if(

@@ -24,6 +24,7 @@ pub(super) struct Scripts {
     pub(super) asset_clear: Script,
     pub(super) lifecycle_index: Script,
     pub(super) lease: Script,
+    pub(super) bulk_read: Script,
 }
 
 impl Scripts {
@@ -35,6 +36,7 @@ impl Scripts {
             asset_clear: Script::from_lua(lua!("asset_clear")),
             lifecycle_index: Script::from_lua(lua!("lifecycle_index")),
             lease: Script::from_lua(lua!("lease")),
+            bulk_read: Script::from_lua(lua!("bulk_read")),
         }
     }
 
@@ -47,6 +49,7 @@ impl Scripts {
             &self.asset_clear,
             &self.lifecycle_index,
             &self.lease,
+            &self.bulk_read,
         ] {
             redis
                 .call("script_load", |pool| script.load(pool.next()))

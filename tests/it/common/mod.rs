@@ -554,6 +554,11 @@ impl Postgres {
         SHARED.get_or_init(|| Self::boot(None))
     }
 
+    /// A server of the test's own, for tests that stop or freeze it.
+    pub fn start() -> Postgres {
+        Self::boot(None)
+    }
+
     /// A server that accepts TCP connections over TLS only (`hostssl` in pg_hba.conf),
     /// with the certificate `server.pem` / `server.key` from `certs`. `plain_url` reaches
     /// it over its Unix socket, for setting up rows.
