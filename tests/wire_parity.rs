@@ -1,0 +1,50 @@
+//! Wire parity with Airflow 3.3.2 (issue 14): each behaviour observed on Airflow's
+//! api-server, or the deliberate difference the README's table lists.
+
+mod common;
+#[macro_use]
+mod gateway;
+
+use gateway::{ti_path, Backend, Gateway};
+
+const MIB: usize = 1 << 20;
+
+/// A task PUT body of exactly `len` bytes: a string value padded to fit.
+fn body_of_len(len: usize) -> String {
+    let frame = r#"{"value": "", "expires_at": "2099-01-01T00:00:00+00:00"}"#.len();
+    format!(
+        r#"{{"value": "{}", "expires_at": "2099-01-01T00:00:00+00:00"}}"#,
+        "x".repeat(len - frame)
+    )
+}
+
+/// The default body cap takes a value of the documented maximum (1 MiB of JSON text) with
+/// the envelope around it, and refuses a body one byte over the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_body_cap_fits_a_1_mib_value() {
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "big");
+    let value = format!("\"{}\"", "v".repeat(MIB - 2));
+    assert_eq!(value.len(), MIB);
+    let body = format!(r#"{{"value": {value}, "expires_at": "2099-01-01T00:00:00+00:00"}}"#);
+    let put = gw.put_text(&path, &ti.token, &body).await;
+    assert_eq!(put.status, 204, "{put:?}");
+    let got = gw.get(&path, &ti.token).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body["value"].as_str().map(str::len), Some(MIB - 2));
+
+    let cap = gw_cap();
+    let at_cap = gw.put_text(&path, &ti.token, &body_of_len(cap)).await;
+    assert_eq!(at_cap.status, 204, "{at_cap:?}");
+    let over = gw.put_text(&path, &ti.token, &body_of_len(cap + 1)).await;
+    assert_eq!(over.status, 413, "{over:?}");
+}
+
+fn gw_cap() -> usize {
+    airstate::config::VARIABLES
+        .iter()
+        .find(|v| v.name == "AIRSTATE_MAX_BODY_BYTES")
+        .map(|v| v.default.text().parse().unwrap())
+        .unwrap()
+}
