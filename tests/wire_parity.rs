@@ -48,3 +48,45 @@ fn gw_cap() -> usize {
         .map(|v| v.default.text().parse().unwrap())
         .unwrap()
 }
+
+/// Airflow's routes are one method each, and Starlette's 405 lists the methods of the
+/// first route whose path matched; HEAD is no method of any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_not_allowed_is_airflows_405_with_its_allow() {
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let bearer = format!("Bearer {}", ti.token);
+    let clear = format!("/execution/store/ti/{}", ti.id);
+    let cases = [
+        ("HEAD", ti_path(&ti, "k"), "GET"),
+        ("POST", ti_path(&ti, "k"), "GET"),
+        ("PATCH", ti_path(&ti, "k"), "GET"),
+        ("GET", clear.clone(), "DELETE"),
+        ("HEAD", clear.clone(), "DELETE"),
+        (
+            "POST",
+            "/execution/store/asset/by-name/value?name=a&key=k".into(),
+            "GET",
+        ),
+        (
+            "GET",
+            "/execution/store/asset/by-name/clear?name=a".into(),
+            "DELETE",
+        ),
+        (
+            "HEAD",
+            "/execution/store/asset/by-uri/value?uri=a&key=k".into(),
+            "GET",
+        ),
+    ];
+    for (method, path, allow) in cases {
+        let reply = gw
+            .send_raw(method, &path, &[("authorization", &bearer)], "")
+            .await;
+        assert_eq!(reply.status, 405, "{method} {path}: {reply:?}");
+        assert_eq!(reply.header("allow"), Some(allow), "{method} {path}");
+        if method != "HEAD" {
+            assert_eq!(reply.text, r#"{"detail":"Method Not Allowed"}"#);
+        }
+    }
+}

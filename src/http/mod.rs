@@ -10,6 +10,7 @@ pub mod error;
 pub mod extensions;
 pub mod extract;
 pub mod forward;
+mod methods;
 mod observe;
 pub mod openapi;
 pub mod routes;
@@ -80,6 +81,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let app = routes.open.merge(execution).merge(admin).merge(core_api);
     app.fallback(forward::forward)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(methods::airflow_methods))
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
         .with_state(state)
