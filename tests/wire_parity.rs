@@ -90,3 +90,97 @@ async fn method_not_allowed_is_airflows_405_with_its_allow() {
         }
     }
 }
+
+/// Airflow's API server gzips a response body when the client accepts gzip, and says
+/// `vary: Accept-Encoding` on every response with a body; Cadwyn echoes the requested
+/// `Airflow-API-Version` on every answer of the Execution API, refusals included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_vary_and_the_version_echo() {
+    use std::io::Read;
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let bearer = format!("Bearer {}", ti.token);
+    let path = ti_path(&ti, "k");
+    let value = format!("\"{}\"", "abc".repeat(700));
+    assert_eq!(
+        gw.put_text(&path, &ti.token, &format!(r#"{{"value": {value}}}"#))
+            .await
+            .status,
+        204
+    );
+
+    // reqwest here has no gzip feature: the body arrives as sent.
+    let zipped = gw
+        .http
+        .get(format!("{}{path}", gw.base))
+        .header("authorization", &bearer)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(zipped.status(), 200);
+    assert_eq!(zipped.headers()["content-encoding"], "gzip");
+    assert_eq!(zipped.headers()["vary"], "Accept-Encoding");
+    let bytes = zipped.bytes().await.unwrap();
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(text, format!(r#"{{"value":{value}}}"#));
+
+    // Not asked for: identity, still with `vary`; small bodies too.
+    let plain = gw.get(&path, &ti.token).await;
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(plain.header("vary"), Some("Accept-Encoding"));
+    let missing = gw.get(&ti_path(&ti, "nope"), &ti.token).await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.header("vary"), Some("Accept-Encoding"));
+    // A 204 has no body, and no `vary`.
+    let deleted = gw.delete(&ti_path(&ti, "nope"), &ti.token).await;
+    assert_eq!(deleted.status, 204);
+    assert_eq!(deleted.header("vary"), None);
+
+    let with_version = |version: &'static str, method: &'static str, path: String| {
+        let bearer = bearer.clone();
+        let gw = &gw;
+        async move {
+            gw.send_raw(
+                method,
+                &path,
+                &[("authorization", &bearer), ("airflow-api-version", version)],
+                "",
+            )
+            .await
+        }
+    };
+    for (version, method, path, status) in [
+        ("2026-04-06", "GET", path.clone(), 404),
+        ("garbage", "GET", path.clone(), 422),
+        ("2026-07-15", "POST", path.clone(), 405),
+        (
+            "2026-06-30",
+            "GET",
+            "/execution/no-such-route".to_owned(),
+            404,
+        ),
+        ("2026-06-29", "POST", path.clone(), 404),
+        ("2026-06-29", "HEAD", path.clone(), 404),
+        // Airflow routes before it validates the version.
+        ("garbage", "POST", path.clone(), 405),
+    ] {
+        let reply = with_version(version, method, path.clone()).await;
+        assert_eq!(reply.status, status, "{version} {method} {path}: {reply:?}");
+        assert_eq!(
+            reply.header("airflow-api-version"),
+            Some(version),
+            "{version} {method} {path}"
+        );
+    }
+    let unversioned = gw
+        .send("GET", "/execution/no-such-route", Some(&ti.token), None)
+        .await;
+    assert_eq!(
+        unversioned.header("airflow-api-version"),
+        Some("2026-06-30")
+    );
+}

@@ -48,11 +48,16 @@ pub async fn airflow_methods(request: Request, next: Next) -> Response {
     let airflows = ["/execution/", "/api/v2/"]
         .iter()
         .any(|prefix| template.as_str().starts_with(prefix));
+    let hidden = template.as_str().starts_with("/execution/")
+        && super::predates_state_routes(request.headers());
     let mut response = if airflows && request.method() == Method::HEAD {
         ApiError::MethodNotAllowed.into_response()
     } else {
         next.run(request).await
     };
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED && hidden {
+        return ApiError::RouteNotFound.into_response();
+    }
     if response.status() == StatusCode::METHOD_NOT_ALLOWED {
         response.headers_mut().insert(ALLOW, allow);
     }

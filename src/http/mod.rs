@@ -20,14 +20,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::HttpBody;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, VARY};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
 use axum::{Extension, Json, Router};
 use serde_json::json;
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::CompressionLayer;
 use tracing::Instrument;
 
 use crate::auth::{AuthError, Authenticator};
@@ -84,7 +87,65 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .layer(middleware::from_fn(methods::airflow_methods))
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
+        .layer(middleware::from_fn(echo_api_version))
         .with_state(state)
+        .layer(middleware::from_fn(vary_on_encoding))
+        // Airflow's API server gzips every body for a client that accepts gzip (its
+        // GZipMiddleware sees the Execution API's answers as streams, so its 1024-byte
+        // minimum never applies). Change streams stay uncompressed: a gzip encoder holds
+        // events back until its buffer fills.
+        .layer(
+            CompressionLayer::new().gzip(true).compress_when(
+                SizeAbove::new(1)
+                    .and(NotForContentType::GRPC)
+                    .and(NotForContentType::IMAGES)
+                    .and(NotForContentType::SSE),
+            ),
+        )
+}
+
+/// `vary: Accept-Encoding` on every response with a body, spelled as Airflow spells it
+/// (tower-http's compression then sees it and adds none of its own).
+async fn vary_on_encoding(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let empty = response.body().size_hint().exact() == Some(0);
+    let varies = response
+        .headers()
+        .get_all(VARY)
+        .iter()
+        .any(|value| value.as_bytes().eq_ignore_ascii_case(b"accept-encoding"));
+    if !empty && !varies {
+        response
+            .headers_mut()
+            .append(VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
+    response
+}
+
+/// Cadwyn echoes the version on every answer of the Execution API, including a 405 and
+/// an unknown route (which never reach [`api_version`]); forwarded answers carry
+/// Airflow's own echo.
+async fn echo_api_version(request: Request, next: Next) -> Response {
+    let echo = request
+        .uri()
+        .path()
+        .starts_with("/execution/")
+        .then(|| version_echo(&request));
+    let mut response = next.run(request).await;
+    if let Some(echo) = echo {
+        if !response.headers().contains_key(&API_VERSION_HEADER) {
+            response.headers_mut().insert(API_VERSION_HEADER, echo);
+        }
+    }
+    response
+}
+
+fn version_echo(request: &Request) -> HeaderValue {
+    request
+        .headers()
+        .get(&API_VERSION_HEADER)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(API_VERSION))
 }
 
 pub(crate) fn value_response(json: &str) -> Response {
@@ -143,30 +204,35 @@ async fn authenticate(
 /// state routes existed find no route; later dates are served as the newest.
 async fn api_version(request: Request, next: Next) -> Response {
     let requested = request.headers().get(&API_VERSION_HEADER).cloned();
-    let echo = requested
-        .clone()
-        .unwrap_or(HeaderValue::from_static(API_VERSION));
-    if let Some(value) = &requested {
+    let echo = version_echo(&request);
+    let refusal = requested.and_then(|value| {
         let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
         match parse_version_date(&text) {
-            None => {
-                return ApiError::Validation(vec![ValidationIssue::new(
-                    "date_from_datetime_parsing",
-                    &["header", "Airflow-API-Version"],
-                    "Input should be a valid date or datetime, invalid character in year",
-                    json!(text),
-                )])
-                .into_response()
-            }
-            Some(date) if date.as_str() < API_VERSION => {
-                return ApiError::RouteNotFound.into_response()
-            }
-            Some(_) => {}
+            None => Some(ApiError::Validation(vec![ValidationIssue::new(
+                "date_from_datetime_parsing",
+                &["header", "Airflow-API-Version"],
+                "Input should be a valid date or datetime, invalid character in year",
+                json!(text),
+            )])),
+            Some(date) if date.as_str() < API_VERSION => Some(ApiError::RouteNotFound),
+            Some(_) => None,
         }
-    }
-    let mut response = next.run(request).await;
+    });
+    let mut response = match refusal {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
+    };
     response.headers_mut().insert(API_VERSION_HEADER, echo);
     response
+}
+
+/// A requested version from before the state routes existed: Cadwyn routes by version,
+/// so none of them matches, with any method.
+pub(crate) fn predates_state_routes(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(&API_VERSION_HEADER)
+        .and_then(|value| parse_version_date(&String::from_utf8_lossy(value.as_bytes())))
+        .is_some_and(|date| date.as_str() < API_VERSION)
 }
 
 /// `YYYY-MM-DD`, or a datetime at exactly midnight as pydantic accepts for a date.
