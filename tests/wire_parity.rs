@@ -184,3 +184,67 @@ async fn gzip_vary_and_the_version_echo() {
         Some("2026-06-30")
     );
 }
+
+async fn status_with(gw: &Gateway, ti: &gateway::Ti, token: &str) -> (u16, String) {
+    let reply = gw.get(&ti_path(ti, "k"), token).await;
+    (reply.status, reply.text)
+}
+
+/// PyJWT's refusals: a token issued in the future beyond the leeway, and any `crit`
+/// header; an `exp` that does not fit 64 bits is refused on every use (Airflow accepts
+/// it: a deliberate difference).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn future_iat_crit_and_overflowing_exp_are_refused() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let invalid = (403, r#"{"detail":"Invalid auth token"}"#.to_owned());
+    let with = |name: &str, value: serde_json::Value| {
+        let mut claims = gateway::claims_for(ti.id);
+        claims.insert(name.into(), value);
+        gateway::sign(&claims)
+    };
+    let now = gateway::now();
+    // Within the default 10 s leeway: served (the key is simply not set).
+    assert_eq!(
+        status_with(&gw, &ti, &with("iat", (now + 5).into()))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        status_with(&gw, &ti, &with("iat", (now + 60).into())).await,
+        invalid
+    );
+
+    for exp in [
+        serde_json::json!(9_223_372_036_854_775_808u64),
+        serde_json::from_str("18446744073709551616").unwrap(),
+        serde_json::json!(1e20),
+    ] {
+        let token = with("exp", exp.clone());
+        for attempt in 0..2 {
+            assert_eq!(
+                status_with(&gw, &ti, &token).await,
+                invalid,
+                "exp {exp} #{attempt}"
+            );
+        }
+    }
+
+    for crit in [vec!["foo".to_owned()], vec![]] {
+        let mut header = Header::new(Algorithm::HS512);
+        header.crit = Some(crit.clone());
+        let token = jsonwebtoken::encode(
+            &header,
+            &gateway::claims_for(ti.id),
+            &EncodingKey::from_secret(gateway::SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(
+            status_with(&gw, &ti, &token).await,
+            invalid,
+            "crit {crit:?}"
+        );
+    }
+}
