@@ -248,3 +248,144 @@ async fn future_iat_crit_and_overflowing_exp_are_refused() {
         );
     }
 }
+
+fn json_headers(bearer: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("content-type", "application/json".to_owned())];
+    if let Some(bearer) = bearer {
+        headers.push(("authorization", format!("Bearer {bearer}")));
+    }
+    headers
+}
+
+async fn send_json(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> gateway::Reply {
+    let headers = json_headers(token);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    gw.send_raw(method, path, &headers, body).await
+}
+
+fn nested(n: usize) -> String {
+    format!("{{\"value\": {}1{}}}", "[".repeat(n), "]".repeat(n))
+}
+
+/// FastAPI reads a JSON body before the auth dependency refuses the request: broken JSON
+/// is a 422 (a 400 when nested past Python's decoder) with no token or another task's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_syntax_is_checked_before_auth() {
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let other = gw.task().await;
+    let invalid = serde_json::json!({"detail": [{
+        "type": "json_invalid", "loc": ["body", 1], "msg": "JSON decode error",
+        "input": {}, "ctx": {"error": "Expecting property name enclosed in double quotes"}
+    }]});
+    let paths = [
+        ti_path(&ti, "k"),
+        "/execution/store/asset/by-name/value?name=a&key=k".to_owned(),
+        "/execution/store/asset/by-uri/value?uri=a&key=k".to_owned(),
+        format!("/execution/state/ti/{}/k", ti.id),
+    ];
+    for path in &paths {
+        for token in [None, Some(other.token.as_str()), Some("not-a-jwt")] {
+            let reply = send_json(&gw, "PUT", path, token, "{bad").await;
+            assert_eq!(
+                (reply.status, &reply.body),
+                (422, &invalid),
+                "{path} {token:?}"
+            );
+            let deep = send_json(&gw, "PUT", path, token, &nested(975)).await;
+            assert_eq!(deep.status, 400, "{path} {token:?}: {deep:?}");
+            assert_eq!(
+                deep.text,
+                r#"{"detail":"There was an error parsing the body"}"#
+            );
+        }
+    }
+    // Not declared as JSON: nothing is parsed before auth.
+    let plain = gw
+        .send_raw(
+            "PUT",
+            &ti_path(&ti, "k"),
+            &[("content-type", "text/plain")],
+            "{bad",
+        )
+        .await;
+    assert_eq!(plain.status, 401);
+    let bulk = send_json(
+        &gw,
+        "POST",
+        &format!("/execution/store/ti/{}", ti.id),
+        None,
+        "[",
+    )
+    .await;
+    assert_eq!(bulk.status, 422, "{bulk:?}");
+}
+
+/// pydantic validates a value to 254 levels (the innermost scalar counts), and names the
+/// first element too deep; Python reads integers of any length, and Airflow stores them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nesting_and_long_integers_as_airflow() {
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "deep");
+    let ok = send_json(&gw, "PUT", &path, Some(&ti.token), &nested(253)).await;
+    assert_eq!(ok.status, 204, "{ok:?}");
+    let got = gw.get(&path, &ti.token).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.text,
+        format!("{{\"value\":{}1{}}}", "[".repeat(253), "]".repeat(253))
+    );
+    for n in [254, 600, 974] {
+        let refused = send_json(&gw, "PUT", &path, Some(&ti.token), &nested(n)).await;
+        assert_eq!(refused.status, 422, "{n}: {refused:?}");
+        let issue = &refused.body["detail"][0];
+        assert_eq!(issue["type"], "recursion_depth_exceeded", "{n}");
+        assert_eq!(
+            issue["msg"],
+            "Recursion error - maximum validation depth exceeded"
+        );
+        let loc = issue["loc"].as_array().unwrap();
+        assert_eq!(loc.len(), 2 + 2 * 254, "{n}");
+        assert_eq!(
+            loc[..4],
+            [json!("body"), json!("value"), json!("list"), json!(0)]
+        );
+        assert!(issue.get("ctx").is_none());
+    }
+    let objects = format!(
+        "{{\"value\": {}1{}}}",
+        "{\"a\": ".repeat(254),
+        "}".repeat(254)
+    );
+    let refused = send_json(&gw, "PUT", &path, Some(&ti.token), &objects).await;
+    assert_eq!(
+        refused.body["detail"][0]["loc"].as_array().unwrap()[2..4],
+        [json!("dict"), json!("a")]
+    );
+    assert_eq!(refused.body["detail"][0]["input"], json!(1));
+    let too_deep = send_json(&gw, "PUT", &path, Some(&ti.token), &nested(975)).await;
+    assert_eq!(too_deep.status, 400);
+
+    for digits in [310, 400, 5000] {
+        let big = "7".repeat(digits);
+        let put = send_json(
+            &gw,
+            "PUT",
+            &path,
+            Some(&ti.token),
+            &format!(r#"{{"value": [-{big}]}}"#),
+        )
+        .await;
+        assert_eq!(put.status, 204, "{digits}: {put:?}");
+        let got = gw.get(&path, &ti.token).await;
+        assert_eq!(got.text, format!(r#"{{"value":[-{big}]}}"#));
+    }
+}
+use serde_json::json;

@@ -83,6 +83,9 @@ pub enum ApiError {
     RouteNotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Nested deeper than Python's decoder goes (FastAPI's 400).
+    #[error("request body nested too deep to parse")]
+    BodyUnparseable,
     #[error("request body over {0} bytes")]
     PayloadTooLarge(usize),
     /// `AIRSTATE_ASSET_REGISTRATION_CHECK`: the task is neither an inlet nor an outlet of
@@ -272,6 +275,10 @@ impl ApiError {
             ),
             RouteNotFound => (StatusCode::NOT_FOUND, json!("Not Found")),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, json!("Method Not Allowed")),
+            BodyUnparseable => (
+                StatusCode::BAD_REQUEST,
+                json!("There was an error parsing the body"),
+            ),
             PayloadTooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!(format!(

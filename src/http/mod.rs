@@ -70,6 +70,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let execution = routes
         .execution
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(json_first))
         .layer(middleware::from_fn(api_version))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
@@ -79,6 +80,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .layer(Extension(BodyLimit(max_body_bytes)));
     let core_api = routes
         .core_api
+        .layer(middleware::from_fn(json_first))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
     let app = routes.open.merge(execution).merge(admin).merge(core_api);
@@ -159,6 +161,38 @@ pub(crate) fn value_response(json: &str) -> Response {
 pub(crate) fn no_content() -> Response {
     // Airflow's 204s carry a JSON content type; some clients look at it.
     (StatusCode::NO_CONTENT, [(CONTENT_TYPE, "application/json")]).into_response()
+}
+
+/// FastAPI reads a JSON body while it solves a route's dependencies, before the auth
+/// one has refused anything: broken JSON is a 422 (too deep a 400) even with no token.
+async fn json_first(request: Request, next: Next) -> Response {
+    let declared_json = body::is_json_content_type(
+        request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok()),
+    );
+    if !declared_json {
+        return next.run(request).await;
+    }
+    let limit = request
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(usize::MAX, |limit| limit.0);
+    let (parts, payload) = request.into_parts();
+    let bytes = match axum::body::to_bytes(payload, limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => return ApiError::PayloadTooLarge(limit).into_response(),
+    };
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok());
+    if let Err(error) = body::check_syntax(content_type, &bytes) {
+        return error.into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Validates the bearer token once per request; the verdict is read by the extractors,
