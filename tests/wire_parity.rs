@@ -389,3 +389,65 @@ async fn nesting_and_long_integers_as_airflow() {
     }
 }
 use serde_json::json;
+
+/// Deliberate differences (README): Airflow stores a lone surrogate and then fails every
+/// read with a 500, and its database refuses a key holding NUL (500); both are a 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_surrogates_and_nul_keys_are_422() {
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "s");
+    for value in [
+        r#""\ud800""#,
+        r#"["ok", {"a": "x\udc00y"}]"#,
+        r#""\ud800\u0041""#,
+    ] {
+        let reply = send_json(
+            &gw,
+            "PUT",
+            &path,
+            Some(&ti.token),
+            &format!(r#"{{"value": {value}}}"#),
+        )
+        .await;
+        assert_eq!(reply.status, 422, "{value}: {reply:?}");
+        let issue = &reply.body["detail"][0];
+        assert_eq!(issue["type"], "value_error");
+        assert_eq!(issue["loc"], json!(["body", "value"]));
+        assert!(
+            issue["msg"]
+                .as_str()
+                .unwrap()
+                .contains("lone UTF-16 surrogate"),
+            "{issue}"
+        );
+    }
+    assert_eq!(gw.get(&path, &ti.token).await.status, 404);
+    // A proper pair is a character like any other.
+    let pair = send_json(
+        &gw,
+        "PUT",
+        &path,
+        Some(&ti.token),
+        r#"{"value": "\ud83d\ude00"}"#,
+    )
+    .await;
+    assert_eq!(pair.status, 204);
+
+    let nul = gw
+        .put(&ti_path(&ti, "a%00b"), &ti.token, json!({"value": 1}))
+        .await;
+    assert_eq!(nul.status, 422, "{nul:?}");
+    assert_eq!(nul.body["detail"][0]["loc"], json!(["path", "key"]));
+    assert_eq!(nul.body["detail"][0]["input"], json!("a\u{0}b"));
+    let asset_nul = gw
+        .send(
+            "GET",
+            "/execution/store/asset/by-name/value?name=a&key=x%00",
+            Some(&ti.token),
+            None,
+        )
+        .await;
+    assert_eq!(asset_nul.status, 422, "{asset_nul:?}");
+    assert_eq!(asset_nul.body["detail"][0]["loc"], json!(["query", "key"]));
+}

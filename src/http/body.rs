@@ -27,6 +27,7 @@ pub fn check_key(key: &str, loc: &[&str]) -> Result<(), ValidationIssue> {
     let (kind, ctx) = match problem {
         KeyProblem::Empty => ("string_too_short", json!({"min_length": 1})),
         KeyProblem::TooLong => ("string_too_long", json!({"max_length": MAX_KEY_CHARS})),
+        KeyProblem::Nul => ("value_error", json!({"error": {}})),
     };
     Err(ValidationIssue::new(kind, loc, problem.to_string(), json!(key)).with_ctx(ctx))
 }

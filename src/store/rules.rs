@@ -14,6 +14,9 @@ pub enum KeyProblem {
     Empty,
     #[error("String should have at most {MAX_KEY_CHARS} characters")]
     TooLong,
+    /// Airflow's database refuses it (a 500); no store key can be addressed with it.
+    #[error("Value error, a key cannot contain the NUL character (U+0000)")]
+    Nul,
 }
 
 /// Why a value is refused.
@@ -43,6 +46,8 @@ pub fn check_key(key: &str) -> Result<(), KeyProblem> {
         Err(KeyProblem::Empty)
     } else if key.chars().count() > MAX_KEY_CHARS {
         Err(KeyProblem::TooLong)
+    } else if key.contains('\0') {
+        Err(KeyProblem::Nul)
     } else {
         Ok(())
     }
