@@ -451,3 +451,83 @@ async fn lone_surrogates_and_nul_keys_are_422() {
     assert_eq!(asset_nul.status, 422, "{asset_nul:?}");
     assert_eq!(asset_nul.body["detail"][0]["loc"], json!(["query", "key"]));
 }
+
+/// Python's words: json's messages with positions in characters, pydantic's datetime
+/// errors, and `repr` quoting of a key in a not-found message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parser_messages_are_pythons() {
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "k");
+    for (body, error, pos) in [
+        (r#"{"value": }"#, "Expecting value", 10),
+        // Positions count characters: "éé€" is three, seven bytes.
+        (r#"{"value": "éé€" x}"#, "Expecting ',' delimiter", 16),
+        (r#"{"value": [1,]}"#, "Expecting value", 13),
+        (r#"{"value": "a\q"}"#, "Invalid \\escape", 12),
+        (r#"{"value": 1} []"#, "Extra data", 13),
+    ] {
+        let reply = send_json(&gw, "PUT", &path, Some(&ti.token), body).await;
+        assert_eq!(reply.status, 422, "{body}");
+        let issue = &reply.body["detail"][0];
+        assert_eq!(issue["type"], "json_invalid", "{body}");
+        assert_eq!(issue["loc"], json!(["body", pos]), "{body}");
+        assert_eq!(issue["ctx"]["error"], error, "{body}");
+    }
+
+    for (expires, error) in [
+        ("soon", "input is too short"),
+        (
+            "2030-13-01T00:00:00Z",
+            "month value is outside expected range of 1-12",
+        ),
+        (
+            "2030-01-01T25:00:00Z",
+            "unexpected extra characters at the end of the input",
+        ),
+    ] {
+        let body = format!(r#"{{"value": 1, "expires_at": "{expires}"}}"#);
+        let reply = send_json(&gw, "PUT", &path, Some(&ti.token), &body).await;
+        let issue = &reply.body["detail"][0];
+        assert_eq!(issue["type"], "datetime_from_date_parsing", "{expires}");
+        assert_eq!(
+            issue["msg"],
+            format!("Input should be a valid datetime or date, {error}")
+        );
+        assert_eq!(issue["ctx"], json!({"error": error}));
+    }
+
+    let bearer = format!("Bearer {}", ti.token);
+    let garbage = gw
+        .send_raw(
+            "GET",
+            &path,
+            &[
+                ("authorization", &bearer),
+                ("airflow-api-version", "garbage"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(
+        garbage.body["detail"][0]["msg"],
+        "Input should be a valid date or datetime, input is too short"
+    );
+    assert_eq!(
+        garbage.body["detail"][0]["ctx"],
+        json!({"error": "input is too short"})
+    );
+
+    for (key, repr) in [
+        ("a%C2%A0b", r"'a\xa0b'"),
+        ("%C2%85", r"'\x85'"),
+        ("x%E2%80%A8", r"'x\u2028'"),
+    ] {
+        let reply = gw.get(&ti_path(&ti, key), &ti.token).await;
+        assert_eq!(reply.status, 404);
+        assert_eq!(
+            reply.body["detail"]["message"],
+            format!("Task state store key {repr} not found")
+        );
+    }
+}

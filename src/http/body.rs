@@ -290,13 +290,81 @@ fn parse_expires_at(raw: &str) -> Result<Option<EpochMillis>, ValidationIssue> {
                 "timezone_aware",
                 "Input should have timezone info".into(),
             ),
-            DatetimeProblem::Unparseable => invalid(
-                "datetime_from_date_parsing",
-                "Input should be a valid datetime or date, invalid datetime format".into(),
-            ),
+            DatetimeProblem::Unparseable => {
+                let error = date_error(text.as_bytes()).unwrap_or("invalid datetime format");
+                invalid(
+                    "datetime_from_date_parsing",
+                    format!("Input should be a valid datetime or date, {error}"),
+                )
+                .with_ctx(json!({"error": error}))
+            }
         }),
         _ => Err(invalid("datetime_type", "Input should be a valid datetime".into())),
     }
+}
+
+/// What speedate (pydantic's date parser) says of `text` read as a date; pydantic
+/// reports a string that is no datetime with this error of its date reading.
+pub fn date_error(text: &[u8]) -> Option<&'static str> {
+    if text.len() < 10 {
+        return Some("input is too short");
+    }
+    let digits = |range: std::ops::Range<usize>| text[range].iter().all(u8::is_ascii_digit);
+    if !digits(0..4) {
+        return Some("invalid character in year");
+    }
+    if text[4] != b'-' {
+        return Some("invalid date separator, expected `-`");
+    }
+    if !digits(5..7) {
+        return Some("invalid character in month");
+    }
+    if text[7] != b'-' {
+        return Some("invalid date separator, expected `-`");
+    }
+    if !digits(8..10) {
+        return Some("invalid character in day");
+    }
+    let number = |range: std::ops::Range<usize>| {
+        text[range]
+            .iter()
+            .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+    };
+    let (year, month, day) = (number(0..4) as i32, number(5..7), number(8..10));
+    if !(1..=12).contains(&month) {
+        return Some("month value is outside expected range of 1-12");
+    }
+    if NaiveDate::from_ymd_opt(year, month, day).is_none() {
+        return Some("day value is outside expected range");
+    }
+    (text.len() > 10).then_some("unexpected extra characters at the end of the input")
+}
+
+/// What speedate says of `text` read as a datetime (pydantic reports a string that is no
+/// date, such as a bad `Airflow-API-Version`, with this error).
+pub fn datetime_error(text: &[u8]) -> &'static str {
+    if let Some(error) =
+        date_error(text).filter(|_| text.len() <= 10 || date_error(&text[..10]).is_some())
+    {
+        return error;
+    }
+    if text.len() <= 10 {
+        return "invalid datetime format";
+    }
+    if !matches!(text[10], b'T' | b't' | b'_' | b' ') {
+        return "invalid datetime separator, expected `T`, `t`, `_` or space";
+    }
+    let rest = &text[11..];
+    if rest.len() < 2 || !rest[..2].iter().all(u8::is_ascii_digit) {
+        return "invalid character in hour";
+    }
+    if rest.len() < 5 || rest[2] != b':' {
+        return "invalid time separator, expected `:`";
+    }
+    if !rest[3..5].iter().all(u8::is_ascii_digit) {
+        return "invalid character in minute";
+    }
+    "unexpected extra characters at the end of the input"
 }
 
 /// Pydantic treats numbers above 2e10 as milliseconds.
@@ -472,6 +540,46 @@ mod tests {
         assert_eq!(at("\"2030-01-01T00:00:00\""), Err("timezone_aware"));
         assert_eq!(at("\"2030-01-01\""), Err("timezone_aware"));
         assert_eq!(at("\"soon\""), Err("datetime_from_date_parsing"));
+        // As pydantic 2 words them.
+        for (text, error) in [
+            ("soon", "input is too short"),
+            (
+                "2030-13-01T00:00:00Z",
+                "month value is outside expected range of 1-12",
+            ),
+            (
+                "2030-02-30T00:00:00Z",
+                "day value is outside expected range",
+            ),
+            (
+                "2030-01-01T25:00:00Z",
+                "unexpected extra characters at the end of the input",
+            ),
+            (
+                "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "invalid character in year",
+            ),
+            ("2030/01/01", "invalid date separator, expected `-`"),
+        ] {
+            assert_eq!(date_error(text.as_bytes()), Some(error), "{text}");
+        }
+        for (text, error) in [
+            ("garbage", "input is too short"),
+            ("2026-6-30", "input is too short"),
+            ("2026-06-3x", "invalid character in day"),
+            ("abcdefghijkl", "invalid character in year"),
+            (
+                "2026-13-01",
+                "month value is outside expected range of 1-12",
+            ),
+            ("2026/06/30", "invalid date separator, expected `-`"),
+            (
+                "2026-06-30x",
+                "invalid datetime separator, expected `T`, `t`, `_` or space",
+            ),
+        ] {
+            assert_eq!(datetime_error(text.as_bytes()), error, "{text}");
+        }
         assert_eq!(at("true"), Err("datetime_type"));
     }
 

@@ -242,12 +242,22 @@ async fn api_version(request: Request, next: Next) -> Response {
     let refusal = requested.and_then(|value| {
         let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
         match parse_version_date(&text) {
-            None => Some(ApiError::Validation(vec![ValidationIssue::new(
-                "date_from_datetime_parsing",
+            None if inexact_date(&text) => Some(ApiError::Validation(vec![ValidationIssue::new(
+                "date_from_datetime_inexact",
                 &["header", "Airflow-API-Version"],
-                "Input should be a valid date or datetime, invalid character in year",
+                "Datetimes provided to dates should have zero time - e.g. be exact dates",
                 json!(text),
             )])),
+            None => {
+                let error = body::datetime_error(text.as_bytes());
+                Some(ApiError::Validation(vec![ValidationIssue::new(
+                    "date_from_datetime_parsing",
+                    &["header", "Airflow-API-Version"],
+                    format!("Input should be a valid date or datetime, {error}"),
+                    json!(text),
+                )
+                .with_ctx(json!({"error": error}))]))
+            }
             Some(date) if date.as_str() < API_VERSION => Some(ApiError::RouteNotFound),
             Some(_) => None,
         }
@@ -267,6 +277,18 @@ pub(crate) fn predates_state_routes(headers: &axum::http::HeaderMap) -> bool {
         .get(&API_VERSION_HEADER)
         .and_then(|value| parse_version_date(&String::from_utf8_lossy(value.as_bytes())))
         .is_some_and(|date| date.as_str() < API_VERSION)
+}
+
+/// A valid datetime that is not midnight, or a Unix timestamp (pydantic reads digits as
+/// one): pydantic's `date_from_datetime_inexact`.
+fn inexact_date(text: &str) -> bool {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    text.get(..19).is_some_and(|head| {
+        chrono::NaiveDateTime::parse_from_str(head, "%Y-%m-%dT%H:%M:%S").is_ok()
+            || chrono::NaiveDateTime::parse_from_str(head, "%Y-%m-%d %H:%M:%S").is_ok()
+    })
 }
 
 /// `YYYY-MM-DD`, or a datetime at exactly midnight as pydantic accepts for a date.
