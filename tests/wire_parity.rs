@@ -531,3 +531,32 @@ async fn parser_messages_are_pythons() {
         );
     }
 }
+
+/// The README's decision on the byte form: the exact text received comes back, not
+/// Python's re-rendering (`3.14`, `100.0`, `1e+16`, `{"a":1}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_keep_their_exact_text() {
+    let gw = Gateway::start(Backend::Memory).await;
+    let ti = gw.task().await;
+    let path = ti_path(&ti, "exact");
+    for value in [
+        "3.140",
+        "1E2",
+        "1e16",
+        r#"{"a": 1,  "b" : [ 1 ]}"#,
+        r#""caf\u00e9 \/""#,
+        "0.1000000000000000055511",
+    ] {
+        let put = send_json(
+            &gw,
+            "PUT",
+            &path,
+            Some(&ti.token),
+            &format!(r#"{{"value": {value}}}"#),
+        )
+        .await;
+        assert_eq!(put.status, 204, "{value}");
+        let got = gw.get(&path, &ti.token).await;
+        assert_eq!(got.text, format!(r#"{{"value":{value}}}"#));
+    }
+}
