@@ -279,8 +279,8 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "AIRSTATE_MAX_BODY_BYTES",
-        default: DefaultValue::Value("1048576"),
-        meaning: "largest request body accepted (413 above)",
+        default: DefaultValue::Value("1049600"),
+        meaning: "largest request body accepted (413 above): a 1 MiB value plus 1 KiB for the JSON around it",
     },
     Variable {
         name: "AIRSTATE_MAX_HEADER_BYTES",
@@ -1412,7 +1412,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.listen, SocketAddr::from(([0, 0, 0, 0], 8080)));
-        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.max_body_bytes, 1_049_600);
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.shutdown_drain, Duration::ZERO);
         assert_eq!(c.server.max_header_bytes, 32768);

@@ -163,6 +163,11 @@ impl KeyRing {
         validation: &Validation,
     ) -> Result<Map<String, Value>, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
+        // No extension is understood, so any `crit` header is refused (RFC 7515 §4.1.11),
+        // as PyJWT refuses it for Airflow.
+        if header.crit.is_some() {
+            return Err(AuthError::Invalid);
+        }
         let decode = |key: &DecodingKey, algorithm: Algorithm| {
             if header.alg != algorithm {
                 return Err(AuthError::Invalid);

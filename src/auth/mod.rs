@@ -187,13 +187,9 @@ impl Authenticator {
             .filter(|(_, verified_at)| *verified_at == removals)
         {
             let now = chrono::Utc::now().timestamp();
-            let not_before = claims
-                .all
-                .get("nbf")
-                .and_then(Value::as_f64)
-                .map(|n| n as i64);
-            if claims.expires_at + self.leeway >= now
-                && not_before.is_none_or(|nbf| nbf - self.leeway <= now)
+            let not_before = claims.all.get("nbf").and_then(seconds);
+            if claims.expires_at.saturating_add(self.leeway) >= now
+                && not_before.is_none_or(|nbf| nbf.saturating_sub(self.leeway) <= now)
             {
                 return Ok(claims);
             }
@@ -214,10 +210,21 @@ impl Authenticator {
     /// The full check: signature, registered claims, then Airflow's own claim rules.
     fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let all = self.keys.decode(token, &self.validation)?;
-        let number = |name: &str| all.get(name).and_then(Value::as_f64).map(|n| n as i64);
+        let number = |name: &str| {
+            all.get(name)
+                .map(|value| seconds(value).ok_or(AuthError::Invalid))
+        };
         let (Some(issued_at), Some(expires_at)) = (number("iat"), number("exp")) else {
             return Err(AuthError::Invalid);
         };
+        let (issued_at, expires_at) = (issued_at?, expires_at?);
+        if let Some(not_before) = number("nbf") {
+            not_before?;
+        }
+        // PyJWT refuses a token issued in the future (beyond the leeway).
+        if issued_at > chrono::Utc::now().timestamp().saturating_add(self.leeway) {
+            return Err(AuthError::Invalid);
+        }
         // Airflow answers 500 for a missing or non-UUID subject; a client error is right.
         let subject = all
             .get("sub")
@@ -242,7 +249,19 @@ impl Authenticator {
             all,
         })
     }
+}
 
+/// A time claim in seconds. Airflow (PyJWT) takes any Python int; one that does not fit
+/// 64 bits is refused here, so that the same token is not accepted once and then refused
+/// once its remembered expiry overflows (a deliberate difference, see the README).
+fn seconds(value: &Value) -> Option<i64> {
+    value.as_i64().or_else(|| {
+        let n = value.as_f64()?;
+        (n.is_finite() && n.abs() < 9.0e18).then_some(n as i64)
+    })
+}
+
+impl Authenticator {
     /// A replacement token when this one is close to expiry, on Airflow's rule: not for
     /// `workload` tokens, and only once at most max(20 % of the lifetime, 30 s) remains.
     pub fn refreshed_token(&self, claims: &Claims, now: i64) -> Option<String> {

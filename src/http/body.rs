@@ -2,15 +2,11 @@
 //! them, with the same error list shape. The value itself is kept as the exact JSON text
 //! received.
 
-use std::borrow::Cow;
-use std::fmt;
-
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
-use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ValidationIssue};
+use crate::store::pyjson;
 use crate::store::rules::{self, KeyProblem, ValueProblem, MAX_KEY_CHARS};
 use crate::store::EpochMillis;
 
@@ -31,6 +27,7 @@ pub fn check_key(key: &str, loc: &[&str]) -> Result<(), ValidationIssue> {
     let (kind, ctx) = match problem {
         KeyProblem::Empty => ("string_too_short", json!({"min_length": 1})),
         KeyProblem::TooLong => ("string_too_long", json!({"max_length": MAX_KEY_CHARS})),
+        KeyProblem::Nul => ("value_error", json!({"error": {}})),
     };
     Err(ValidationIssue::new(kind, loc, problem.to_string(), json!(key)).with_ctx(ctx))
 }
@@ -54,7 +51,7 @@ pub fn parse_put_body<'a>(
     content_type: Option<&str>,
     body: &'a [u8],
     allow_expires_at: bool,
-) -> Result<PutBody<'a>, Vec<ValidationIssue>> {
+) -> Result<PutBody<'a>, ApiError> {
     let fields = parse_fields(content_type, body, allow_expires_at, true, false)?;
     Ok(PutBody {
         value: fields.value.unwrap_or_default(),
@@ -87,7 +84,7 @@ pub enum CoreExpiry {
 pub fn parse_core_task_put<'a>(
     content_type: Option<&str>,
     body: &'a [u8],
-) -> Result<(&'a str, CoreExpiry), Vec<ValidationIssue>> {
+) -> Result<(&'a str, CoreExpiry), ApiError> {
     let fields = parse_fields(content_type, body, true, true, true)?;
     let expiry = match (fields.expires_default, fields.expires_at) {
         (true, _) | (false, None) => CoreExpiry::Default,
@@ -101,15 +98,15 @@ pub fn parse_core_task_put<'a>(
 pub fn parse_patch_body<'a>(
     content_type: Option<&str>,
     body: &'a [u8],
-) -> Result<PatchBody<'a>, Vec<ValidationIssue>> {
+) -> Result<PatchBody<'a>, ApiError> {
     let fields = parse_fields(content_type, body, true, false, false)?;
     if fields.value.is_none() && fields.expires_at.is_none() {
-        return Err(vec![ValidationIssue::new(
+        return Err(ApiError::Validation(vec![ValidationIssue::new(
             "value_error",
             &["body"],
             "Value error, give at least one of value and expires_at",
             json!({}),
-        )]);
+        )]));
     }
     Ok(fields)
 }
@@ -120,9 +117,9 @@ fn parse_fields<'a>(
     allow_expires_at: bool,
     value_required: bool,
     default_keyword: bool,
-) -> Result<PatchBody<'a>, Vec<ValidationIssue>> {
+) -> Result<PatchBody<'a>, ApiError> {
     if body.is_empty() {
-        return Err(vec![ValidationIssue::missing(&["body"], Value::Null)]);
+        return Err(vec![ValidationIssue::missing(&["body"], Value::Null)].into());
     }
     let text = std::str::from_utf8(body).map_err(|_| {
         vec![ValidationIssue::new(
@@ -134,34 +131,29 @@ fn parse_fields<'a>(
         .with_ctx(json!({"error": "body is not valid UTF-8"}))]
     })?;
     if !is_json_content_type(content_type) {
-        return Err(vec![not_an_object(json!(text))]);
+        return Err(vec![not_an_object(json!(text))].into());
     }
-    let fields = match serde_json::from_str::<ObjectFields<'a>>(text) {
-        Ok(fields) => fields.0,
-        Err(error) if error.classify() == serde_json::error::Category::Data => {
+    let fields = match pyjson::parse_document(text) {
+        Ok((Some(members), _)) => members,
+        Ok((None, _)) => {
             // Valid JSON that is not an object.
             let input = serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
-            return Err(vec![not_an_object(input)]);
+            return Err(vec![not_an_object(input)].into());
         }
-        Err(error) => {
-            let mut issue =
-                ValidationIssue::new("json_invalid", &["body"], "JSON decode error", json!({}))
-                    .with_ctx(json!({"error": error.to_string()}));
-            issue.loc.push(json!(byte_offset(text, &error)));
-            return Err(vec![issue]);
-        }
+        Err(error) => return Err(syntax_error(error)),
     };
 
     let mut issues = Vec::new();
     let mut value = None;
     let mut expires_at = None;
     let mut expires_default = false;
-    for (name, raw) in &fields {
-        match name.as_ref() {
-            "value" => value = Some(*raw),
+    for (name, span) in &fields {
+        let raw = &text[span.clone()];
+        match name.as_str() {
+            "value" => value = Some(raw),
             // Only Airflow's Core REST API knows the keyword; elsewhere it is a string that
             // is no datetime, refused below.
-            "expires_at" if default_keyword && raw.get() == "\"default\"" => expires_default = true,
+            "expires_at" if default_keyword && raw == "\"default\"" => expires_default = true,
             "expires_at" if allow_expires_at => match parse_expires_at(raw) {
                 Ok(at) => expires_at = Some(at),
                 Err(issue) => issues.push(issue),
@@ -188,13 +180,42 @@ fn parse_fields<'a>(
     }
     if issues.is_empty() {
         Ok(PatchBody {
-            value: value.map(RawValue::get),
+            value,
             expires_at,
             expires_default,
         })
     } else {
-        Err(issues)
+        Err(issues.into())
     }
+}
+
+/// A body under a JSON media type that Python's `json` cannot read, as FastAPI answers
+/// it: 422 `json_invalid` with Python's message and its position in characters, or 400
+/// when nested deeper than Python's decoder goes.
+pub fn syntax_error(error: pyjson::SyntaxError) -> ApiError {
+    match error {
+        pyjson::SyntaxError::Decode { msg, pos } => {
+            let mut issue =
+                ValidationIssue::new("json_invalid", &["body"], "JSON decode error", json!({}))
+                    .with_ctx(json!({"error": msg}));
+            issue.loc.push(json!(pos));
+            ApiError::Validation(vec![issue])
+        }
+        pyjson::SyntaxError::TooDeep => ApiError::BodyUnparseable,
+    }
+}
+
+/// Checks a body's JSON syntax before anything else looks at the request, as FastAPI
+/// does (it reads the body while solving the route's dependencies, auth among them).
+/// Bodies not declared as JSON, or not UTF-8, are left to the route.
+pub fn check_syntax(content_type: Option<&str>, body: &[u8]) -> Result<(), ApiError> {
+    if body.is_empty() || !is_json_content_type(content_type) {
+        return Ok(());
+    }
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Ok(());
+    };
+    pyjson::parse_document(text).map(drop).map_err(syntax_error)
 }
 
 impl From<Vec<ValidationIssue>> for ApiError {
@@ -212,69 +233,42 @@ fn not_an_object(input: Value) -> ValidationIssue {
     )
 }
 
-fn to_value(raw: &RawValue) -> Value {
-    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
-}
-
-/// Where decoding failed, as Python's `json` reports it (FastAPI puts it in `loc`).
-fn byte_offset(text: &str, error: &serde_json::Error) -> usize {
-    if error.is_eof() {
-        return text.len();
-    }
-    let line_start: usize = text
-        .split_inclusive('\n')
-        .take(error.line().saturating_sub(1))
-        .map(str::len)
-        .sum();
-    line_start + error.column().saturating_sub(1)
+fn to_value(raw: &str) -> Value {
+    serde_json::from_str(raw).unwrap_or(Value::Null)
 }
 
 /// The store's rules for a value (see [`rules::check_value`]), as the error list shows them.
-fn check_value(raw: &RawValue) -> Result<(), ValidationIssue> {
-    rules::check_value(raw).map_err(|problem| {
-        let input = match problem {
-            ValueProblem::Null => Value::Null,
-            _ => json!(raw.get()),
-        };
-        ValidationIssue::new(
-            "value_error",
-            &["body", "value"],
-            problem.to_string(),
-            input,
-        )
-        .with_ctx(json!({"error": {}}))
-    })
-}
-
-/// The top-level object's members in order, values left as raw JSON text.
-struct ObjectFields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'de: 'a, 'a> de::Deserialize<'de> for ObjectFields<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FieldsVisitor<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for FieldsVisitor<'a> {
-            type Value = ObjectFields<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields: Vec<(Cow<'a, str>, &'a RawValue)> = Vec::new();
-                while let Some(name) = map.next_key::<Cow<'a, str>>()? {
-                    let raw: &'a RawValue = map.next_value()?;
-                    // Python's json keeps the last of duplicate members.
-                    fields.retain(|(existing, _)| existing != &name);
-                    fields.push((name, raw));
-                }
-                Ok(ObjectFields(fields))
-            }
+fn check_value(raw: &str) -> Result<(), ValidationIssue> {
+    rules::check_value(raw).map_err(|problem| match problem {
+        ValueProblem::TooDeep(path, input) => {
+            let mut issue = ValidationIssue::new(
+                "recursion_depth_exceeded",
+                &["body", "value"],
+                "Recursion error - maximum validation depth exceeded",
+                to_value(&input),
+            );
+            issue.loc.extend(path);
+            issue
         }
-        deserializer.deserialize_map(FieldsVisitor(std::marker::PhantomData))
-    }
+        _ => {
+            let input = match problem {
+                ValueProblem::Null => Value::Null,
+                _ => json!(raw),
+            };
+            ValidationIssue::new(
+                "value_error",
+                &["body", "value"],
+                problem.to_string(),
+                input,
+            )
+            .with_ctx(json!({"error": {}}))
+        }
+    })
 }
 
 /// `expires_at` as pydantic reads a datetime: ISO-8601 text or Unix seconds. A datetime
 /// without an offset is refused (Airflow fails on it with a 500).
-fn parse_expires_at(raw: &RawValue) -> Result<Option<EpochMillis>, ValidationIssue> {
+fn parse_expires_at(raw: &str) -> Result<Option<EpochMillis>, ValidationIssue> {
     let loc = ["body", "expires_at"];
     let value = to_value(raw);
     let invalid =
@@ -296,13 +290,81 @@ fn parse_expires_at(raw: &RawValue) -> Result<Option<EpochMillis>, ValidationIss
                 "timezone_aware",
                 "Input should have timezone info".into(),
             ),
-            DatetimeProblem::Unparseable => invalid(
-                "datetime_from_date_parsing",
-                "Input should be a valid datetime or date, invalid datetime format".into(),
-            ),
+            DatetimeProblem::Unparseable => {
+                let error = date_error(text.as_bytes()).unwrap_or("invalid datetime format");
+                invalid(
+                    "datetime_from_date_parsing",
+                    format!("Input should be a valid datetime or date, {error}"),
+                )
+                .with_ctx(json!({"error": error}))
+            }
         }),
         _ => Err(invalid("datetime_type", "Input should be a valid datetime".into())),
     }
+}
+
+/// What speedate (pydantic's date parser) says of `text` read as a date; pydantic
+/// reports a string that is no datetime with this error of its date reading.
+pub fn date_error(text: &[u8]) -> Option<&'static str> {
+    if text.len() < 10 {
+        return Some("input is too short");
+    }
+    let digits = |range: std::ops::Range<usize>| text[range].iter().all(u8::is_ascii_digit);
+    if !digits(0..4) {
+        return Some("invalid character in year");
+    }
+    if text[4] != b'-' {
+        return Some("invalid date separator, expected `-`");
+    }
+    if !digits(5..7) {
+        return Some("invalid character in month");
+    }
+    if text[7] != b'-' {
+        return Some("invalid date separator, expected `-`");
+    }
+    if !digits(8..10) {
+        return Some("invalid character in day");
+    }
+    let number = |range: std::ops::Range<usize>| {
+        text[range]
+            .iter()
+            .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+    };
+    let (year, month, day) = (number(0..4) as i32, number(5..7), number(8..10));
+    if !(1..=12).contains(&month) {
+        return Some("month value is outside expected range of 1-12");
+    }
+    if NaiveDate::from_ymd_opt(year, month, day).is_none() {
+        return Some("day value is outside expected range");
+    }
+    (text.len() > 10).then_some("unexpected extra characters at the end of the input")
+}
+
+/// What speedate says of `text` read as a datetime (pydantic reports a string that is no
+/// date, such as a bad `Airflow-API-Version`, with this error).
+pub fn datetime_error(text: &[u8]) -> &'static str {
+    if let Some(error) =
+        date_error(text).filter(|_| text.len() <= 10 || date_error(&text[..10]).is_some())
+    {
+        return error;
+    }
+    if text.len() <= 10 {
+        return "invalid datetime format";
+    }
+    if !matches!(text[10], b'T' | b't' | b'_' | b' ') {
+        return "invalid datetime separator, expected `T`, `t`, `_` or space";
+    }
+    let rest = &text[11..];
+    if rest.len() < 2 || !rest[..2].iter().all(u8::is_ascii_digit) {
+        return "invalid character in hour";
+    }
+    if rest.len() < 5 || rest[2] != b':' {
+        return "invalid time separator, expected `:`";
+    }
+    if !rest[3..5].iter().all(u8::is_ascii_digit) {
+        return "invalid character in minute";
+    }
+    "unexpected extra characters at the end of the input"
 }
 
 /// Pydantic treats numbers above 2e10 as milliseconds.
@@ -385,8 +447,11 @@ mod tests {
 
     const JSON: Option<&str> = Some("application/json");
 
-    fn kinds(result: Result<PutBody<'_>, Vec<ValidationIssue>>) -> Vec<&'static str> {
-        result.unwrap_err().iter().map(|issue| issue.kind).collect()
+    fn kinds(result: Result<PutBody<'_>, ApiError>) -> Vec<&'static str> {
+        match result.unwrap_err() {
+            ApiError::Validation(issues) => issues.iter().map(|issue| issue.kind).collect(),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -422,7 +487,7 @@ mod tests {
         );
         assert_eq!(
             kinds(parse_put_body(JSON, b"{\"value\": NaN}", true)),
-            ["json_invalid"]
+            ["value_error"]
         );
         assert_eq!(kinds(parse_put_body(JSON, b"{}", true)), ["missing"]);
         assert_eq!(
@@ -455,7 +520,10 @@ mod tests {
             let body = format!("{{\"value\": 1, \"expires_at\": {expires}}}");
             parse_put_body(JSON, body.as_bytes(), true)
                 .map(|b| b.expires_at)
-                .map_err(|e| e[0].kind)
+                .map_err(|e| match e {
+                    ApiError::Validation(issues) => issues[0].kind,
+                    other => panic!("{other:?}"),
+                })
         };
         assert_eq!(at("\"2030-01-01T00:00:00Z\""), Ok(Some(1_893_456_000_000)));
         assert_eq!(
@@ -472,6 +540,46 @@ mod tests {
         assert_eq!(at("\"2030-01-01T00:00:00\""), Err("timezone_aware"));
         assert_eq!(at("\"2030-01-01\""), Err("timezone_aware"));
         assert_eq!(at("\"soon\""), Err("datetime_from_date_parsing"));
+        // As pydantic 2 words them.
+        for (text, error) in [
+            ("soon", "input is too short"),
+            (
+                "2030-13-01T00:00:00Z",
+                "month value is outside expected range of 1-12",
+            ),
+            (
+                "2030-02-30T00:00:00Z",
+                "day value is outside expected range",
+            ),
+            (
+                "2030-01-01T25:00:00Z",
+                "unexpected extra characters at the end of the input",
+            ),
+            (
+                "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "invalid character in year",
+            ),
+            ("2030/01/01", "invalid date separator, expected `-`"),
+        ] {
+            assert_eq!(date_error(text.as_bytes()), Some(error), "{text}");
+        }
+        for (text, error) in [
+            ("garbage", "input is too short"),
+            ("2026-6-30", "input is too short"),
+            ("2026-06-3x", "invalid character in day"),
+            ("abcdefghijkl", "invalid character in year"),
+            (
+                "2026-13-01",
+                "month value is outside expected range of 1-12",
+            ),
+            ("2026/06/30", "invalid date separator, expected `-`"),
+            (
+                "2026-06-30x",
+                "invalid datetime separator, expected `T`, `t`, `_` or space",
+            ),
+        ] {
+            assert_eq!(datetime_error(text.as_bytes()), error, "{text}");
+        }
         assert_eq!(at("true"), Err("datetime_type"));
     }
 

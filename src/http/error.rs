@@ -83,6 +83,9 @@ pub enum ApiError {
     RouteNotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Nested deeper than Python's decoder goes (FastAPI's 400).
+    #[error("request body nested too deep to parse")]
+    BodyUnparseable,
     #[error("request body over {0} bytes")]
     PayloadTooLarge(usize),
     /// A bulk read whose values total more than `AIRSTATE_BULK_READ_MAX_BYTES`.
@@ -210,14 +213,43 @@ pub fn python_repr(text: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
+            c if !python_printable(c) => {
+                let code = c as u32;
+                let escaped = if code < 0x100 {
+                    format!("\\x{code:02x}")
+                } else if code < 0x10000 {
+                    format!("\\u{code:04x}")
+                } else {
+                    format!("\\U{code:08x}")
+                };
+                out.push_str(&escaped);
             }
             c => out.push(c),
         }
     }
     out.push(quote);
     out
+}
+
+/// Python's `str.isprintable`: not a control, format, private-use or unassigned
+/// character, nor a separator other than the space. Unassigned code points are known here
+/// only as the noncharacters (no Unicode tables are linked in).
+fn python_printable(c: char) -> bool {
+    let code = c as u32;
+    !matches!(code,
+        0x00..=0x1f | 0x7f..=0xa0 | 0xad
+        // Separators: spaces other than ' ', line and paragraph.
+        | 0x1680 | 0x2000..=0x200a | 0x2028 | 0x2029 | 0x202f | 0x205f | 0x3000
+        // Format characters.
+        | 0x0600..=0x0605 | 0x061c | 0x06dd | 0x070f | 0x0890 | 0x0891 | 0x08e2 | 0x180e
+        | 0x200b..=0x200f | 0x202a..=0x202e | 0x2060..=0x2064 | 0x2066..=0x206f | 0xfeff
+        | 0xfff9..=0xfffb | 0x110bd | 0x110cd | 0x13430..=0x1343f | 0x1bca0..=0x1bca3
+        | 0x1d173..=0x1d17a | 0xe0001 | 0xe0020..=0xe007f
+        // Private use.
+        | 0xe000..=0xf8ff | 0xf0000..=0xffffd | 0x100000..=0x10fffd
+        // Noncharacters (unassigned).
+        | 0xfdd0..=0xfdef)
+        && code & 0xfffe != 0xfffe
 }
 
 impl ApiError {
@@ -297,6 +329,10 @@ impl ApiError {
             ),
             RouteNotFound => (StatusCode::NOT_FOUND, json!("Not Found")),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, json!("Method Not Allowed")),
+            BodyUnparseable => (
+                StatusCode::BAD_REQUEST,
+                json!("There was an error parsing the body"),
+            ),
             PayloadTooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!(format!(
@@ -424,5 +460,16 @@ mod tests {
         assert_eq!(python_repr("tab\there\\"), "'tab\\there\\\\'");
         assert_eq!(python_repr("über/é"), "'über/é'");
         assert_eq!(python_repr("\u{1}"), "'\\x01'");
+        // As Python 3.11 prints them.
+        assert_eq!(python_repr("a\u{a0}b"), "'a\\xa0b'");
+        assert_eq!(python_repr("\u{85}"), "'\\x85'");
+        assert_eq!(python_repr("\u{2028}\u{2029}"), "'\\u2028\\u2029'");
+        assert_eq!(
+            python_repr("\u{ad}\u{200b}\u{feff}"),
+            "'\\xad\\u200b\\ufeff'"
+        );
+        assert_eq!(python_repr("\u{e0001}"), "'\\U000e0001'");
+        assert_eq!(python_repr("\u{7f}\u{3000}"), "'\\x7f\\u3000'");
+        assert_eq!(python_repr("😀\u{e000}"), "'😀\\ue000'");
     }
 }

@@ -11,6 +11,7 @@ pub mod extensions;
 pub mod extract;
 pub mod forward;
 pub mod limits;
+mod methods;
 mod observe;
 pub mod openapi;
 pub mod routes;
@@ -20,14 +21,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::HttpBody;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, VARY};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
 use axum::{Extension, Json, Router};
 use serde_json::json;
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::CompressionLayer;
 use tracing::Instrument;
 
 use crate::auth::{AuthError, Authenticator};
@@ -69,6 +73,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let execution = routes
         .execution
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(json_first))
         .layer(middleware::from_fn(api_version))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
@@ -78,6 +83,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .layer(Extension(BodyLimit(max_body_bytes)));
     let core_api = routes
         .core_api
+        .layer(middleware::from_fn(json_first))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
     let app = routes.open.merge(execution).merge(admin).merge(core_api);
@@ -86,14 +92,74 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
             // Counted as unmatched: no operation of the table served it.
             (Extension(observe::Unrouted), ApiError::MethodNotAllowed)
         })
+        .layer(middleware::from_fn(methods::airflow_methods))
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn(observe::observe))
-        // Outermost: an overloaded replica refuses before parsing or authenticating.
+        .layer(middleware::from_fn(echo_api_version))
+        // Outermost of the router's own: an overloaded replica refuses before parsing or
+        // authenticating.
         .layer(middleware::from_fn_with_state(
             state.limits.clone(),
             limits::shed,
         ))
         .with_state(state)
+        .layer(middleware::from_fn(vary_on_encoding))
+        // Airflow's API server gzips every body for a client that accepts gzip (its
+        // GZipMiddleware sees the Execution API's answers as streams, so its 1024-byte
+        // minimum never applies). Change streams stay uncompressed: a gzip encoder holds
+        // events back until its buffer fills.
+        .layer(
+            CompressionLayer::new().gzip(true).compress_when(
+                SizeAbove::new(1)
+                    .and(NotForContentType::GRPC)
+                    .and(NotForContentType::IMAGES)
+                    .and(NotForContentType::SSE),
+            ),
+        )
+}
+
+/// `vary: Accept-Encoding` on every response with a body, spelled as Airflow spells it
+/// (tower-http's compression then sees it and adds none of its own).
+async fn vary_on_encoding(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let empty = response.body().size_hint().exact() == Some(0);
+    let varies = response
+        .headers()
+        .get_all(VARY)
+        .iter()
+        .any(|value| value.as_bytes().eq_ignore_ascii_case(b"accept-encoding"));
+    if !empty && !varies {
+        response
+            .headers_mut()
+            .append(VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
+    response
+}
+
+/// Cadwyn echoes the version on every answer of the Execution API, including a 405 and
+/// an unknown route (which never reach [`api_version`]); forwarded answers carry
+/// Airflow's own echo.
+async fn echo_api_version(request: Request, next: Next) -> Response {
+    let echo = request
+        .uri()
+        .path()
+        .starts_with("/execution/")
+        .then(|| version_echo(&request));
+    let mut response = next.run(request).await;
+    if let Some(echo) = echo {
+        if !response.headers().contains_key(&API_VERSION_HEADER) {
+            response.headers_mut().insert(API_VERSION_HEADER, echo);
+        }
+    }
+    response
+}
+
+fn version_echo(request: &Request) -> HeaderValue {
+    request
+        .headers()
+        .get(&API_VERSION_HEADER)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(API_VERSION))
 }
 
 pub(crate) fn value_response(json: &str) -> Response {
@@ -107,6 +173,38 @@ pub(crate) fn value_response(json: &str) -> Response {
 pub(crate) fn no_content() -> Response {
     // Airflow's 204s carry a JSON content type; some clients look at it.
     (StatusCode::NO_CONTENT, [(CONTENT_TYPE, "application/json")]).into_response()
+}
+
+/// FastAPI reads a JSON body while it solves a route's dependencies, before the auth
+/// one has refused anything: broken JSON is a 422 (too deep a 400) even with no token.
+async fn json_first(request: Request, next: Next) -> Response {
+    let declared_json = body::is_json_content_type(
+        request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok()),
+    );
+    if !declared_json {
+        return next.run(request).await;
+    }
+    let limit = request
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(usize::MAX, |limit| limit.0);
+    let (parts, payload) = request.into_parts();
+    let bytes = match axum::body::to_bytes(payload, limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => return ApiError::PayloadTooLarge(limit).into_response(),
+    };
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok());
+    if let Err(error) = body::check_syntax(content_type, &bytes) {
+        return error.into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Validates the bearer token once per request; the verdict is read by the extractors,
@@ -152,30 +250,57 @@ async fn authenticate(
 /// state routes existed find no route; later dates are served as the newest.
 async fn api_version(request: Request, next: Next) -> Response {
     let requested = request.headers().get(&API_VERSION_HEADER).cloned();
-    let echo = requested
-        .clone()
-        .unwrap_or(HeaderValue::from_static(API_VERSION));
-    if let Some(value) = &requested {
+    let echo = version_echo(&request);
+    let refusal = requested.and_then(|value| {
         let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
         match parse_version_date(&text) {
+            None if inexact_date(&text) => Some(ApiError::Validation(vec![ValidationIssue::new(
+                "date_from_datetime_inexact",
+                &["header", "Airflow-API-Version"],
+                "Datetimes provided to dates should have zero time - e.g. be exact dates",
+                json!(text),
+            )])),
             None => {
-                return ApiError::Validation(vec![ValidationIssue::new(
+                let error = body::datetime_error(text.as_bytes());
+                Some(ApiError::Validation(vec![ValidationIssue::new(
                     "date_from_datetime_parsing",
                     &["header", "Airflow-API-Version"],
-                    "Input should be a valid date or datetime, invalid character in year",
+                    format!("Input should be a valid date or datetime, {error}"),
                     json!(text),
-                )])
-                .into_response()
+                )
+                .with_ctx(json!({"error": error}))]))
             }
-            Some(date) if date.as_str() < API_VERSION => {
-                return ApiError::RouteNotFound.into_response()
-            }
-            Some(_) => {}
+            Some(date) if date.as_str() < API_VERSION => Some(ApiError::RouteNotFound),
+            Some(_) => None,
         }
-    }
-    let mut response = next.run(request).await;
+    });
+    let mut response = match refusal {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
+    };
     response.headers_mut().insert(API_VERSION_HEADER, echo);
     response
+}
+
+/// A requested version from before the state routes existed: Cadwyn routes by version,
+/// so none of them matches, with any method.
+pub(crate) fn predates_state_routes(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(&API_VERSION_HEADER)
+        .and_then(|value| parse_version_date(&String::from_utf8_lossy(value.as_bytes())))
+        .is_some_and(|date| date.as_str() < API_VERSION)
+}
+
+/// A valid datetime that is not midnight, or a Unix timestamp (pydantic reads digits as
+/// one): pydantic's `date_from_datetime_inexact`.
+fn inexact_date(text: &str) -> bool {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    text.get(..19).is_some_and(|head| {
+        chrono::NaiveDateTime::parse_from_str(head, "%Y-%m-%dT%H:%M:%S").is_ok()
+            || chrono::NaiveDateTime::parse_from_str(head, "%Y-%m-%d %H:%M:%S").is_ok()
+    })
 }
 
 /// `YYYY-MM-DD`, or a datetime at exactly midnight as pydantic accepts for a date.

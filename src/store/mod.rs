@@ -10,6 +10,7 @@
 pub mod events;
 pub mod lifecycle;
 pub mod memory;
+pub mod pyjson;
 pub mod redis;
 pub mod rules;
 pub mod version;

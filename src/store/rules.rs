@@ -2,10 +2,7 @@
 //! way in applies alike (HTTP requests, `airstate import`, a metastore migration). The
 //! messages are Airflow's, so an import reports a bad record the way the API would.
 
-use std::fmt;
-
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
+use super::pyjson;
 
 /// Airflow stores keys in `VARCHAR(512)`.
 pub const MAX_KEY_CHARS: usize = 512;
@@ -17,16 +14,28 @@ pub enum KeyProblem {
     Empty,
     #[error("String should have at most {MAX_KEY_CHARS} characters")]
     TooLong,
+    /// Airflow's database refuses it (a 500); no store key can be addressed with it.
+    #[error("Value error, a key cannot contain the NUL character (U+0000)")]
+    Nul,
 }
 
 /// Why a value is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValueProblem {
     /// Only from [`check_value_text`]: a request body is parsed before its value is seen.
     #[error("not JSON: {0}")]
     NotJson(String),
+    /// Nested deeper than pydantic validates: the path below the value to the first
+    /// element too deep, and that element's text.
+    #[error("Recursion error - maximum validation depth exceeded")]
+    TooDeep(Vec<serde_json::Value>, String),
     #[error("Value error, value cannot be null")]
     Null,
+    /// Airflow stores it, then fails every read (UTF-8 cannot hold it).
+    #[error(
+        "Value error, value holds a lone UTF-16 surrogate ({0}), which cannot be stored as UTF-8"
+    )]
+    LoneSurrogate(String),
     #[error("Value error, value must be a finite number; NaN and Inf are not JSON representable")]
     NotFinite,
 }
@@ -65,82 +74,42 @@ pub fn check_key(key: &str) -> Result<(), KeyProblem> {
         Err(KeyProblem::Empty)
     } else if key.chars().count() > MAX_KEY_CHARS {
         Err(KeyProblem::TooLong)
+    } else if key.contains('\0') {
+        Err(KeyProblem::Nul)
     } else {
         Ok(())
     }
 }
 
-/// `null` is refused (Airflow: "value cannot be null"), and so is a non-finite number
-/// anywhere in the value: Airflow answers 500 for a top-level one and stores a nested one
-/// that later breaks every read.
-pub fn check_value(raw: &RawValue) -> Result<(), ValueProblem> {
-    let text = raw.get();
+/// The text of a value already read as JSON: too deep for pydantic, `null` (Airflow:
+/// "value cannot be null"), a lone surrogate, or a non-finite number anywhere are
+/// refused. Airflow answers 500 for a top-level non-finite number and stores a nested
+/// one that later breaks every read.
+pub fn check_value(text: &str) -> Result<(), ValueProblem> {
+    let facts = pyjson::facts_of(text);
+    if let Some((path, span)) = facts.too_deep {
+        return Err(ValueProblem::TooDeep(path, text[span].to_owned()));
+    }
     if text == "null" {
         return Err(ValueProblem::Null);
     }
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    deserializer
-        .deserialize_any(FiniteCheck)
-        .map_err(|_| ValueProblem::NotFinite)
+    if let Some(escape) = facts.lone_surrogate {
+        return Err(ValueProblem::LoneSurrogate(escape));
+    }
+    if facts.non_finite {
+        return Err(ValueProblem::NotFinite);
+    }
+    Ok(())
 }
 
 /// [`check_value`] for JSON text that did not come in a request (`airstate import`).
 pub fn check_value_text(text: &str) -> Result<(), ValueProblem> {
-    let raw: &RawValue =
-        serde_json::from_str(text).map_err(|e| ValueProblem::NotJson(e.to_string()))?;
-    check_value(raw)
-}
-
-/// Walks a JSON value without building it, failing on a number that does not fit a
-/// finite double (serde_json reports `1e400` as out of range).
-struct FiniteCheck;
-
-impl<'de> Visitor<'de> for FiniteCheck {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        if v.is_finite() {
-            Ok(())
-        } else {
-            Err(E::custom("non-finite number"))
+    match pyjson::parse_document(text) {
+        Ok(_) => check_value(text.trim_matches([' ', '\t', '\n', '\r'])),
+        Err(pyjson::SyntaxError::Decode { msg, pos }) => {
+            Err(ValueProblem::NotJson(format!("{msg}: char {pos}")))
         }
-    }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(FiniteSeed)?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_key::<IgnoredAny>()?.is_some() {
-            map.next_value_seed(FiniteSeed)?;
-        }
-        Ok(())
-    }
-}
-
-struct FiniteSeed;
-
-impl<'de> de::DeserializeSeed<'de> for FiniteSeed {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(FiniteCheck)
+        Err(pyjson::SyntaxError::TooDeep) => Err(ValueProblem::NotJson("nested too deep".into())),
     }
 }
 

@@ -45,3 +45,4 @@ mod redis_store;
 mod rollback;
 mod structure;
 mod task_state;
+mod wire_parity;

@@ -380,15 +380,16 @@ async fn bad_bodies_are_422_and_leave_data_unharmed(backend: Backend) {
             "NaN token",
             JSON,
             r#"{"value": NaN}"#,
-            "json_invalid",
-            json!(["body", 10]),
+            // Python's json reads NaN; the value rule refuses it.
+            "value_error",
+            json!(["body", "value"]),
         ),
         (
             "nested Infinity",
             JSON,
             r#"{"value": [Infinity]}"#,
-            "json_invalid",
-            json!(["body", 11]),
+            "value_error",
+            json!(["body", "value"]),
         ),
         (
             "broken json",
