@@ -121,8 +121,23 @@ fn body_error(rejection: BytesRejection, limit: Option<usize>) -> ApiError {
     // Anything else failing while a body is read is the client's framing: a malformed
     // chunk, or a connection closed before the declared length arrived.
     tracing::debug!(error = %rejection.body_text(), "malformed request body");
-    ApiError::BadRequest("Malformed or truncated request body (invalid chunked encoding, or fewer bytes than Content-Length)")
+    ApiError::BadRequest(MALFORMED_BODY)
 }
+
+/// Why a body read to its end by [`axum::body::to_bytes`] failed, as [`body_error`] words
+/// it for an extractor: over the cap, cut by the server, or broken by the client.
+pub(crate) fn read_error(error: &axum::Error, limit: usize) -> ApiError {
+    if let Some(cut) = find_in_chain::<crate::server::BodyCut>(error) {
+        return cut.into();
+    }
+    if find_in_chain::<http_body_util::LengthLimitError>(error).is_some() {
+        return ApiError::PayloadTooLarge(limit);
+    }
+    tracing::debug!(%error, "malformed request body");
+    ApiError::BadRequest(MALFORMED_BODY)
+}
+
+const MALFORMED_BODY: &str = "Malformed or truncated request body (invalid chunked encoding, or fewer bytes than Content-Length)";
 
 /// The first error of type `T` in `error`'s source chain.
 pub(crate) fn find_in_chain<'a, T: std::error::Error + 'static>(

@@ -194,7 +194,7 @@ async fn json_first(request: Request, next: Next) -> Response {
     let (parts, payload) = request.into_parts();
     let bytes = match axum::body::to_bytes(payload, limit).await {
         Ok(bytes) => bytes,
-        Err(_) => return ApiError::PayloadTooLarge(limit).into_response(),
+        Err(error) => return extract::read_error(&error, limit).into_response(),
     };
     let content_type = parts
         .headers

@@ -127,7 +127,8 @@ fn metric(served: &ServedBinary, name: &str) -> f64 {
 #[test]
 fn slow_headers_are_closed_at_the_header_timeout() {
     let served = serve(&[
-        ("AIRSTATE_HEADER_READ_TIMEOUT_MS", "600"),
+        // Long enough that fifty connections are all open when counted, on a busy machine.
+        ("AIRSTATE_HEADER_READ_TIMEOUT_MS", "1500"),
         ("AIRSTATE_IDLE_TIMEOUT_MS", "30000"),
     ]);
     let baseline = open_descriptors(&served);
@@ -156,8 +157,8 @@ fn slow_headers_are_closed_at_the_header_timeout() {
         let closed = first_byte.elapsed();
         assert!(text.is_empty(), "no response to unfinished headers: {text}");
         assert!(
-            closed >= Duration::from_millis(550) && closed < Duration::from_millis(2500),
-            "closed {closed:?} after its first byte, the timeout is 600 ms"
+            closed >= Duration::from_millis(1450) && closed < Duration::from_millis(4000),
+            "closed {closed:?} after its first byte, the timeout is 1500 ms"
         );
     }
     // Their descriptors are given back.
