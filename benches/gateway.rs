@@ -1,24 +1,32 @@
 //! Load and latency harness: the release gateway against raw Redis, in one run, on one
 //! machine, so that the ratios mean something even on a noisy box.
 //!
-//! `cargo bench --bench gateway -- [--concurrency 50] [--seconds 10] [--rounds 3]`
+//! `cargo bench --bench gateway -- [--concurrency 50] [--seconds 10] [--rounds 3]
+//! [--instructions-only]`
 //!
 //! Needs `redis-server`, `redis-benchmark`, `redis-cli` and `wrk` on the PATH. Starts its
-//! own `redis-server` and gateway on free loopback ports; prints one table.
+//! own `redis-server` and gateway on free loopback ports; prints one table. Beside the
+//! gateway it measures the floor (`examples/floor.rs`, a bare axum + fred HGET server, built
+//! by the harness) and webdis when installed. With `valgrind` on the PATH it then counts
+//! instructions per request under callgrind (`--instructions-only`: only that), which,
+//! unlike throughput, does not move with the machine's load.
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
 mod support;
 
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airstate::store::redis::{RedisSettings, RedisStore};
 use airstate::store::{StateStore, TaskScope};
-use common::{RedisServer, ServedBinary};
+use common::{free_port, RedisServer, ServedBinary};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
-use support::{median, median_run, wrk, wrk_script, Run};
+use support::{
+    callgrind_total, instructions_per_request, median, median_run, wrk, wrk_script, RawRequest, Run,
+};
 use uuid::Uuid;
 
 const SECRET: &str = "bench-secret";
@@ -29,6 +37,7 @@ struct Options {
     concurrency: usize,
     seconds: u64,
     rounds: usize,
+    instructions_only: bool,
 }
 
 fn options() -> Options {
@@ -44,6 +53,7 @@ fn options() -> Options {
         concurrency: value("--concurrency", 50) as usize,
         seconds: value("--seconds", 10),
         rounds: value("--rounds", 3) as usize,
+        instructions_only: args.iter().any(|a| a == "--instructions-only"),
     }
 }
 
@@ -70,17 +80,105 @@ fn redis_benchmark(port: u16, concurrency: usize, requests: usize, command: &[&s
     }
 }
 
+fn gateway_env<'a>(redis: &'a RedisServer, prefix: &'a str) -> [(&'static str, &'a str); 5] {
+    [
+        ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+        ("AIRSTATE_IDENTITY", "claims"),
+        ("AIRSTATE_REDIS_URL", &redis.url),
+        ("AIRSTATE_KEY_PREFIX", prefix),
+        ("RUST_LOG", "warn"),
+    ]
+}
+
 fn start_gateway(redis: &RedisServer, prefix: &str) -> ServedBinary {
-    ServedBinary::start(
-        &[
-            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
-            ("AIRSTATE_IDENTITY", "claims"),
-            ("AIRSTATE_REDIS_URL", &redis.url),
-            ("AIRSTATE_KEY_PREFIX", prefix),
-            ("RUST_LOG", "warn"),
-        ],
-        Stdio::inherit(),
-    )
+    ServedBinary::start(&gateway_env(redis, prefix), Stdio::inherit())
+}
+
+/// A server process of the harness's own, killed when dropped.
+struct Other {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Other {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn await_port(what: &str, port: u16) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what} did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `examples/floor.rs` in the release profile, built now (cargo is idle while a bench runs).
+fn floor_binary() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--locked", "--example", "floor"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "cannot build examples/floor.rs");
+    // This bench runs from <target>/release/deps/.
+    let release = std::env::current_exe().unwrap();
+    let release = release.parent().unwrap().parent().unwrap();
+    release.join("examples").join("floor")
+}
+
+const FLOOR_KEY: &str = "raw:h";
+
+fn floor_env<'a>(redis: &'a RedisServer, listen: &'a str) -> [(&'static str, &'a str); 3] {
+    [
+        ("FLOOR_REDIS_URL", &redis.url),
+        ("FLOOR_KEY", FLOOR_KEY),
+        ("FLOOR_LISTEN", listen),
+    ]
+}
+
+fn start_floor(binary: &Path, redis: &RedisServer) -> Other {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(binary)
+        .env_clear()
+        .envs(floor_env(redis, &listen))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("floor binary");
+    await_port("floor", port);
+    Other { child, port }
+}
+
+/// webdis (HTTP to Redis in C, no auth) on the same Redis, when installed.
+fn start_webdis(redis: &RedisServer, dir: &Path) -> Option<Other> {
+    let port = free_port();
+    let config = dir.join("webdis.json");
+    let settings = json!({
+        "redis_host": "127.0.0.1", "redis_port": redis.port,
+        "http_host": "127.0.0.1", "http_port": port,
+        "threads": 2, "daemonize": false, "database": 0, "verbosity": 0,
+        "logfile": dir.join("webdis.log"),
+    });
+    std::fs::write(&config, settings.to_string()).unwrap();
+    let child = match Command::new("webdis")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(_) => {
+            eprintln!("webdis is not installed (apt-get install webdis): not measured");
+            return None;
+        }
+    };
+    await_port("webdis", port);
+    Some(Other { child, port })
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -172,175 +270,312 @@ async fn main() {
         .unwrap();
     assert_eq!(check.status(), 200, "fixture GET failed");
 
-    let requests = 200_000;
-    let (mut hget, mut hset, mut gw_get, mut gw_put) = (vec![], vec![], vec![], vec![]);
-    let mut rss_peak = 0;
-    for round in 0..opts.rounds {
-        eprintln!("round {}/{}", round + 1, opts.rounds);
-        hget.push(redis_benchmark(
-            redis.port,
-            c,
-            requests,
-            &["hget", "raw:h", "f"],
-        ));
-        gw_get.push(wrk(&url, c, opts.seconds, &get));
-        hset.push(redis_benchmark(
-            redis.port,
-            c,
-            requests,
-            &["hset", "raw:h", "f", VALUE],
-        ));
-        gw_put.push(wrk(&url, c, opts.seconds, &put));
-        rss_peak = rss_peak.max(rss_kib(gateway.child.id(), "VmHWM:"));
-    }
-    let (hget, hset, gw_get, gw_put) = (
-        median_run(&hget),
-        median_run(&hset),
-        median_run(&gw_get),
-        median_run(&gw_put),
-    );
-    let rss_now = rss_kib(gateway.child.id(), "VmRSS:");
-
-    // Latency at half of the measured saturation throughput.
-    let half_get = wrk(
-        &url,
-        c,
-        opts.seconds,
-        &wrk_script(
-            dir.path(),
-            "half_get.lua",
-            &paced(get_script(&bearer), c, gw_get.rps / 2.0),
-        ),
-    );
-    let half_put = wrk(
-        &url,
-        c,
-        opts.seconds,
-        &wrk_script(
-            dir.path(),
-            "half_put.lua",
-            &paced(put_script(&bearer), c, gw_put.rps / 2.0),
-        ),
-    );
-
-    // GET cost against the number of keys in the task's hash; sizes interleave within each
-    // round so that a change in the machine's speed hits them all alike.
-    let sizes = [1usize, 100, 10_000];
-    let mut sized = Vec::new();
-    for keys in sizes {
-        let scope = scope(&format!("size_{keys}"), -1);
-        for i in 0..keys {
-            store
-                .put_task(&scope, &format!("key-{i}"), VALUE, None)
-                .await
-                .unwrap();
-        }
-        let ti = Uuid::new_v4();
-        let script = wrk_script(
-            dir.path(),
-            &format!("size_{keys}.lua"),
-            &get_script(&token(ti, &scope)),
-        );
-        sized.push((
-            format!("{}/execution/store/ti/{ti}/key-0", gateway.base),
-            script,
-        ));
-    }
-    let mut size_runs: Vec<Vec<Run>> = vec![Vec::new(); sizes.len()];
-    for _ in 0..opts.rounds {
-        for (runs, (url, script)) in size_runs.iter_mut().zip(&sized) {
-            runs.push(wrk(url, c, opts.seconds.min(5), script));
-        }
-    }
-    let by_size: Vec<(usize, Run)> = sizes
-        .iter()
-        .copied()
-        .zip(size_runs.iter().map(|r| median_run(r)))
-        .collect();
-
-    // Clear-all across map indices: one HTTP call, one Lua script.
-    let http = reqwest::Client::new();
-    let mut clears = Vec::new();
-    for indices in [10i64, 1_000, 10_000] {
-        let mut took = Vec::new();
+    if !opts.instructions_only {
+        let requests = 200_000;
+        let floor = start_floor(&floor_binary(), &redis);
+        let floor_url = format!("http://127.0.0.1:{}/f", floor.port);
+        let webdis = start_webdis(&redis, dir.path());
+        let webdis_url = webdis
+            .as_ref()
+            .map(|w| format!("http://127.0.0.1:{}/HGET/{FLOOR_KEY}/f", w.port));
+        let plain = wrk_script(dir.path(), "plain.lua", "wrk.method = \"GET\"\n");
+        let (mut hget, mut hset, mut gw_get, mut gw_put) = (vec![], vec![], vec![], vec![]);
+        let (mut floor_get, mut webdis_get) = (vec![], vec![]);
+        let mut rss_peak = 0;
         for round in 0..opts.rounds {
-            let dag = format!("mapped_{indices}_{round}");
-            for index in 0..indices {
+            eprintln!("round {}/{}", round + 1, opts.rounds);
+            hget.push(redis_benchmark(
+                redis.port,
+                c,
+                requests,
+                &["hget", "raw:h", "f"],
+            ));
+            gw_get.push(wrk(&url, c, opts.seconds, &get));
+            floor_get.push(wrk(&floor_url, c, opts.seconds, &plain));
+            if let Some(url) = &webdis_url {
+                webdis_get.push(wrk(url, c, opts.seconds, &plain));
+            }
+            hset.push(redis_benchmark(
+                redis.port,
+                c,
+                requests,
+                &["hset", "raw:h", "f", VALUE],
+            ));
+            gw_put.push(wrk(&url, c, opts.seconds, &put));
+            rss_peak = rss_peak.max(rss_kib(gateway.child.id(), "VmHWM:"));
+        }
+        let (hget, hset, gw_get, gw_put) = (
+            median_run(&hget),
+            median_run(&hset),
+            median_run(&gw_get),
+            median_run(&gw_put),
+        );
+        let floor_get = median_run(&floor_get);
+        let webdis_get = (!webdis_get.is_empty()).then(|| median_run(&webdis_get));
+        drop((floor, webdis));
+        let rss_now = rss_kib(gateway.child.id(), "VmRSS:");
+
+        // Latency at half of the measured saturation throughput.
+        let half_get = wrk(
+            &url,
+            c,
+            opts.seconds,
+            &wrk_script(
+                dir.path(),
+                "half_get.lua",
+                &paced(get_script(&bearer), c, gw_get.rps / 2.0),
+            ),
+        );
+        let half_put = wrk(
+            &url,
+            c,
+            opts.seconds,
+            &wrk_script(
+                dir.path(),
+                "half_put.lua",
+                &paced(put_script(&bearer), c, gw_put.rps / 2.0),
+            ),
+        );
+
+        // GET cost against the number of keys in the task's hash; sizes interleave within each
+        // round so that a change in the machine's speed hits them all alike.
+        let sizes = [1usize, 100, 10_000];
+        let mut sized = Vec::new();
+        for keys in sizes {
+            let scope = scope(&format!("size_{keys}"), -1);
+            for i in 0..keys {
                 store
-                    .put_task(&scope(&dag, index), "k", VALUE, None)
+                    .put_task(&scope, &format!("key-{i}"), VALUE, None)
                     .await
                     .unwrap();
             }
-            let caller = Uuid::new_v4();
-            let url = format!(
-                "{}/execution/state/ti/{caller}?all_map_indices=true",
-                gateway.base
+            let ti = Uuid::new_v4();
+            let script = wrk_script(
+                dir.path(),
+                &format!("size_{keys}.lua"),
+                &get_script(&token(ti, &scope)),
             );
-            let started = Instant::now();
-            let reply = http
-                .delete(&url)
-                .bearer_auth(token(caller, &scope(&dag, 0)))
-                .send()
-                .await
-                .unwrap();
-            took.push(started.elapsed().as_secs_f64() * 1000.0);
-            assert_eq!(reply.status(), 204);
-            let left = store
-                .get_task(&scope(&dag, indices - 1), "k")
-                .await
-                .unwrap();
-            assert!(left.is_none(), "clear-all left state behind");
+            sized.push((
+                format!("{}/execution/store/ti/{ti}/key-0", gateway.base),
+                script,
+            ));
         }
-        clears.push((indices, median(took)));
-    }
+        let mut size_runs: Vec<Vec<Run>> = vec![Vec::new(); sizes.len()];
+        for _ in 0..opts.rounds {
+            for (runs, (url, script)) in size_runs.iter_mut().zip(&sized) {
+                runs.push(wrk(url, c, opts.seconds.min(5), script));
+            }
+        }
+        let by_size: Vec<(usize, Run)> = sizes
+            .iter()
+            .copied()
+            .zip(size_runs.iter().map(|r| median_run(r)))
+            .collect();
 
-    println!(
-        "\nairstate benchmark: concurrency {c}, {} s per wrk run, median of {} rounds",
-        opts.seconds, opts.rounds
-    );
-    println!("\n| measure | requests/s | p50 ms | p99 ms | ratio |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    let row = |name: &str, run: Run, ratio: Option<f64>| {
-        let ratio = ratio.map(|r| format!("{r:.2}")).unwrap_or_default();
+        // Clear-all across map indices: one HTTP call, one Lua script.
+        let http = reqwest::Client::new();
+        let mut clears = Vec::new();
+        for indices in [10i64, 1_000, 10_000] {
+            let mut took = Vec::new();
+            for round in 0..opts.rounds {
+                let dag = format!("mapped_{indices}_{round}");
+                for index in 0..indices {
+                    store
+                        .put_task(&scope(&dag, index), "k", VALUE, None)
+                        .await
+                        .unwrap();
+                }
+                let caller = Uuid::new_v4();
+                let url = format!(
+                    "{}/execution/state/ti/{caller}?all_map_indices=true",
+                    gateway.base
+                );
+                let started = Instant::now();
+                let reply = http
+                    .delete(&url)
+                    .bearer_auth(token(caller, &scope(&dag, 0)))
+                    .send()
+                    .await
+                    .unwrap();
+                took.push(started.elapsed().as_secs_f64() * 1000.0);
+                assert_eq!(reply.status(), 204);
+                let left = store
+                    .get_task(&scope(&dag, indices - 1), "k")
+                    .await
+                    .unwrap();
+                assert!(left.is_none(), "clear-all left state behind");
+            }
+            clears.push((indices, median(took)));
+        }
+
         println!(
-            "| {name} | {:.0} | {:.3} | {:.3} | {ratio} |",
-            run.rps, run.p50, run.p99
+            "\nairstate benchmark: concurrency {c}, {} s per wrk run, median of {} rounds",
+            opts.seconds, opts.rounds
         );
-    };
-    row("redis-benchmark HGET", hget, None);
-    row(
-        "gateway GET (task state)",
-        gw_get,
-        Some(gw_get.rps / hget.rps),
-    );
-    row("redis-benchmark HSET", hset, None);
-    row(
-        "gateway PUT (task state)",
-        gw_put,
-        Some(gw_put.rps / hset.rps),
-    );
-    row("gateway GET at half saturation", half_get, None);
-    row("gateway PUT at half saturation", half_put, None);
-    for (keys, run) in &by_size {
+        println!("\n| measure | requests/s | p50 ms | p99 ms | ratio |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        let row = |name: &str, run: Run, ratio: Option<f64>| {
+            let ratio = ratio.map(|r| format!("{r:.2}")).unwrap_or_default();
+            println!(
+                "| {name} | {:.0} | {:.3} | {:.3} | {ratio} |",
+                run.rps, run.p50, run.p99
+            );
+        };
+        row("redis-benchmark HGET", hget, None);
         row(
-            &format!("gateway GET, {keys} keys in the hash"),
-            *run,
-            Some(run.rps / by_size[0].1.rps),
+            "gateway GET (task state)",
+            gw_get,
+            Some(gw_get.rps / hget.rps),
+        );
+        row(
+            "floor GET (bare axum + fred HGET)",
+            floor_get,
+            Some(floor_get.rps / hget.rps),
+        );
+        if let Some(webdis_get) = webdis_get {
+            row("webdis HGET", webdis_get, Some(webdis_get.rps / hget.rps));
+        }
+        row("redis-benchmark HSET", hset, None);
+        row(
+            "gateway PUT (task state)",
+            gw_put,
+            Some(gw_put.rps / hset.rps),
+        );
+        row("gateway GET at half saturation", half_get, None);
+        row("gateway PUT at half saturation", half_put, None);
+        for (keys, run) in &by_size {
+            row(
+                &format!("gateway GET, {keys} keys in the hash"),
+                *run,
+                Some(run.rps / by_size[0].1.rps),
+            );
+        }
+        println!("\n| clear-all map indices | one call, ms (median) |");
+        println!("| ---: | ---: |");
+        for (indices, ms) in &clears {
+            println!("| {indices} | {ms:.1} |");
+        }
+        println!(
+            "\ngateway RSS: peak {:.1} MiB, after load {:.1} MiB",
+            rss_peak as f64 / 1024.0,
+            rss_now as f64 / 1024.0
+        );
+        println!(
+        "ratios: GET/HGET {:.2} (target >= 0.5), PUT/HSET {:.2} (target >= 0.4), GET/floor {:.2}",
+        gw_get.rps / hget.rps,
+        gw_put.rps / hset.rps,
+        gw_get.rps / floor_get.rps
+    );
+        match webdis_get {
+            Some(webdis_get) => println!(
+                "GET/webdis {:.2} (target >= 1)",
+                gw_get.rps / webdis_get.rps
+            ),
+            None => println!("GET/webdis: webdis not installed"),
+        }
+    }
+    instructions(&redis, &store, ti, &bearer, &main_scope).await;
+}
+
+/// Instructions per request under callgrind, for the gateway's hot routes and the floor.
+async fn instructions(
+    redis: &RedisServer,
+    store: &RedisStore,
+    ti: Uuid,
+    bearer: &str,
+    main_scope: &TaskScope,
+) {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("\ninstruction counts: valgrind is not installed (apt-get install valgrind)");
+        return;
+    }
+    const FEW: usize = 200;
+    const MANY: usize = 1_200;
+    let dir = tempfile::tempdir().unwrap();
+    let auth = vec![("Authorization", format!("Bearer {bearer}"))];
+    let request = |method, path: String, body: &str, status| RawRequest {
+        method,
+        path,
+        headers: auth.clone(),
+        body: body.to_owned(),
+        status,
+    };
+    let put_body = format!("{{\"value\": {VALUE}}}");
+    let key_path = format!("/execution/store/ti/{ti}/k");
+    let scope_path = format!("/execution/store/ti/{ti}");
+    let mut json_put = request("PUT", key_path.clone(), &put_body, 204);
+    json_put
+        .headers
+        .push(("Content-Type", "application/json".to_owned()));
+    let cases = [
+        ("GET", request("GET", key_path, "", 200)),
+        ("PUT", json_put),
+        ("bulk read", request("GET", format!("{scope_path}?keys=k"), "", 200)),
+        ("clear", request("DELETE", scope_path, "", 204)),
+    ];
+    let gateway = PathBuf::from(env!("CARGO_BIN_EXE_airstate"));
+    let floor = floor_binary();
+    let prefix = "bench:";
+    let mut rows = Vec::new();
+    let mut run = 0;
+    for (name, request) in &cases {
+        let per_request = instructions_per_request(FEW, MANY, |count| {
+            run += 1;
+            let port = free_port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut env = gateway_env(redis, prefix).to_vec();
+            env.push(("AIRSTATE_LISTEN", &listen));
+            callgrind_total(
+                &gateway,
+                &["serve"],
+                &env,
+                port,
+                request,
+                count,
+                &dir.path().join(format!("callgrind.{run}")),
+            )
+        });
+        eprintln!("airstate {name}: {per_request:.0} instructions per request");
+        rows.push((format!("airstate {name}"), per_request));
+        // The clear empties the scope: the next case finds its key again.
+        store.put_task(main_scope, "k", VALUE, None).await.unwrap();
+    }
+    let floor_get = instructions_per_request(FEW, MANY, |count| {
+        run += 1;
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        callgrind_total(
+            &floor,
+            &[],
+            &floor_env(redis, &listen),
+            port,
+            &RawRequest {
+                method: "GET",
+                path: "/f".into(),
+                headers: vec![],
+                body: String::new(),
+                status: 200,
+            },
+            count,
+            &dir.path().join(format!("callgrind.{run}")),
+        )
+    });
+    println!(
+        "\ninstructions per request (callgrind, (Ir({MANY}) - Ir({FEW})) / {}, one keep-alive connection)",
+        MANY - FEW
+    );
+    println!("\n| request | instructions | ratio to floor GET |");
+    println!("| --- | ---: | ---: |");
+    println!("| floor GET (bare axum + fred HGET) | {floor_get:.0} | 1.00 |");
+    for (name, per_request) in &rows {
+        println!(
+            "| {name} | {per_request:.0} | {:.2} |",
+            per_request / floor_get
         );
     }
-    println!("\n| clear-all map indices | one call, ms (median) |");
-    println!("| ---: | ---: |");
-    for (indices, ms) in &clears {
-        println!("| {indices} | {ms:.1} |");
-    }
     println!(
-        "\ngateway RSS: peak {:.1} MiB, after load {:.1} MiB",
-        rss_peak as f64 / 1024.0,
-        rss_now as f64 / 1024.0
-    );
-    println!(
-        "ratios: GET/HGET {:.2} (target >= 0.5), PUT/HSET {:.2} (target >= 0.4)",
-        gw_get.rps / hget.rps,
-        gw_put.rps / hset.rps
+        "instruction ratios: GET/floor {:.2} (target <= 1.3), PUT {:.0} (target <= 75000)",
+        rows[0].1 / floor_get,
+        rows[1].1
     );
 }

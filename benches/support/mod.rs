@@ -90,3 +90,134 @@ pub fn wrk(url: &str, concurrency: usize, seconds: u64, script: &std::path::Path
     }
     run
 }
+
+/// One HTTP/1.1 request, sent as is over a kept-alive connection.
+#[derive(Clone, Debug)]
+pub struct RawRequest {
+    pub method: &'static str,
+    pub path: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+    /// The status every answer must have (a run of errors would measure the error path).
+    pub status: u16,
+}
+
+impl RawRequest {
+    fn bytes(&self) -> Vec<u8> {
+        let mut text = format!(
+            "{} {} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
+            self.method,
+            self.path,
+            self.body.len()
+        );
+        for (name, value) in &self.headers {
+            text.push_str(&format!("{name}: {value}\r\n"));
+        }
+        text.push_str("\r\n");
+        text.push_str(&self.body);
+        text.into_bytes()
+    }
+}
+
+/// Sends `request` `count` times, one after the other, over one kept-alive connection.
+pub fn send_sequentially(port: u16, request: &RawRequest, count: usize) {
+    use std::io::{BufRead, BufReader, Read};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("server reachable");
+    stream.set_nodelay(true).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let bytes = request.bytes();
+    for _ in 0..count {
+        writer.write_all(&bytes).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        assert_eq!(status, request.status, "{request:?} answered {line:?}");
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+    }
+}
+
+/// The instructions a server executes from its start to its exit after `count` requests:
+/// `program` runs under `valgrind --tool=callgrind`, listening on `port`, and is stopped
+/// with SIGTERM once the requests are answered.
+pub fn callgrind_total(
+    program: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    port: u16,
+    request: &RawRequest,
+    count: usize,
+    out: &std::path::Path,
+) -> u64 {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("valgrind on PATH (apt-get install valgrind)");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "{} did not listen under callgrind",
+            program.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    send_sequentially(port, request, count);
+    // SIGTERM: a graceful exit, after which callgrind writes its counts.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{} under callgrind: {status}",
+        program.display()
+    );
+    let text = std::fs::read_to_string(out).expect("callgrind output");
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("totals:")
+                .or(line.strip_prefix("summary:"))
+        })
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
+        .expect("callgrind totals line")
+}
+
+/// Instructions per request: the difference between a run of `large` and of `small`
+/// requests, so that start-up and shutdown cancel out.
+pub fn instructions_per_request(
+    small: usize,
+    large: usize,
+    mut total: impl FnMut(usize) -> u64,
+) -> f64 {
+    let few = total(small);
+    let many = total(large);
+    (many as f64 - few as f64) / (large - small) as f64
+}
