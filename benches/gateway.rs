@@ -510,7 +510,10 @@ async fn instructions(
     let cases = [
         ("GET", request("GET", key_path, "", 200)),
         ("PUT", json_put),
-        ("bulk read", request("GET", format!("{scope_path}?keys=k"), "", 200)),
+        (
+            "bulk read",
+            request("GET", format!("{scope_path}?keys=k"), "", 200),
+        ),
         ("clear", request("DELETE", scope_path, "", 204)),
     ];
     let gateway = PathBuf::from(env!("CARGO_BIN_EXE_airstate"));

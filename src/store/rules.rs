@@ -14,8 +14,9 @@ pub enum KeyProblem {
     Empty,
     #[error("String should have at most {MAX_KEY_CHARS} characters")]
     TooLong,
-    /// Airflow's database refuses it (a 500); no store key can be addressed with it.
-    #[error("Value error, a key cannot contain the NUL character (U+0000)")]
+    /// Airflow's database refuses it (a 500); no store key, and no asset name or URI in a
+    /// metastore, can be addressed with it. `loc` says which parameter held it.
+    #[error("Value error, the text cannot contain the NUL character (U+0000)")]
     Nul,
 }
 

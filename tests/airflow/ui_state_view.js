@@ -1,13 +1,14 @@
 // Opens Airflow's UI (through airstate's URL) on a task instance's state view in headless
-// Chromium, waits until the key a worker wrote is on the page, and saves a screenshot.
-// usage: node ui_state_view.js <url> <text that must appear> <screenshot.png>
+// Chromium, waits until every text given (the key a worker wrote, its value) is on the
+// page, and saves a screenshot. The value cells render after the keys, so both are waited for.
+// usage: node ui_state_view.js <url> <screenshot.png> <text that must appear>...
 // env: PLAYWRIGHT_CORE (the playwright-core package folder), CHROMIUM (the browser binary)
 const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 const fs = require("fs");
 const os = require("os");
 const path = require("path");
 
-const [url, expected, screenshot] = process.argv.slice(2);
+const [url, screenshot, ...expected] = process.argv.slice(2);
 
 (async () => {
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), "airstate-chromium-"));
@@ -27,7 +28,9 @@ const [url, expected, screenshot] = process.argv.slice(2);
       if (r.url().includes("/api/v2/")) requests.push(`${r.status()} ${r.request().method()} ${r.url()}`);
     });
     await page.goto(url, { waitUntil: "domcontentloaded", timeout: 60000 });
-    await page.getByText(expected, { exact: true }).first().waitFor({ state: "visible", timeout: 60000 });
+    for (const text of expected) {
+      await page.getByText(text).first().waitFor({ state: "visible", timeout: 60000 });
+    }
     // Let the value cells render before the picture is taken.
     await page.waitForLoadState("networkidle", { timeout: 30000 }).catch(() => {});
     await page.screenshot({ path: screenshot, fullPage: true });

@@ -1113,8 +1113,9 @@ fn airflows_ui_through_airstate_shows_the_key_a_worker_wrote() {
         browser
             .arg(script)
             .arg(&page)
-            .arg("shown/in-the-ui")
             .arg(&screenshot)
+            .arg("shown/in-the-ui")
+            .arg(&marker)
             .env("PLAYWRIGHT_CORE", &playwright)
             .env("CHROMIUM", "/usr/bin/chromium");
         let log = d.root.join("logs").join("browser.log");

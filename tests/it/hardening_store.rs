@@ -491,7 +491,7 @@ async fn a_frozen_metastore_answers_503_within_its_timeout() {
 /// With the metastore identity, an asset named with a NUL byte is no asset (PostgreSQL
 /// text cannot hold one): 404 on every asset route, never a 503 that invites retries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nul_byte_in_an_asset_name_or_uri_is_not_found() {
+async fn a_nul_byte_in_an_asset_name_or_uri_is_a_422_not_a_503() {
     let gw = Gateway::start(Backend::Redis).await;
     let ti = gw.task().await;
     for by in ["name", "uri"] {
@@ -517,10 +517,17 @@ async fn a_nul_byte_in_an_asset_name_or_uri_is_not_found() {
                 None,
             ),
         ] {
+            // Refused as the key rules refuse a NUL (wire parity, issue 14), before any
+            // metastore query: a client error, not an outage to retry.
             let reply = gw.send(method, &path, Some(&ti.token), body).await;
-            assert_eq!(reply.status, 404, "{method} {path}: {reply:?}");
+            assert_eq!(reply.status, 422, "{method} {path}: {reply:?}");
             assert!(reply.header("retry-after").is_none());
-            assert_eq!(reply.body["detail"]["reason"], "not_found", "{reply:?}");
+            assert_eq!(reply.body["detail"][0]["type"], "value_error", "{reply:?}");
+            assert_eq!(
+                reply.body["detail"][0]["loc"],
+                json!(["query", by]),
+                "{reply:?}"
+            );
         }
     }
 }
