@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use airstate::store::redis::{RedisSettings, RedisStore};
-use airstate::store::{StateStore, StoreError, TaskScope};
-use common::{RedisCluster, RedisServer};
+use airstate::store::{StateStore, StoreError};
+use common::{task_scope as scope, RedisCluster, RedisServer};
 use gateway::unique;
 
 /// Map indices each writer adds before a clear, clears per test, writers.
@@ -31,16 +31,6 @@ async fn store_on(url: &str, prefix: &str) -> RedisStore {
     })
     .await
     .expect("connect")
-}
-
-fn scope(dag: &str, map_index: i64) -> TaskScope {
-    TaskScope {
-        dag_id: dag.into(),
-        run_id: "run".into(),
-        task_id: "task".into(),
-        map_index,
-        run_key: None,
-    }
 }
 
 /// Runs `ROUNDS` clear-alls of one task, each once the writers have added

@@ -8,8 +8,8 @@ use crate::gateway;
 use std::time::{Duration, Instant};
 
 use airstate::store::redis::{RedisSettings, RedisStore};
-use airstate::store::{now_millis, StateStore, TaskScope};
-use common::{redis_cli, RedisServer};
+use airstate::store::{now_millis, StateStore};
+use common::{redis_cli, task_scope as scope, RedisServer};
 use gateway::{ti_path, unique, Backend, Gateway};
 use serde_json::json;
 
@@ -34,16 +34,6 @@ async fn store_on(server: &RedisServer, prefix: &str) -> RedisStore {
     })
     .await
     .expect("connect")
-}
-
-fn scope(dag: &str, map_index: i64) -> TaskScope {
-    TaskScope {
-        dag_id: dag.into(),
-        run_id: "run".into(),
-        task_id: "task".into(),
-        map_index,
-        run_key: None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

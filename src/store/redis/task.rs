@@ -288,30 +288,24 @@ impl RedisStore {
         let script = &self.scripts.task_clear;
         // The script publishes the clear to change streams, atomically with it.
         let channel = self.announced(task_channel(&keys.scope));
-        if !all_map_indices {
-            let args: Vec<Value> = vec![
+        // "all" reads the registry and deletes every map index it lists in the same
+        // script: it never races a writer adding map indices, so it never needs a retry
+        // for that. How it stays all-or-nothing while a Cluster slot migrates is told in
+        // `lua/task_clear.lua`.
+        let args: Vec<Value> = if all_map_indices {
+            vec![
+                "all".into(),
+                keys.base.as_str().into(),
+                channel.as_str().into(),
+            ]
+        } else {
+            vec![
                 "one".into(),
                 keys.base.as_str().into(),
                 scope.map_index.into(),
                 channel.as_str().into(),
-            ];
-            let declared = vec![keys.registry, keys.scope, keys.expiry];
-            let client = self.redis.write_client().await?;
-            let _: i64 = self
-                .redis
-                .eval("task_clear", script, &client, &declared, &args)
-                .await?;
-            return self.redis.confirm(&client, &declared[0]).await;
-        }
-        // One script reads the registry and deletes every map index it lists, in one
-        // atomic step: it never races a writer adding map indices, so it never needs a
-        // retry for that. How it stays all-or-nothing while a Cluster slot migrates is
-        // told in `lua/task_clear.lua`.
-        let args: Vec<Value> = vec![
-            "all".into(),
-            keys.base.as_str().into(),
-            channel.as_str().into(),
-        ];
+            ]
+        };
         let declared = vec![keys.registry, keys.scope, keys.expiry];
         let client = self.redis.write_client().await?;
         let _: i64 = self

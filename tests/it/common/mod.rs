@@ -1108,3 +1108,15 @@ pub const JSON_TEXTS: [&str; 13] = [
     r#"{"z": 1, "a": {"nested": [true, false]}}"#,
     r#""quote \" backslash \\ newline \n""#,
 ];
+
+/// The scope of map index `map_index` of task `task` in run `run` of `dag`, as the claims
+/// identity gives it (no `dag_run.id`), for tests that drive a store directly.
+pub fn task_scope(dag: &str, map_index: i64) -> airstate::store::TaskScope {
+    airstate::store::TaskScope {
+        dag_id: dag.into(),
+        run_id: "run".into(),
+        task_id: "task".into(),
+        map_index,
+        run_key: None,
+    }
+}
