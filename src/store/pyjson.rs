@@ -337,19 +337,28 @@ impl<'a> Parser<'a> {
                 members.retain(|(existing, _)| *existing != name);
                 members.push((name, start..self.i));
             }
-            self.skip_ws();
-            match self.peek() {
-                Some(b'}') => {
-                    self.i += 1;
-                    self.containers -= 1;
-                    return Ok(());
-                }
-                Some(b',') => {
-                    self.i += 1;
-                    self.skip_ws();
-                }
-                _ => return Err(self.error("Expecting ',' delimiter", self.i)),
+            if self.comma_or_close(b'}')? {
+                return Ok(());
             }
+        }
+    }
+
+    /// After a member or an element: `close` ends its container (`true`), a comma means
+    /// another follows (`false`); anything else is Python's delimiter error.
+    fn comma_or_close(&mut self, close: u8) -> Result<bool, SyntaxError> {
+        self.skip_ws();
+        match self.peek() {
+            Some(c) if c == close => {
+                self.i += 1;
+                self.containers -= 1;
+                Ok(true)
+            }
+            Some(b',') => {
+                self.i += 1;
+                self.skip_ws();
+                Ok(false)
+            }
+            _ => Err(self.error("Expecting ',' delimiter", self.i)),
         }
     }
 
@@ -369,18 +378,8 @@ impl<'a> Parser<'a> {
             self.value(level + 1, path)?;
             path.truncate(path.len() - 2);
             index += 1;
-            self.skip_ws();
-            match self.peek() {
-                Some(b']') => {
-                    self.i += 1;
-                    self.containers -= 1;
-                    return Ok(());
-                }
-                Some(b',') => {
-                    self.i += 1;
-                    self.skip_ws();
-                }
-                _ => return Err(self.error("Expecting ',' delimiter", self.i)),
+            if self.comma_or_close(b']')? {
+                return Ok(());
             }
         }
     }
