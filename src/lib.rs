@@ -77,7 +77,7 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     };
     let store: Arc<dyn StateStore> = match &config.redis {
         Some(settings) => {
-            let store = RedisStore::connect(settings).await?;
+            let store = RedisStore::connect_in_background(settings).await?;
             // Off, no subscriber connection is opened either.
             if config.extensions.change_streams {
                 store.enable_change_streams(settings, buffer).await?;
@@ -100,12 +100,13 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     if config.redis.is_none() {
         tracing::warn!("no AIRSTATE_REDIS_URL: serving from the embedded in-memory store; state is lost on restart and not shared between replicas");
     }
-    Ok(Arc::new(AppState {
+    let state = Arc::new(AppState {
         store,
         identity,
         auth,
         shutting_down: AtomicBool::new(false),
         ready_timeout: Duration::from_secs(2),
+        reached: http::Reached::default(),
         extensions: config.extensions.clone(),
         admin: config.admin.clone(),
         // Lazy: an upstream down at start-up is not fatal, state is served regardless.
@@ -120,7 +121,13 @@ pub async fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
             config.server.max_body_bytes_in_flight,
             config.max_body_bytes,
         )),
-    }))
+    });
+    // Once at start, so `airstate_dependency_up` exists before the first probe.
+    drop(tokio::spawn({
+        let state = state.clone();
+        async move { http::check_dependencies(&state).await }
+    }));
+    Ok(state)
 }
 
 /// Serves until SIGTERM or Ctrl-C, then reports not-ready while still accepting for the

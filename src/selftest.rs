@@ -63,6 +63,12 @@ pub fn run(base: &str, config: &Config, timeout: Duration) -> Result<String, Str
         .new_agent();
     let ready = call(&agent, "GET", &format!("{base}/ready"), None, None)?;
     expect(&ready, 200, "GET /ready")?;
+    // A degraded replica stays in the Service (README, "Readiness"), but it cannot
+    // pass a state round trip: say which dependency is missing rather than the PUT's 503.
+    let readiness: Value = serde_json::from_str(&ready.body).unwrap_or_default();
+    if readiness["status"] != "ready" {
+        return Err(format!("GET /ready: {}", ready.body));
+    }
 
     // Trusting a JWKS only, this environment holds no key to sign with.
     if config.auth.secret.is_none() && config.auth.private_key_path.is_none() {

@@ -48,6 +48,8 @@ pub struct AppState {
     /// Set on SIGTERM so `/ready` turns the replica out of the Service before it stops.
     pub shutting_down: AtomicBool,
     pub ready_timeout: Duration,
+    /// What `/ready` has seen of each dependency since start-up.
+    pub reached: Reached,
     /// airstate's extensions beyond Airflow's API.
     pub extensions: crate::config::ExtensionSettings,
     pub admin: crate::config::AdminSettings,
@@ -347,15 +349,23 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// Readiness: the store (and the metastore, when used) answer within the timeout.
+/// Readiness says whether this replica should get traffic, not whether Redis or the
+/// metastore is up right now. Every replica shares those, so tying readiness to them would
+/// take every pod out of the Service at once during an outage, and with them every
+/// forwarded Execution API call (heartbeats, state transitions) that needs neither.
+///
+/// - 503 while shutting down, and until each dependency has answered once since start:
+///   a replica started with a wrong Redis URL or password never turns ready, so a bad
+///   rollout stops at its first pod.
+/// - 200 otherwise. A dependency that is down now is named under `"unavailable"` with
+///   `"status": "degraded"`; state calls then answer 503 with `Retry-After`.
+///
+/// `airstate_dependency_up` records each check, so alerts need not scrape `/ready`.
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
     if app.shutting_down.load(Ordering::Relaxed) {
         return not_ready("shutting down".into());
     }
-    let checks = async {
-        app.store.ping().await.map_err(|e| e.to_string())?;
-        app.identity.ping().await.map_err(|e| e.to_string())
-    };
+    let dependencies = check_dependencies(&app);
     // Airflow's API server is reported, never required: state is served without it, and
     // every replica shares it, so taking replicas out of the Service would not help.
     let upstream = async {
@@ -368,26 +378,87 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         }
     };
     let warnings = tokio::time::timeout(app.ready_timeout, app.store.warnings());
-    let (checks, upstream, warnings) = tokio::join!(
-        tokio::time::timeout(app.ready_timeout, checks),
-        upstream,
-        warnings
-    );
-    match checks {
-        Ok(Ok(())) => {
-            let mut body = json!({"status": "ready"});
-            match warnings {
-                Ok(warnings) if warnings.is_empty() => {}
-                Ok(warnings) => body["warnings"] = json!(warnings),
-                Err(_) => body["warnings"] = json!(["Redis configuration check timed out"]),
+    let (dependencies, upstream, warnings) = tokio::join!(dependencies, upstream, warnings);
+    let mut unavailable = serde_json::Map::new();
+    for (name, outcome, reached) in dependencies {
+        if let Err(reason) = outcome {
+            if !reached {
+                return not_ready(format!("{name} not reached since start-up: {reason}"));
             }
-            if let Some(upstream) = upstream {
-                body["airflow_api_server"] = json!(upstream);
-            }
-            Json(body).into_response()
+            unavailable.insert(name.to_owned(), json!(reason));
         }
-        Ok(Err(reason)) => not_ready(reason),
-        Err(_) => not_ready("dependency check timed out".into()),
+    }
+    let status = if unavailable.is_empty() {
+        "ready"
+    } else {
+        "degraded"
+    };
+    let mut body = json!({"status": status});
+    if !unavailable.is_empty() {
+        body["unavailable"] = serde_json::Value::Object(unavailable);
+    }
+    match warnings {
+        Ok(warnings) if warnings.is_empty() => {}
+        Ok(warnings) => body["warnings"] = json!(warnings),
+        Err(_) => body["warnings"] = json!(["Redis configuration check timed out"]),
+    }
+    if let Some(upstream) = upstream {
+        body["airflow_api_server"] = json!(upstream);
+    }
+    Json(body).into_response()
+}
+
+/// Pings the store's and the identity resolver's dependencies (those they have), records
+/// each outcome, and returns it with whether that dependency has ever answered.
+pub async fn check_dependencies(app: &AppState) -> Vec<(&'static str, Result<(), String>, bool)> {
+    let timeout = app.ready_timeout;
+    let store = async {
+        let name = app.store.dependency()?;
+        let outcome = match tokio::time::timeout(timeout, app.store.ping()).await {
+            Ok(outcome) => outcome.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within the readiness timeout".to_owned()),
+        };
+        Some((name, outcome))
+    };
+    let identity = async {
+        let name = app.identity.dependency()?;
+        let outcome = match tokio::time::timeout(timeout, app.identity.ping()).await {
+            Ok(outcome) => outcome.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within the readiness timeout".to_owned()),
+        };
+        Some((name, outcome))
+    };
+    let (store, identity) = tokio::join!(store, identity);
+    [store, identity]
+        .into_iter()
+        .flatten()
+        .map(|(name, outcome)| {
+            let reached = app.reached.record(name, outcome.is_ok());
+            (name, outcome, reached)
+        })
+        .collect()
+}
+
+/// Which dependencies have answered a readiness check since start-up.
+#[derive(Default)]
+pub struct Reached {
+    redis: AtomicBool,
+    metastore: AtomicBool,
+}
+
+impl Reached {
+    /// Records one check of `name` and returns whether it has ever answered.
+    fn record(&self, name: &'static str, up: bool) -> bool {
+        metrics::gauge!("airstate_dependency_up", "dependency" => name)
+            .set(f64::from(u8::from(up)));
+        let flag = match name {
+            "redis" => &self.redis,
+            _ => &self.metastore,
+        };
+        if up {
+            flag.store(true, Ordering::Relaxed);
+        }
+        flag.load(Ordering::Relaxed)
     }
 }
 

@@ -428,6 +428,10 @@ impl IdentityResolver for MetastoreResolver {
         })
     }
 
+    fn dependency(&self) -> Option<&'static str> {
+        Some("metastore")
+    }
+
     async fn ping(&self) -> Result<(), IdentityError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let client = self.checkout(deadline).await.map_err(|e| {

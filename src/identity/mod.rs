@@ -94,6 +94,11 @@ pub trait IdentityResolver: Send + Sync + 'static {
     }
     /// Whether the identity source answers; drives `/ready`.
     async fn ping(&self) -> Result<(), IdentityError>;
+    /// The service the resolver depends on, as `/ready` and `airstate_dependency_up`
+    /// name it; `None` when it needs none (the token's claims).
+    fn dependency(&self) -> Option<&'static str> {
+        None
+    }
     fn describe(&self) -> String;
     /// Sets the gauges of what the resolver holds (a connection pool), before a scrape.
     fn record_metrics(&self) {}

@@ -248,6 +248,11 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Whether the backend answers; drives `/ready`.
     async fn ping(&self) -> StoreResult<()>;
+    /// The service the backend depends on, as `/ready` and `airstate_dependency_up`
+    /// name it; `None` for a store held in the process.
+    fn dependency(&self) -> Option<&'static str> {
+        None
+    }
     /// Configuration of the backend that puts state at risk, in words for an operator
     /// (`/ready` shows them and start-up logs them; they do not make a replica unready).
     async fn warnings(&self) -> Vec<String> {

@@ -260,22 +260,27 @@ async fn rediss_urls_speak_tls_to_a_server_signed_by_a_private_ca() {
     }
     let url = format!("rediss://127.0.0.1:{port}");
 
-    // Without the CA the certificate is not trusted: the gateway refuses to start.
-    let untrusted = Command::new(BINARY)
-        .arg("serve")
-        .env_clear()
-        .env("AIRFLOW__API_AUTH__JWT_SECRET", SECRET)
-        .env("AIRSTATE_REDIS_URL", &url)
-        .env(
-            "AIRSTATE_LISTEN",
-            format!("127.0.0.1:{}", common::free_port()),
-        )
-        .env("AIRSTATE_REDIS_TIMEOUT_MS", "1000")
-        .output()
+    // Without the CA the certificate is not trusted: the gateway runs but never turns
+    // ready, and `/ready` says why (README, "Readiness").
+    let mut untrusted_env = production_env();
+    untrusted_env.retain(|(name, _)| *name != "AIRSTATE_REDIS_URL");
+    untrusted_env.push(("AIRSTATE_REDIS_URL", url.clone()));
+    untrusted_env.push(("AIRSTATE_REDIS_TIMEOUT_MS", "1000".to_owned()));
+    let untrusted = serve(&untrusted_env);
+    let ready = reqwest::get(format!("{}/ready", untrusted.base))
+        .await
         .unwrap();
-    assert!(!untrusted.status.success());
-    let stderr = String::from_utf8_lossy(&untrusted.stderr);
-    assert!(stderr.contains("state store"), "{stderr}");
+    assert_eq!(ready.status(), 503);
+    let detail = ready.json::<serde_json::Value>().await.unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        detail.starts_with("not ready: redis not reached since start-up"),
+        "{detail}"
+    );
+    assert!(detail.to_lowercase().contains("certificate"), "{detail}");
+    drop(untrusted);
 
     // Trusting the private CA through SSL_CERT_FILE, state round-trips over TLS.
     let mut env = production_env();

@@ -488,3 +488,123 @@ async fn upstream_down_is_502_slow_is_504_and_state_keeps_serving() {
         .unwrap();
     assert_eq!(ready["airflow_api_server"], "answers (201)");
 }
+
+/// README "Readiness": Redis down at start-up is no exit; the replica forwards every other
+/// call, answers state calls 503 at once, and is not ready until it has reached Redis once.
+/// A later outage leaves it ready ("degraded"), still forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_up_or_later_keeps_forwarding_and_readiness_follows_the_replica() {
+    let mut redis = common::RedisServer::start();
+    tokio::task::block_in_place(|| redis.stop());
+    // The echo's 201 shows a call was forwarded (its counter also counts /ready's checks).
+    let (upstream_url, _) = upstream().await;
+    let mut gw = gateway(
+        &upstream_url,
+        &[
+            ("AIRSTATE_REDIS_URL", redis.url.as_str()),
+            ("AIRSTATE_REDIS_TIMEOUT_MS", "500"),
+            ("AIRSTATE_REDIS_RECONNECT_MAX_MS", "200"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let ti = Uuid::now_v7();
+    let token = task_token(ti);
+    let state = format!("{}/execution/store/ti/{ti}/k", gw.base);
+    let heartbeat = format!("{}/execution/task-instances/{ti}/heartbeat", gw.base);
+    let ready = || async {
+        let reply = http.get(format!("{}/ready", gw.base)).send().await.unwrap();
+        (
+            reply.status().as_u16(),
+            reply.json::<Value>().await.unwrap(),
+        )
+    };
+    let dependency_up = || async {
+        let text = http
+            .get(format!("{}/metrics", gw.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|line| line.starts_with("airstate_dependency_up{dependency=\"redis\"}"))
+            .map(|line| line.rsplit(' ').next().unwrap().to_owned())
+    };
+
+    // Down at start-up: running, alive, not ready, forwarding, state 503 at once.
+    assert!(gw.child.try_wait().unwrap().is_none(), "the gateway exited");
+    let health = http
+        .get(format!("{}/health", gw.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("not ready: redis not reached since start-up"),
+        "{detail}"
+    );
+    assert!(detail.contains("Connection refused"), "{detail}");
+    assert_eq!(dependency_up().await.as_deref(), Some("0"));
+    let forwarded = http
+        .patch(&heartbeat)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forwarded.status(), 201);
+    let started = Instant::now();
+    let put = http
+        .put(&state)
+        .bearer_auth(&token)
+        .json(&json!({"value": "v"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 503);
+    assert_eq!(put.headers()["retry-after"], "1");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Redis comes up: ready, and state works (the scripts load on first use).
+    tokio::task::block_in_place(|| redis.restart());
+    let started = Instant::now();
+    while ready().await.0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(15), "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready().await.1["status"], "ready");
+    assert_eq!(dependency_up().await.as_deref(), Some("1"));
+    let put = http
+        .put(&state)
+        .bearer_auth(&token)
+        .json(&json!({"value": "v"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+
+    // Down again: still ready (degraded, naming Redis), still forwarding.
+    tokio::task::block_in_place(|| redis.stop());
+    let (status, body) = ready().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert!(body["unavailable"]["redis"].is_string(), "{body}");
+    assert_eq!(dependency_up().await.as_deref(), Some("0"));
+    let forwarded = http
+        .patch(&heartbeat)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forwarded.status(), 201);
+    let get = http.get(&state).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(get.status(), 503);
+    assert!(gw.child.try_wait().unwrap().is_none(), "the gateway exited");
+}

@@ -676,6 +676,7 @@ async fn dashboard_and_alert_rules_use_metrics_a_replica_exposes() {
         "AirstateHighLatency",
         "AirstateRedisErrors",
         "AirstateMetastoreErrors",
+        "AirstateDependencyDown",
         "AirstateIdentityCacheMisses",
         "AirstateJwtFailures",
         "AirstateChangeStreamLag",
@@ -819,6 +820,7 @@ async fn dashboard_and_alert_rules_use_metrics_a_replica_exposes() {
         ("airstate_identity_cache_total{kind=\"task\",result=\"hit\"}", "0+60x60"),
         ("airstate_jwt_failures_total{reason=\"invalid\"}", "0+600x60"),
         ("airstate_change_streams_lagged_total", "0+60x60"),
+        ("airstate_dependency_up{dependency=\"redis\"}", "0+0x60"),
     ];
     let healthy = [
         ("airstate_http_requests_total{status=\"200\",route=\"/r\",method=\"GET\"}", "0+600x60"),
@@ -832,6 +834,7 @@ async fn dashboard_and_alert_rules_use_metrics_a_replica_exposes() {
         ("airstate_identity_cache_total{kind=\"task\",result=\"hit\"}", "0+600x60"),
         ("airstate_jwt_failures_total{reason=\"invalid\"}", "0+6x60"),
         ("airstate_change_streams_lagged_total", "0+0x60"),
+        ("airstate_dependency_up{dependency=\"redis\"}", "1+0x60"),
     ];
     let input = |series: &[(&str, &str)]| -> Vec<serde_json::Value> {
         series
@@ -849,9 +852,14 @@ async fn dashboard_and_alert_rules_use_metrics_a_replica_exposes() {
         rules
             .iter()
             .map(|rule| {
+                // An alert aggregated `by` a label carries it.
+                let mut labels = rule["labels"].clone();
+                if rule["alert"] == "AirstateDependencyDown" {
+                    labels["dependency"] = "redis".into();
+                }
                 let expected = if firing {
                     vec![serde_json::json!({
-                        "exp_labels": rule["labels"],
+                        "exp_labels": labels,
                         "exp_annotations": rule["annotations"],
                     })]
                 } else {

@@ -27,6 +27,9 @@ pub(super) struct Connection {
     /// for the whole timeout. Not on a Cluster: there fred reports the least healthy
     /// node's state, and the other nodes' slots are still served.
     fail_fast: bool,
+    /// The last connection error fred reported, so a 503 or `/ready` can say why Redis
+    /// is unreachable (a refused port, an untrusted certificate, a wrong password).
+    last_error: Arc<std::sync::Mutex<String>>,
 }
 
 /// Writes acknowledged only after `WAIT`. `WAIT` counts the writes of the connection it
@@ -54,11 +57,26 @@ impl WriteClient<'_> {
     }
 }
 
+/// Whether start-up waits for Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    /// Fail when Redis cannot be reached: a one-shot command (export, import) has nothing
+    /// to do without it.
+    RequireRedis,
+    /// Start anyway and keep connecting in the background: the server forwards every other
+    /// Execution API call and answers state calls 503 until Redis is back (README,
+    /// "Readiness").
+    ConnectInBackground,
+}
+
 /// fred's builder with what every connection to Redis shares: the URL, the command
 /// timeout and the reconnect backoff.
-fn builder(settings: &RedisSettings) -> StoreResult<Builder> {
-    let config = client_config(&settings.url)
+fn builder(settings: &RedisSettings, startup: Startup) -> StoreResult<Builder> {
+    let mut config = client_config(&settings.url)
         .map_err(|e| StoreError::Internal(format!("AIRSTATE_REDIS_URL: {e}")))?;
+    // fred's own name for it: false makes the first connection follow the reconnect
+    // policy too, instead of failing `init` at once.
+    config.fail_fast = startup == Startup::RequireRedis;
     let timeout = settings.command_timeout;
     let (first_pause, longest_pause) = settings.reconnect;
     let mut builder = Builder::from_config(config);
@@ -84,24 +102,74 @@ fn builder(settings: &RedisSettings) -> StoreResult<Builder> {
 /// The connection change streams listen on. Pub/sub is no request and reply, so it is
 /// the one connection commands do not go through [`Connection::call`] on; the event hub
 /// (`store::events`) drives it.
-pub(super) async fn subscriber(settings: &RedisSettings) -> StoreResult<SubscriberClient> {
-    let subscriber = builder(settings)?
+/// Never a reason to stop start-up: it connects in the background, waiting for its first
+/// connection only while the pool has one (a Redis that is down costs start-up one wait,
+/// the pool's, not two).
+pub(super) async fn subscriber(
+    settings: &RedisSettings,
+    redis: &Connection,
+) -> StoreResult<SubscriberClient> {
+    let startup = Startup::ConnectInBackground;
+    let subscriber = builder(settings, startup)?
         .build_subscriber_client()
         .map_err(|e| StoreError::Internal(e.to_string()))?;
-    subscriber
-        .init()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let wait = if redis.is_up() {
+        settings.command_timeout
+    } else {
+        Duration::ZERO
+    };
+    start(
+        &subscriber,
+        startup,
+        wait,
+        || subscriber.is_connected(),
+        || false,
+    )
+    .await?;
     Ok(subscriber)
 }
 
+/// Connects `client` (a client or a pool). With [`Startup::ConnectInBackground`] it waits
+/// for the first attempt's outcome: until `connected()`, or `failed()` (fred reported a
+/// connection error), or at most `bound`, and then leaves fred's reconnect policy to it;
+/// commands sent meanwhile fail fast (see [`Connection::call`]). Waiting for the outcome
+/// rather than a fixed time keeps a slow but healthy start (a loaded node) from serving
+/// its first requests as if Redis were down.
+async fn start<C: ClientLike>(
+    client: &C,
+    startup: Startup,
+    bound: Duration,
+    connected: impl Fn() -> bool,
+    failed: impl Fn() -> bool,
+) -> StoreResult<()> {
+    if startup == Startup::RequireRedis {
+        client.init().await.map_err(classify)?;
+        return Ok(());
+    }
+    drop(client.connect());
+    if bound.is_zero() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + bound;
+    while !connected() {
+        if failed() || Instant::now() >= deadline {
+            tracing::warn!(
+                "Redis not reachable at start-up; serving without it and connecting in the background"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 impl Connection {
-    /// Connects the pool (and the clients of confirmed writes). Fails when Redis cannot
-    /// be reached.
-    pub(super) async fn connect(settings: &RedisSettings) -> StoreResult<Self> {
+    /// Connects the pool (and the clients of confirmed writes); see [`Startup`] for what
+    /// happens when Redis cannot be reached.
+    pub(super) async fn connect(settings: &RedisSettings, startup: Startup) -> StoreResult<Self> {
         let timeout = settings.command_timeout;
         let wait_timeout = settings.wait_timeout;
-        let mut builder = builder(settings)?;
+        let mut builder = builder(settings, startup)?;
         builder.with_connection_config(|conn| {
             // One attempt: a command is never replayed after a reconnect. A replayed
             // conditional write whose first run succeeded would answer 412 for the
@@ -128,12 +196,45 @@ impl Connection {
         let pool = builder
             .build_pool(settings.pool_size.max(1))
             .map_err(classify)?;
-        pool.init().await.map_err(classify)?;
+        let last_error = Arc::new(std::sync::Mutex::new(String::new()));
+        for client in pool.clients() {
+            let last_error = last_error.clone();
+            // Ends with the client. Logged when the reason changes, not at every retry.
+            drop(client.on_error(move |(error, _server)| {
+                let reason = error.details().to_owned();
+                if let Ok(mut last) = last_error.lock() {
+                    if *last != reason {
+                        tracing::warn!(%reason, "cannot reach Redis; reconnecting");
+                        *last = reason;
+                    }
+                }
+                async { Ok(()) }
+            }));
+        }
+        // A connection attempt ends by itself within the connection timeout (`timeout`);
+        // the bound is a backstop.
+        start(
+            &pool,
+            startup,
+            3 * timeout,
+            || pool.clients().iter().all(|client| client.is_connected()),
+            || last_error.lock().map(|e| !e.is_empty()).unwrap_or(true),
+        )
+        .await?;
         let confirmed = if settings.wait_replicas > 0 {
             let clients = builder
                 .build_exclusive_pool(4 * settings.pool_size.max(1))
                 .map_err(classify)?;
-            clients.init().await.map_err(classify)?;
+            // ExclusivePool is no ClientLike: the same two ways, spelt for it.
+            match startup {
+                Startup::RequireRedis => drop(clients.init().await.map_err(classify)?),
+                Startup::ConnectInBackground => {
+                    drop(clients.connect().await);
+                    if pool.clients().iter().any(|client| client.is_connected()) {
+                        let _ = tokio::time::timeout(timeout, clients.wait_for_connect()).await;
+                    }
+                }
+            }
             Some(Arc::new(ConfirmedWrites {
                 clients,
                 replicas: settings.wait_replicas.into(),
@@ -148,7 +249,29 @@ impl Connection {
             confirmed,
             command_timeout: timeout,
             fail_fast,
+            last_error,
         })
+    }
+
+    /// Whether any pooled connection is up now.
+    pub(super) fn is_up(&self) -> bool {
+        self.pool
+            .clients()
+            .iter()
+            .any(|client| client.is_connected())
+    }
+
+    fn disconnected(&self) -> String {
+        let reason = self
+            .last_error
+            .lock()
+            .map(|last| last.clone())
+            .unwrap_or_default();
+        if reason.is_empty() {
+            "no connection to Redis; reconnecting".to_owned()
+        } else {
+            format!("no connection to Redis ({reason}); reconnecting")
+        }
     }
 
     /// Runs one Redis call in a client span, recording its latency and errors.
@@ -174,18 +297,12 @@ impl Connection {
             db.system = "redis",
             db.operation = command,
         );
-        if self.fail_fast
-            && !self
-                .pool
-                .clients()
-                .iter()
-                .any(|client| client.is_connected())
-        {
+        if self.fail_fast && !self.is_up() {
             // fred knows Redis is gone (refused, closed) and is reconnecting: waiting
             // the command timeout for each request would only hold it longer.
             return Err(count_error(
                 command,
-                StoreError::Unavailable("no connection to Redis; reconnecting".into()),
+                StoreError::Unavailable(self.disconnected()),
             ));
         }
         let started = Instant::now();

@@ -65,7 +65,7 @@ impl RedisStore {
         settings: &RedisSettings,
         limits: BufferLimits,
     ) -> StoreResult<()> {
-        let subscriber = call::subscriber(settings).await?;
+        let subscriber = call::subscriber(settings, &self.redis).await?;
         self.events.set_limits(limits);
         RedisSubscriptions::spawn(subscriber, self.events.clone(), decode_event);
         Ok(())

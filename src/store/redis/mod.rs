@@ -26,6 +26,7 @@
 
 mod asset;
 mod call;
+pub use self::call::Startup;
 mod codec;
 mod events;
 mod reconcile;
@@ -101,12 +102,32 @@ impl Drop for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects and loads the Lua scripts. Fails when Redis cannot be reached, so a
-    /// misconfigured replica never reports ready.
+    /// Connects and loads the Lua scripts. Fails when Redis cannot be reached: for
+    /// one-shot work (export, import, tests) that has nothing to do without it.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let redis = Connection::connect(settings).await?;
+        Self::open(settings, Startup::RequireRedis).await
+    }
+
+    /// What the server starts with: like [`RedisStore::connect`] when Redis answers
+    /// within the command timeout, and otherwise a store that answers 503 at once and
+    /// keeps connecting in the background. Airflow's workers send every Execution API
+    /// call to the gateway, so one that exited without Redis would stop the forwarded
+    /// ones too (heartbeats, state transitions). The scripts are then loaded by their
+    /// first call (EVALSHA reloads on NOSCRIPT).
+    pub async fn connect_in_background(settings: &RedisSettings) -> Result<Self, StoreError> {
+        Self::open(settings, Startup::ConnectInBackground).await
+    }
+
+    async fn open(settings: &RedisSettings, startup: Startup) -> Result<Self, StoreError> {
+        let redis = Connection::connect(settings, startup).await?;
         let scripts = Scripts::new();
-        scripts.load(&redis).await?;
+        match scripts.load(&redis).await {
+            Ok(()) => {}
+            Err(StoreError::Unavailable(reason)) if startup == Startup::ConnectInBackground => {
+                tracing::warn!(%reason, "Lua scripts not loaded at start-up; each loads on its first call");
+            }
+            Err(error) => return Err(error),
+        }
         let mut store = Self {
             redis,
             prefix: settings.key_prefix.clone(),
@@ -308,6 +329,8 @@ impl StateStore for RedisStore {
                 "Redis maxmemory-policy is {policy}: Redis may evict state under memory \
                  pressure; set maxmemory-policy noeviction"
             )],
+            // Unreachable: `/ready` already says so, and the policy is checked once back.
+            Err(StoreError::Unavailable(_)) => Vec::new(),
             _ => vec![
                 "Redis maxmemory-policy unknown (CONFIG GET refused): make sure it is \
                  noeviction, or Redis may evict state under memory pressure"
@@ -322,6 +345,10 @@ impl StateStore for RedisStore {
             .call("ping", |pool| pool.next().ping(None))
             .await?;
         Ok(())
+    }
+
+    fn dependency(&self) -> Option<&'static str> {
+        Some("redis")
     }
 
     fn describe(&self) -> String {
