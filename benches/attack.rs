@@ -489,12 +489,8 @@ impl Legit {
     fn start(base: &str, me: &Task, attack: &str, tally: Arc<Tally>) -> Legit {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let (base, ti, token, attack) = (
-            base.to_owned(),
-            me.ti,
-            me.token.clone(),
-            attack.to_owned(),
-        );
+        let (base, ti, token, attack) =
+            (base.to_owned(), me.ti, me.token.clone(), attack.to_owned());
         let handle = tokio::spawn(async move {
             let client = http();
             let mut report = LegitReport::default();
@@ -541,8 +537,7 @@ impl Legit {
 
 fn reads_as(body: &str, value: &str) -> bool {
     let expected: serde_json::Value = serde_json::from_str(value).unwrap();
-    serde_json::from_str::<serde_json::Value>(body)
-        .is_ok_and(|b| b.get("value") == Some(&expected))
+    serde_json::from_str::<serde_json::Value>(body).is_ok_and(|b| b.get("value") == Some(&expected))
 }
 
 /// Acknowledged writes that do not read back as written.
@@ -633,8 +628,7 @@ async fn connections(ctx: &Ctx, tally: Arc<Tally>) -> String {
                 sent += chunk.len();
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            match tokio::time::timeout(Duration::from_secs(12), read_response(&mut stream)).await
-            {
+            match tokio::time::timeout(Duration::from_secs(12), read_response(&mut stream)).await {
                 Ok(Some((status, body))) => tally.answer(status, &body),
                 _ => {
                     closed.fetch_add(1, Ordering::Relaxed);
@@ -798,7 +792,11 @@ async fn stream(ctx: &Ctx, tally: Arc<Tally>) -> String {
                 .await
                 .expect("the stream's ready event")
                 .unwrap();
-            assert!(n > 0, "stream closed before ready: {:?}", String::from_utf8_lossy(&seen));
+            assert!(
+                n > 0,
+                "stream closed before ready: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
             seen.extend_from_slice(&buf[..n]);
         }
         tally.count("stream opened".into());
@@ -808,7 +806,8 @@ async fn stream(ctx: &Ctx, tally: Arc<Tally>) -> String {
     let base = ctx.base();
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..4 {
-        let (client, tally, base, asset) = (client.clone(), tally.clone(), base.clone(), asset.clone());
+        let (client, tally, base, asset) =
+            (client.clone(), tally.clone(), base.clone(), asset.clone());
         let token = watcher.token.clone();
         writers.spawn(async move {
             for i in 0..50 {
@@ -895,8 +894,13 @@ async fn tokens(ctx: &Ctx, tally: Arc<Tally>) -> String {
     let mut workers = tokio::task::JoinSet::new();
     let started = Instant::now();
     for _ in 0..32 {
-        let (client, tally, base, tokens, next) =
-            (client.clone(), tally.clone(), ctx.base(), tokens.clone(), next.clone());
+        let (client, tally, base, tokens, next) = (
+            client.clone(),
+            tally.clone(),
+            ctx.base(),
+            tokens.clone(),
+            next.clone(),
+        );
         workers.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -1148,17 +1152,29 @@ async fn export_import(ctx: &Ctx, tally: Arc<Tally>) -> (String, u64, u64, Strin
     let steps: [(&str, Vec<String>, &str); 3] = [
         (
             "export",
-            vec!["export".into(), "--output".into(), first.display().to_string()],
+            vec![
+                "export".into(),
+                "--output".into(),
+                first.display().to_string(),
+            ],
             "attack:",
         ),
         (
             "import",
-            vec!["import".into(), "--input".into(), first.display().to_string()],
+            vec![
+                "import".into(),
+                "--input".into(),
+                first.display().to_string(),
+            ],
             "attack-imported:",
         ),
         (
             "export again",
-            vec!["export".into(), "--output".into(), second.display().to_string()],
+            vec![
+                "export".into(),
+                "--output".into(),
+                second.display().to_string(),
+            ],
             "attack-imported:",
         ),
     ];
@@ -1333,7 +1349,10 @@ async fn main() {
         .copied()
         .filter(|a| filters.is_empty() || filters.iter().any(|f| a.contains(f.as_str())))
         .collect();
-    assert!(!chosen.is_empty(), "no attack named {filters:?}; attacks: {ATTACKS:?}");
+    assert!(
+        !chosen.is_empty(),
+        "no attack named {filters:?}; attacks: {ATTACKS:?}"
+    );
     assert!(
         binary().contains("/release/") && std::path::Path::new(binary()).exists(),
         "this harness runs the release binary; run it with `cargo bench --bench attack` \
