@@ -240,8 +240,24 @@ impl Drop for RssWatch {
 // ---------------------------------------------------------------------------------------
 // The gateway.
 
+/// The release binary: cargo's for this bench under `cargo bench`; the release build's
+/// beside it when this harness was built in another profile.
 fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_airstate")
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let cargo = env!("CARGO_BIN_EXE_airstate");
+        let path = std::path::Path::new(cargo);
+        let profile = path.parent().and_then(|p| p.file_name());
+        if profile.is_some_and(|p| p == "release") {
+            return cargo.to_owned();
+        }
+        let release = path
+            .parent()
+            .and_then(|p| p.parent())
+            .unwrap()
+            .join("release/airstate");
+        release.display().to_string()
+    })
 }
 
 struct Gateway {
@@ -1354,12 +1370,13 @@ async fn main() {
         "no attack named {filters:?}; attacks: {ATTACKS:?}"
     );
     assert!(
-        binary().contains("/release/") && std::path::Path::new(binary()).exists(),
-        "this harness runs the release binary; run it with `cargo bench --bench attack` \
-         (which builds target/release/airstate), not as {}",
+        std::path::Path::new(binary()).exists(),
+        "this harness runs the release binary {}, which is not built: run it with \
+         `cargo bench --bench attack` (which builds it) or `cargo build --release` first",
         binary()
     );
     let limit = MemoryLimit::new();
+    eprintln!("binary: {}", binary());
     eprintln!("memory limit: {}", limit.describe());
     let redis = RedisServer::start_with_args(&["--appendonly", "yes", "--appendfsync", "always"]);
     let gateway = Gateway::start(&limit, &redis_env(&redis));
