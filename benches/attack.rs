@@ -966,6 +966,7 @@ async fn clear_all(ctx: &Ctx, tally: Arc<Tally>) -> String {
                     .bearer_auth(&t.token)
                     .header("content-type", "application/json")
                     .body(format!("{{\"value\": {i}}}"));
+                writes.tried();
                 if let Some((status, body)) = send(&tally, put).await {
                     writes.answer(status, &body);
                 }
