@@ -584,13 +584,15 @@ async fn lost_writes(base: &str, me: &Task, acked: &[(String, String)]) -> u64 {
 // ---------------------------------------------------------------------------------------
 // The attacks.
 
+/// Fields drop in order: the gateway before the cgroup it runs in, which only an empty
+/// cgroup can leave.
 struct Ctx {
-    limit: MemoryLimit,
-    redis: RedisServer,
     gateway: Gateway,
+    redis: RedisServer,
     me: Task,
     /// Every write the legitimate client saw acknowledged, over the whole run.
     acked: Vec<(String, String)>,
+    limit: MemoryLimit,
 }
 
 impl Ctx {
@@ -1382,11 +1384,11 @@ async fn main() {
     let redis = RedisServer::start_with_args(&["--appendonly", "yes", "--appendfsync", "always"]);
     let gateway = Gateway::start(&limit, &redis_env(&redis));
     let mut ctx = Ctx {
-        limit,
-        redis,
         gateway,
+        redis,
         me: task("attack_legit", -1),
         acked: Vec::new(),
+        limit,
     };
     let run_started = Instant::now();
     let mut rows = Vec::new();
