@@ -51,7 +51,7 @@ const PROBE_KEY: &str = "airstate-access-probe";
 const MAX_PROBE_ANSWER_BYTES: usize = 64 * 1024;
 /// Airflow's `[api] fallback_page_limit` and `maximum_page_limit` defaults.
 const DEFAULT_PAGE_LIMIT: usize = 50;
-const MAX_PAGE_LIMIT: usize = 100;
+pub(crate) const MAX_PAGE_LIMIT: usize = 100;
 
 const CORE_TASK: &str = TASK_PATH;
 const CORE_TASK_KEY: &str =
@@ -344,14 +344,14 @@ fn asset_question(permission: &Method, asset_id: &str, uri: &OriginalUri) -> Que
 }
 
 /// Airflow's query parameters of these routes, each checked as FastAPI checks it.
-struct Query {
-    map_index: i64,
-    limit: usize,
-    offset: usize,
-    all_map_indices: bool,
+pub(crate) struct Query {
+    pub(crate) map_index: i64,
+    pub(crate) limit: usize,
+    pub(crate) offset: usize,
+    pub(crate) all_map_indices: bool,
 }
 
-fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
+pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
     let params = query_params(raw);
     let mut issues = Vec::new();
     let mut int = |name: &'static str, default: i64, minimum: i64| -> i64 {

@@ -35,7 +35,7 @@ pub const MAX_BULK_KEYS: usize = 10_000;
 // --- Bulk reads -------------------------------------------------------------------------
 
 /// `?keys=a,b,c`: the keys of a bulk GET (keys holding a comma need the POST form).
-fn keys_from_query(query: Option<&str>) -> Result<Vec<String>, ApiError> {
+pub(crate) fn keys_from_query(query: Option<&str>) -> Result<Vec<String>, ApiError> {
     let params = query_params(query);
     let Some(list) = params.get("keys") else {
         return Err(ValidationIssue::missing(&["query", "keys"], Value::Null).into());

@@ -15,8 +15,9 @@ use super::{
     admin, asset, core_api, extensions, health, metrics, openapi_document, ready, task, AppState,
 };
 
-const TI_KEY: &str = "/execution/store/ti/{task_instance_id}/{*key}";
+pub(crate) const TI_KEY: &str = "/execution/store/ti/{task_instance_id}/{*key}";
 const TI_AIP103_KEY: &str = "/execution/state/ti/{task_instance_id}/{*key}";
+pub(crate) const ASSET_AIP103_KEY: &str = "/execution/state/asset/{name}/{*key}";
 
 /// Every operation: the gateway's own routes, the Execution API's (with airstate's
 /// extensions and AIP-103's original paths), then the admin API's and Airflow's Core REST
@@ -379,7 +380,7 @@ pub fn table() -> Vec<Route> {
         ),
         route!(
             "get",
-            "/execution/state/asset/{name}/{*key}",
+            ASSET_AIP103_KEY,
             asset::aip103_get,
             "Get an asset state key (AIP-103 path)",
             "getAssetStateAip103",
@@ -390,7 +391,7 @@ pub fn table() -> Vec<Route> {
         ),
         route!(
             "put",
-            "/execution/state/asset/{name}/{*key}",
+            ASSET_AIP103_KEY,
             asset::aip103_put,
             "Set an asset state key (AIP-103 path)",
             "putAssetStateAip103",
@@ -401,7 +402,7 @@ pub fn table() -> Vec<Route> {
         ),
         route!(
             "delete",
-            "/execution/state/asset/{name}/{*key}",
+            ASSET_AIP103_KEY,
             asset::aip103_delete,
             "Delete an asset state key (AIP-103 path)",
             "deleteAssetStateAip103",

@@ -101,7 +101,7 @@ fn parse_time(text: &str) -> Result<EpochMillis, String> {
 }
 
 /// What one record writes, validated.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum Item {
     Task {
         scope: TaskScope,
@@ -300,7 +300,7 @@ impl std::fmt::Display for Summary {
     }
 }
 
-fn task_line(scope: &TaskScope, entry: &Entry) -> String {
+pub(crate) fn task_line(scope: &TaskScope, entry: &Entry) -> String {
     let record = serde_json::json!({
         "kind": "task",
         "dag_id": scope.dag_id,
@@ -320,7 +320,7 @@ fn task_line(scope: &TaskScope, entry: &Entry) -> String {
     splice(record, &entry.value, tail)
 }
 
-fn asset_line(asset: &AssetKey, entry: &Entry) -> String {
+pub(crate) fn asset_line(asset: &AssetKey, entry: &Entry) -> String {
     let record = serde_json::json!({"kind": "asset", "asset": asset.0, "key": entry.key});
     let tail = serde_json::json!({
         "updated_at": rfc3339(entry.value.updated_at),
@@ -511,8 +511,14 @@ fn last_of_each_key(items: Vec<Item>) -> (Vec<Item>, usize) {
     (kept, replaced)
 }
 
+/// One line of the format, parsed and checked (what `airstate import` does to each line).
+pub fn parse_line(line: &str) -> Result<Item, String> {
+    let record: Record = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    Item::from_record(record)
+}
+
 /// Every line parsed and checked; nothing is written.
-fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateError> {
+pub(crate) fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateError> {
     let mut items = Vec::new();
     let mut summary = Summary::default();
     let now = now_millis();
@@ -525,8 +531,7 @@ fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateEr
             line: index + 1,
             message,
         };
-        let record: Record = serde_json::from_str(&line).map_err(|e| failed(e.to_string()))?;
-        let item = Item::from_record(record).map_err(failed)?;
+        let item = parse_line(&line).map_err(failed)?;
         if item.expires_at().is_some_and(|at| at <= now) {
             summary.expired += 1;
             continue;

@@ -28,6 +28,7 @@ mod core_api;
 mod deploy;
 mod extensions;
 mod forward;
+mod fuzz_corpus;
 mod hardening_server;
 mod hardening_store;
 mod lifecycle;
