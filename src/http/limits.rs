@@ -6,11 +6,11 @@
 //! A request counts from its headers until its handler has returned a response: a change
 //! stream, whose body runs for hours, stops counting once its handler has answered.
 
+use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
@@ -63,13 +63,13 @@ fn exempt(path: &str) -> bool {
     matches!(path, "/health" | "/ready" | "/metrics")
 }
 
-pub async fn shed(
-    State(limits): State<Arc<RequestLimits>>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn shed<F, Fut>(limits: &RequestLimits, request: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     if exempt(request.uri().path()) {
-        return next.run(request).await;
+        return next(request).await;
     }
     let Ok(_request) = limits.requests.clone().try_acquire_owned() else {
         metrics::counter!("airstate_requests_shed_total", "reason" => "requests").increment(1);
@@ -89,5 +89,5 @@ pub async fn shed(
             }
         }
     };
-    next.run(request).await
+    next(request).await
 }

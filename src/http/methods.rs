@@ -5,12 +5,12 @@
 //! where axum would run the GET handler.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::OnceLock;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::header::ALLOW;
 use axum::http::{HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
@@ -37,12 +37,16 @@ fn first_methods() -> &'static HashMap<&'static str, HeaderValue> {
     })
 }
 
-pub async fn airflow_methods(request: Request, next: Next) -> Response {
+pub async fn airflow_methods<F, Fut>(request: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let Some(template) = request.extensions().get::<MatchedPath>().cloned() else {
-        return next.run(request).await;
+        return next(request).await;
     };
     let Some(allow) = first_methods().get(template.as_str()).cloned() else {
-        return next.run(request).await;
+        return next(request).await;
     };
     // Only Airflow's own routes; the gateway's (`/health`, the admin API) keep axum's HEAD.
     let airflows = ["/execution/", "/api/v2/"]
@@ -53,7 +57,7 @@ pub async fn airflow_methods(request: Request, next: Next) -> Response {
     let mut response = if airflows && request.method() == Method::HEAD {
         ApiError::MethodNotAllowed.into_response()
     } else {
-        next.run(request).await
+        next(request).await
     };
     if response.status() == StatusCode::METHOD_NOT_ALLOWED && hidden {
         return ApiError::RouteNotFound.into_response();

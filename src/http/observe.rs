@@ -5,12 +5,12 @@
 //! route template, the status and the task-instance id: never the token or the value.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderName, Method};
-use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{Counter, Gauge, Histogram};
 use opentelemetry::propagation::Extractor;
@@ -164,12 +164,13 @@ fn in_flight() -> &'static Gauge {
 
 const CORRELATION_ID: HeaderName = HeaderName::from_static("correlation-id");
 
-pub async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+pub async fn observe<F, Fut>(matched: Option<&MatchedPath>, request: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let started = Instant::now();
-    let route = matched
-        .as_ref()
-        .map(MatchedPath::as_str)
-        .unwrap_or("unmatched");
+    let route = matched.map(MatchedPath::as_str).unwrap_or("unmatched");
     let method = method_label(request.method());
     let span = tracing::info_span!(
         "request",
@@ -201,7 +202,7 @@ pub async fn observe(matched: Option<MatchedPath>, request: Request, next: Next)
     };
 
     in_flight().increment(1.0);
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = next(request).instrument(span.clone()).await;
     in_flight().decrement(1.0);
     // Echoed as Airflow does, so a worker can match its logs with ours.
     if let Some(id) = correlation_id {
