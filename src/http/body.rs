@@ -52,18 +52,7 @@ pub fn parse_put_body<'a>(
     body: &'a [u8],
     allow_expires_at: bool,
 ) -> Result<PutBody<'a>, ApiError> {
-    parse_checked_put_body(content_type, body, None, allow_expires_at)
-}
-
-/// [`parse_put_body`] of a body whose syntax [`check_syntax`] has already read: its
-/// members are not scanned for again.
-pub fn parse_checked_put_body<'a>(
-    content_type: Option<&str>,
-    body: &'a [u8],
-    checked: Option<CheckedJson>,
-    allow_expires_at: bool,
-) -> Result<PutBody<'a>, ApiError> {
-    let fields = parse_fields(content_type, body, checked, allow_expires_at, true, false)?;
+    let fields = parse_fields(content_type, body, allow_expires_at, true, false)?;
     Ok(PutBody {
         value: fields.value.unwrap_or_default(),
         expires_at: fields.expires_at.flatten(),
@@ -96,7 +85,7 @@ pub fn parse_core_task_put<'a>(
     content_type: Option<&str>,
     body: &'a [u8],
 ) -> Result<(&'a str, CoreExpiry), ApiError> {
-    let fields = parse_fields(content_type, body, None, true, true, true)?;
+    let fields = parse_fields(content_type, body, true, true, true)?;
     let expiry = match (fields.expires_default, fields.expires_at) {
         (true, _) | (false, None) => CoreExpiry::Default,
         (false, Some(None)) => CoreExpiry::Never,
@@ -110,7 +99,7 @@ pub fn parse_patch_body<'a>(
     content_type: Option<&str>,
     body: &'a [u8],
 ) -> Result<PatchBody<'a>, ApiError> {
-    let fields = parse_fields(content_type, body, None, true, false, false)?;
+    let fields = parse_fields(content_type, body, true, false, false)?;
     if fields.value.is_none() && fields.expires_at.is_none() {
         return Err(ApiError::Validation(vec![ValidationIssue::new(
             "value_error",
@@ -125,7 +114,6 @@ pub fn parse_patch_body<'a>(
 fn parse_fields<'a>(
     content_type: Option<&str>,
     body: &'a [u8],
-    checked: Option<CheckedJson>,
     allow_expires_at: bool,
     value_required: bool,
     default_keyword: bool,
@@ -145,13 +133,9 @@ fn parse_fields<'a>(
     if !is_json_content_type(content_type) {
         return Err(vec![not_an_object(json!(text))].into());
     }
-    let parsed = match checked {
-        Some(CheckedJson(members)) => Ok(members),
-        None => pyjson::parse_document(text).map(|(members, _)| members),
-    };
-    let fields = match parsed {
-        Ok(Some(members)) => members,
-        Ok(None) => {
+    let fields = match pyjson::parse_document(text) {
+        Ok((Some(members), _)) => members,
+        Ok((None, _)) => {
             // Valid JSON that is not an object.
             let input = serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
             return Err(vec![not_an_object(input)].into());
@@ -221,28 +205,17 @@ pub fn syntax_error(error: pyjson::SyntaxError) -> ApiError {
     }
 }
 
-/// The members of a body whose syntax [`check_syntax`] read, carried to the handler in
-/// the request's extensions so that the body is scanned once.
-#[derive(Clone, Debug)]
-pub struct CheckedJson(pub pyjson::Members);
-
 /// Checks a body's JSON syntax before anything else looks at the request, as FastAPI
 /// does (it reads the body while solving the route's dependencies, auth among them).
 /// Bodies not declared as JSON, or not UTF-8, are left to the route.
-pub fn check_syntax(
-    content_type: Option<&str>,
-    body: &[u8],
-) -> Result<Option<CheckedJson>, ApiError> {
+pub fn check_syntax(content_type: Option<&str>, body: &[u8]) -> Result<(), ApiError> {
     if body.is_empty() || !is_json_content_type(content_type) {
-        return Ok(None);
+        return Ok(());
     }
     let Ok(text) = std::str::from_utf8(body) else {
-        return Ok(None);
+        return Ok(());
     };
-    match pyjson::parse_document(text) {
-        Ok((members, _)) => Ok(Some(CheckedJson(members))),
-        Err(error) => Err(syntax_error(error)),
-    }
+    pyjson::parse_document(text).map(drop).map_err(syntax_error)
 }
 
 impl From<Vec<ValidationIssue>> for ApiError {

@@ -14,7 +14,6 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use uuid::Uuid;
 
-use super::body::CheckedJson;
 use super::error::{ApiError, ValidationIssue};
 use crate::auth::{AuthError, Claims, TokenScope};
 
@@ -88,15 +87,12 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskCaller {
 pub struct JsonBody {
     pub content_type: Option<String>,
     pub bytes: Bytes,
-    /// The members the JSON syntax check found, when it read this body.
-    pub checked: Option<CheckedJson>,
 }
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(mut request: Request, state: &S) -> Result<Self, ApiError> {
-        let checked = request.extensions_mut().remove::<CheckedJson>();
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let content_type = request
             .headers()
             .get(CONTENT_TYPE)
@@ -109,7 +105,6 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         Ok(JsonBody {
             content_type,
             bytes,
-            checked,
         })
     }
 }

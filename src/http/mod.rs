@@ -248,15 +248,10 @@ where
         .headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok());
-    let checked = match body::check_syntax(content_type, &bytes) {
-        Ok(checked) => checked,
-        Err(error) => return error.into_response(),
-    };
-    let mut request = Request::from_parts(parts, axum::body::Body::from(bytes));
-    if let Some(checked) = checked {
-        request.extensions_mut().insert(checked);
+    if let Err(error) = body::check_syntax(content_type, &bytes) {
+        return error.into_response();
     }
-    next(request).await
+    next(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// Validates the bearer token once per request; the verdict is read by the extractors,

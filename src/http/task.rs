@@ -7,7 +7,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::body::{check_key, parse_bool_param, parse_checked_put_body};
+use super::body::{check_key, parse_bool_param, parse_put_body};
 use super::conditional::{condition, not_modified, with_etag, written_response};
 use super::error::ApiError;
 use super::extract::{query_params, JsonBody, TaskCaller};
@@ -51,12 +51,7 @@ pub async fn put(
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let key = key_of(&caller)?;
-    let parsed = parse_checked_put_body(
-        body.content_type.as_deref(),
-        &body.bytes,
-        body.checked,
-        true,
-    )?;
+    let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, true)?;
     let condition = condition(&headers)?;
     let scope = scope_of(&app, &caller).await?;
     let written = app
