@@ -9,7 +9,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && for bench in gateway forward; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+ && for bench in gateway forward attack; do echo 'fn main() {}' > "benches/$bench.rs"; done \
  && cargo build --release --locked --bin airstate \
  && rm -rf src benches target/release/airstate* target/release/deps/airstate-* \
       target/release/deps/libairstate-* target/release/.fingerprint/airstate-*

@@ -670,9 +670,15 @@ fn dockerfile_builds_a_small_non_root_image_without_a_shell() {
         .unwrap();
     assert!(made.status.success(), "{stand_ins}: {}", text(&made));
     // `cargo fetch` reads every target of the manifest (a missing stand-in fails it) and
-    // the lock file, without compiling.
+    // the lock file, without compiling. For the host only: offline, a machine holds the
+    // crates its own builds needed, not those of other platforms (wasm-bindgen).
+    let rustc = Command::new("rustc").arg("-vV").output().unwrap();
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names the host");
     let fetch = Command::new(env!("CARGO"))
-        .args(["fetch", "--locked", "--offline"])
+        .args(["fetch", "--locked", "--offline", "--target", &host])
         .current_dir(scratch.path())
         .output()
         .unwrap();
