@@ -463,19 +463,11 @@ pub async fn check_dependencies(app: &AppState) -> Vec<(&'static str, Result<(),
     let timeout = app.ready_timeout;
     let store = async {
         let name = app.store.dependency()?;
-        let outcome = match tokio::time::timeout(timeout, app.store.ping()).await {
-            Ok(outcome) => outcome.map_err(|e| e.to_string()),
-            Err(_) => Err("no answer within the readiness timeout".to_owned()),
-        };
-        Some((name, outcome))
+        Some((name, within(timeout, app.store.ping()).await))
     };
     let identity = async {
         let name = app.identity.dependency()?;
-        let outcome = match tokio::time::timeout(timeout, app.identity.ping()).await {
-            Ok(outcome) => outcome.map_err(|e| e.to_string()),
-            Err(_) => Err("no answer within the readiness timeout".to_owned()),
-        };
-        Some((name, outcome))
+        Some((name, within(timeout, app.identity.ping()).await))
     };
     let (store, identity) = tokio::join!(store, identity);
     [store, identity]
@@ -486,6 +478,16 @@ pub async fn check_dependencies(app: &AppState) -> Vec<(&'static str, Result<(),
             (name, outcome, reached)
         })
         .collect()
+}
+
+async fn within<E: std::fmt::Display>(
+    timeout: Duration,
+    ping: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, ping).await {
+        Ok(outcome) => outcome.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within the readiness timeout".to_owned()),
+    }
 }
 
 /// Which dependencies have answered a readiness check since start-up.
