@@ -1,4 +1,5 @@
-//! The sweeper: reclaims expired keys that key-level expiry cannot free.
+//! The sweeper: reclaims expired keys that key-level expiry cannot free, and (through
+//! `reclaim`) the scopes clear-alls left stale.
 
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ impl RedisStore {
                 ticker.tick().await;
                 if let Err(error) = store.sweep_once().await {
                     tracing::debug!(%error, "expiry sweep failed; retrying next pass");
+                }
+                if let Err(error) = store.reclaim_once(super::reclaim::FIELDS_PER_PASS).await {
+                    tracing::debug!(%error, "reclaim after clear-all failed; retrying next pass");
                 }
             }
         })
