@@ -32,8 +32,8 @@ local scope, expiry, registry = KEYS[1], KEYS[2], KEYS[3]
 local op, key, now = ARGV[1], ARGV[2], ARGV[5]
 local index_field = 'm' .. ARGV[6]
 local fresh_registry = false
-local generation = tonumber(redis.call('HGET', registry, 'g') or '0')
-local written_in = redis.call('HGET', registry, index_field)
+local marks = redis.call('HMGET', registry, 'g', index_field)
+local generation, written_in = tonumber(marks[1] or '0'), marks[2]
 local stale = written_in ~= false and tonumber(written_in) <= generation
 
 -- Optimistic concurrency: the key's current version (nil if absent, expired or stale)

@@ -21,7 +21,10 @@ impl RedisStore {
     pub(super) fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let store = self.share();
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
+            // The first pass one interval after start, not at once: replicas rolling out
+            // together do not all sweep at the same moment, and a store a test drives
+            // (with an hour's interval) never has a pass race its own steps.
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
