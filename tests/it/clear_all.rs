@@ -537,3 +537,104 @@ async fn clear_all_on_a_half_migrated_slot_is_immediate_and_whole() {
     assert_eq!(reclaimed, 601);
     assert_eq!(keys_in_slot(target, &slot), 0, "the reclaimer left keys");
 }
+
+/// Clear-alls while the task's whole slot is moved key by key and a writer keeps adding
+/// map indices: no clear is refused for anything but the slot moving (503, retried
+/// inside), none fails half way, and once the slot has settled nothing acknowledged
+/// before a clear that succeeded is readable. The registry moves too, at some point, so
+/// clears meet it on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_all_while_the_slot_migrates_key_by_key_stays_whole() {
+    let cluster = RedisCluster::start();
+    let prefix = format!("{}:", unique("moving"));
+    let store = Arc::new(store_on(&cluster.url, &prefix).await);
+    let dag = unique("dag");
+    fill(&store, &dag, 0..300, "k").await;
+    let tag = airstate::store::redis::task_hash_tag(&prefix, &scope(&dag, 0));
+    let slot_number = cluster.slot_of(&tag);
+    let slot = slot_number.to_string();
+    let source = cluster.primary_of_slot(slot_number);
+    let target = [0u16, 5461, 10923]
+        .iter()
+        .map(|s| cluster.primary_of_slot(*s))
+        .find(|p| *p != source)
+        .unwrap();
+    let (source_id, target_id) = (RedisCluster::node_id(source), RedisCluster::node_id(target));
+    let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id];
+    assert_eq!(redis_cli(target, &importing), "OK");
+    let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id];
+    assert_eq!(redis_cli(source, &migrating), "OK");
+    let nodes: Vec<u16> = cluster.nodes.iter().map(|node| node.port).collect();
+    let mover = std::thread::spawn({
+        let slot = slot.clone();
+        move || {
+            loop {
+                let keys = redis_cli(source, &["CLUSTER", "GETKEYSINSLOT", &slot, "3"]);
+                if keys.is_empty() {
+                    break;
+                }
+                migrate_keys(source, target, &keys.lines().collect::<Vec<_>>());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let assign = ["CLUSTER", "SETSLOT", &slot, "NODE", &target_id];
+            for port in nodes {
+                redis_cli(port, &assign);
+            }
+        }
+    });
+
+    let acked: Arc<Mutex<Vec<i64>>> = Arc::new(Mutex::new((0..300).collect()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (store, dag, acked, stop) = (store.clone(), dag.clone(), acked.clone(), stop.clone());
+        async move {
+            let mut index = 300;
+            while !stop.load(Ordering::Relaxed) {
+                // A write meeting a moved key waits for the slot like any other; one that
+                // gives up (503) is simply not acknowledged.
+                if store
+                    .put_task(&scope(&dag, index), "k", "1", None)
+                    .await
+                    .is_ok()
+                {
+                    acked.lock().unwrap().push(index);
+                }
+                index += 1;
+            }
+        }
+    });
+    let (mut cleared, mut refused, mut before_last_clear) = (0, 0, Vec::new());
+    while !mover.is_finished() {
+        let before: Vec<i64> = acked.lock().unwrap().clone();
+        match store.clear_task(&scope(&dag, 0), true).await {
+            Ok(()) => {
+                cleared += 1;
+                before_last_clear = before;
+            }
+            Err(airstate::store::StoreError::Unavailable(_)) => refused += 1,
+            Err(error) => panic!("clear-all failed during the migration: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mover.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    println!(
+        "during the migration: {cleared} clear-alls applied, {refused} answered 503 (slot \
+         moving); {} map indices acknowledged",
+        acked.lock().unwrap().len()
+    );
+    assert!(cleared > 0, "no clear-all got through during the migration");
+    let mut survivors = Vec::new();
+    for index in before_last_clear {
+        if store
+            .get_task(&scope(&dag, index), "k")
+            .await
+            .unwrap()
+            .is_some()
+        {
+            survivors.push(index);
+        }
+    }
+    assert!(survivors.is_empty(), "survived a clear: {survivors:?}");
+}
