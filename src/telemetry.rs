@@ -206,6 +206,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("airstate_reconcile_pass_duration_seconds", "Duration of lifecycle reconcile passes"),
     ("airstate_change_streams_cut_total", "Change streams ended because their watcher's buffer passed AIRSTATE_CHANGE_STREAM_BUFFER_BYTES"),
     ("airstate_sweep_schedule_failures_total", "Acknowledged writes whose scope could not be put in the sweep index"),
+    ("airstate_reclaim_schedule_failures_total", "Acknowledged clear-alls whose task could not be put in the reclaim index"),
     ("airstate_connections_open", "Client connections open now"),
     ("airstate_connections_rejected_total", "Client connections closed at once because AIRSTATE_MAX_CONNECTIONS were open"),
     ("airstate_connections_timed_out_total", "Client connections closed at the header read or idle timeout"),
@@ -263,6 +264,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             "airstate_connections_timed_out_total",
             "airstate_change_streams_cut_total",
             "airstate_sweep_schedule_failures_total",
+            "airstate_reclaim_schedule_failures_total",
         ] {
             metrics::counter!(name).increment(0);
         }

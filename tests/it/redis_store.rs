@@ -71,8 +71,10 @@ async fn clear_all_wipes_every_map_index_in_one_script() {
             "{index}"
         );
     }
-    // Only the other task's scope (hash + registry) is left, besides the sweep index
-    // (another slot, so not in the script): its stale entry drops out when it comes due.
+    // The clear left the keys stale; the sweeper's reclaim frees them. Then only the other
+    // task's scope (hash + registry) is left, besides the sweep index (another slot, so
+    // not in the script): its stale entry drops out when it comes due.
+    while store.reclaim_once(usize::MAX).await.unwrap() > 0 {}
     let left: Vec<String> = keys_under(server.port, &prefix)
         .into_iter()
         .filter(|key| !key.contains("{sweep:"))

@@ -74,7 +74,7 @@ impl RedisStore {
         max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
         let (values, _) = self.asset_keys(asset);
-        self.read_many(&values, keys, max_bytes).await
+        self.read_many(&values, None, keys, max_bytes).await
     }
 
     pub(super) async fn put_asset_if(

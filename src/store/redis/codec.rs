@@ -55,19 +55,29 @@ pub(super) fn pairs(map: std::collections::HashMap<String, String>) -> Vec<(Stri
 impl RedisStore {
     /// Many fields of one hash, decoded, in one call (`bulk_read.lua`); `None` for a
     /// missing field. Refused, with nothing read, when the stored values total more than
-    /// `max_bytes`.
+    /// `max_bytes`. A task scope passes its registry and its field there, `(registry,
+    /// "m<map_index>")`: a scope a clear-all left stale reads as empty.
     pub(super) async fn read_many(
         &self,
         hash: &str,
+        registry: Option<(&str, &str)>,
         keys: &[String],
         max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut args: Vec<Value> = Vec::with_capacity(keys.len() + 1);
+        let mut args: Vec<Value> = Vec::with_capacity(keys.len() + 2);
         let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         args.push(limit.into());
+        let mut declared = vec![hash.to_owned()];
+        match registry {
+            Some((registry, field)) => {
+                declared.push(registry.to_owned());
+                args.push(field.into());
+            }
+            None => args.push("".into()),
+        }
         args.extend(keys.iter().map(|key| Value::from(key.as_str())));
         let client = self.redis.shared_client();
         let mut reply: Vec<Value> = self
@@ -76,7 +86,7 @@ impl RedisStore {
                 "bulk_read",
                 &self.scripts.bulk_read,
                 &client,
-                &[hash.to_owned()],
+                &declared,
                 &args,
             )
             .await?;

@@ -6,29 +6,35 @@
 //! | --- | --- | --- |
 //! | `{t:<digest>}:<map_index>` | hash | one task scope: state key -> encoded value |
 //! | `{t:<digest>}:<map_index>:x` | zset | that scope's expiring keys, scored by expiry |
-//! | `{t:<digest>}:r` | hash | the map indices holding state, and the readable identity |
+//! | `{t:<digest>}:r` | hash | the map indices holding state (`m<map_index>`: the generation each was written in, plus one), the task's generation (`g`), and the readable identity |
 //! | `{a:<asset>}:v` / `{a:<asset>}:w` | hash | an asset's values / who wrote each |
 //! | `ev:{t:<digest>}` / `ev:{a:<asset>}` | pub/sub channel | change events (`events`) |
 //! | `{rx:<n>}:…`, `{ax:<n>}:…`, `lifecycle:lease` | | the lifecycle index (`reconcile`) |
+//! | `{sweep:<n>}`, `{reclaim:<n>}` | zset | scopes to sweep (`sweep`), tasks to reclaim after a clear-all (`reclaim`) |
 //!
 //! `<digest>` hashes the length-prefixed (dag_id, run_id, task_id) and the run's
 //! `dag_run.id` when the identity knows it, so every map index of
 //! a task shares one Cluster slot whatever characters the ids hold; that is what lets one
-//! Lua script clear all map indices atomically.
+//! Lua script clear all map indices atomically: clear-all raises the task's generation
+//! `g`, and a scope written in an older one is stale, read as empty, unlinked by its next
+//! write and reclaimed in the background (`reclaim`).
 //!
-//! The read path is a single pipelined `HGET`; the expiry check happens here, on the
-//! decoded value, so an expired key is never served even before Redis reclaims it.
+//! The read path is one pipeline, `HMGET` of the registry's `g` and `m<map_index>` then
+//! `HGET` of the scope; the expiry check happens here, on the decoded value, so an expired
+//! key is never served even before Redis reclaims it.
 //!
 //! One file per concern: `url` (the URL forms), `call` (the pool, and `Connection::call`,
 //! the only way a command is sent), `codec` (a value in a hash field), `scripts` (the Lua
 //! under `lua/`), `task` and `asset` (the operations), `sweep` (the sweeper and its
-//! index), `scan` (export) and `events` (change streams).
+//! index), `reclaim` (what clear-alls left stale), `scan` (export) and `events` (change
+//! streams).
 
 mod asset;
 mod call;
 pub use self::call::Startup;
 mod codec;
 mod events;
+mod reclaim;
 mod reconcile;
 mod scan;
 mod scripts;
@@ -91,6 +97,10 @@ pub struct RedisStore {
     change_events: bool,
     /// Lifecycle-index entries this replica wrote recently, shared by every handle.
     indexed: moka::sync::Cache<reconcile::Indexed, ()>,
+    /// Where this replica's reclaim of a task's stale scopes stopped, by reclaim-index
+    /// entry, so the next pass resumes there (`reclaim`). Lost on a restart, which only
+    /// scans that registry again.
+    reclaim_cursors: moka::sync::Cache<String, String>,
 }
 
 impl Drop for RedisStore {
@@ -140,6 +150,10 @@ impl RedisStore {
                 .max_capacity(settings.index_cache_capacity)
                 .time_to_live(settings.index_cache_ttl)
                 .build(),
+            reclaim_cursors: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
         };
         store.sweeper = Some(store.spawn_sweeper(settings.sweep_interval));
         Ok(store)
@@ -157,6 +171,7 @@ impl RedisStore {
             sweeper: None,
             change_events: self.change_events,
             indexed: self.indexed.clone(),
+            reclaim_cursors: self.reclaim_cursors.clone(),
         }
     }
 }

@@ -3,6 +3,7 @@
 use fred::prelude::*;
 
 use super::super::{AssetKey, StoreResult, TaskScope};
+use super::task::is_stale;
 use super::RedisStore;
 
 /// What `airstate export` walks: every task scope and asset holding state.
@@ -47,9 +48,13 @@ impl RedisStore {
         ) else {
             return Ok(None);
         };
+        // A map index a clear-all left stale holds nothing any more, whatever its hash
+        // still has until it is reclaimed.
+        let generation = fields.get("g").map(String::as_str);
         let mut indices: Vec<i64> = fields
-            .keys()
-            .filter_map(|field| field.strip_prefix('m')?.parse().ok())
+            .iter()
+            .filter(|(_, written_in)| !is_stale(generation, Some(written_in)))
+            .filter_map(|(field, _)| field.strip_prefix('m')?.parse().ok())
             .collect();
         indices.sort_unstable();
         let run_key = fields.get("dag_run_id").and_then(|id| id.parse().ok());

@@ -20,6 +20,7 @@ const PRECONDITION: &str = lua!("precondition");
 pub(super) struct Scripts {
     pub(super) task_write: Script,
     pub(super) task_clear: Script,
+    pub(super) task_reclaim: Script,
     pub(super) asset_write: Script,
     pub(super) asset_clear: Script,
     pub(super) lifecycle_index: Script,
@@ -32,6 +33,7 @@ impl Scripts {
         Self {
             task_write: Script::from_lua([PRECONDITION, lua!("task_write")].concat()),
             task_clear: Script::from_lua(lua!("task_clear")),
+            task_reclaim: Script::from_lua(lua!("task_reclaim")),
             asset_write: Script::from_lua([PRECONDITION, lua!("asset_write")].concat()),
             asset_clear: Script::from_lua(lua!("asset_clear")),
             lifecycle_index: Script::from_lua(lua!("lifecycle_index")),
@@ -45,6 +47,7 @@ impl Scripts {
         for script in [
             &self.task_write,
             &self.task_clear,
+            &self.task_reclaim,
             &self.asset_write,
             &self.asset_clear,
             &self.lifecycle_index,

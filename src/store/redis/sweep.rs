@@ -1,4 +1,5 @@
-//! The sweeper: reclaims expired keys that key-level expiry cannot free.
+//! The sweeper: reclaims expired keys that key-level expiry cannot free, and (through
+//! `reclaim`) the scopes clear-alls left stale.
 
 use std::time::Duration;
 
@@ -20,12 +21,18 @@ impl RedisStore {
     pub(super) fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let store = self.share();
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
+            // The first pass one interval after start, not at once: replicas rolling out
+            // together do not all sweep at the same moment, and a store a test drives
+            // (with an hour's interval) never has a pass race its own steps.
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
                 if let Err(error) = store.sweep_once().await {
                     tracing::debug!(%error, "expiry sweep failed; retrying next pass");
+                }
+                if let Err(error) = store.reclaim_once(super::reclaim::FIELDS_PER_PASS).await {
+                    tracing::debug!(%error, "reclaim after clear-all failed; retrying next pass");
                 }
             }
         })

@@ -46,6 +46,25 @@ pub(super) fn task_digest(scope: &TaskScope) -> String {
     hex::encode(&hasher.finalize()[..16])
 }
 
+/// What a read of one scope names: the scope hash, the task's registry, and the
+/// scope's field in it (`m<map_index>`, the generation it was written in plus one).
+pub(super) struct ReadKeys {
+    pub(super) scope: String,
+    pub(super) registry: String,
+    pub(super) field: String,
+}
+
+/// Whether a scope is stale: written in a generation older than the task's, that is
+/// before a clear-all (`lua/task_clear.lua`), so it reads as empty. Read from the
+/// registry's `g` and `m<map_index>` fields. No field means the scope is empty or
+/// predates generations: not stale, so no data is ever hidden for want of a field.
+pub(super) fn is_stale(generation: Option<&str>, written_in: Option<&str>) -> bool {
+    let generation: u64 = generation.and_then(|g| g.parse().ok()).unwrap_or(0);
+    written_in
+        .and_then(|m| m.parse::<u64>().ok())
+        .is_some_and(|m| m <= generation)
+}
+
 /// One step of `task_write.lua`.
 pub(super) struct Write<'a> {
     op: WriteOp,
@@ -76,15 +95,14 @@ impl RedisStore {
         }
     }
 
-    /// [`TaskKeys::scope`] alone: a read needs no other name, and building all five cost
-    /// a GET 2.6k of its 77.6k instructions (callgrind, BENCHMARKS.md).
-    pub(super) fn task_scope_key(&self, scope: &TaskScope) -> String {
-        format!(
-            "{}{{t:{}}}:{}",
-            self.prefix,
-            task_digest(scope),
-            scope.map_index
-        )
+    /// [`ReadKeys`] of a scope, from one digest.
+    pub(super) fn task_read_keys(&self, scope: &TaskScope) -> ReadKeys {
+        let tag = format!("{}{{t:{}}}", self.prefix, task_digest(scope));
+        ReadKeys {
+            scope: format!("{tag}:{}", scope.map_index),
+            registry: format!("{tag}:r"),
+            field: format!("m{}", scope.map_index),
+        }
     }
 
     pub(super) async fn task_write(
@@ -205,11 +223,24 @@ impl RedisStore {
         scope: &TaskScope,
         key: &str,
     ) -> StoreResult<Option<StoredValue>> {
-        let scope_key = self.task_scope_key(scope);
-        let raw: Option<String> = self
+        let read = self.task_read_keys(scope);
+        let (marks, raw): (Vec<Option<String>>, Option<String>) = self
             .redis
-            .call("hget", |pool| pool.hget(scope_key.as_str(), key))
+            .call("hget", |pool| {
+                let pipeline = pool.next().pipeline();
+                let read = &read;
+                async move {
+                    let _: () = pipeline
+                        .hmget(read.registry.as_str(), vec!["g", read.field.as_str()])
+                        .await?;
+                    let _: () = pipeline.hget(read.scope.as_str(), key).await?;
+                    pipeline.all().await
+                }
+            })
             .await?;
+        if stale_marks(&marks) {
+            return Ok(None);
+        }
         let Some(value) = raw.map(decode).transpose()? else {
             return Ok(None);
         };
@@ -238,13 +269,14 @@ impl RedisStore {
         keys: &[String],
         max_bytes: usize,
     ) -> StoreResult<Vec<Option<StoredValue>>> {
-        let scope_key = self.task_scope_key(scope);
+        let read = self.task_read_keys(scope);
         let now = now_millis();
         // Expired keys read as missing (they still count towards `max_bytes`);
         // reclaiming them is left to the next write or single-key read, so a bulk read
-        // stays one call.
+        // stays one call. The script checks the scope's generation itself.
+        let registry = Some((read.registry.as_str(), read.field.as_str()));
         Ok(self
-            .read_many(&scope_key, keys, max_bytes)
+            .read_many(&read.scope, registry, keys, max_bytes)
             .await?
             .into_iter()
             .map(|value| value.filter(|value| !value.is_expired(now)))
@@ -288,40 +320,70 @@ impl RedisStore {
         let script = &self.scripts.task_clear;
         // The script publishes the clear to change streams, atomically with it.
         let channel = self.announced(task_channel(&keys.scope));
-        // "all" reads the registry and deletes every map index it lists in the same
-        // script: it never races a writer adding map indices, so it never needs a retry
-        // for that. How it stays all-or-nothing while a Cluster slot migrates is told in
-        // `lua/task_clear.lua`.
-        let args: Vec<Value> = if all_map_indices {
-            vec![
-                "all".into(),
-                keys.base.as_str().into(),
-                channel.as_str().into(),
-            ]
-        } else {
-            vec![
+        let client = self.redis.write_client().await?;
+        if !all_map_indices {
+            let args: Vec<Value> = vec![
                 "one".into(),
                 keys.base.as_str().into(),
                 scope.map_index.into(),
                 channel.as_str().into(),
-            ]
-        };
-        let declared = vec![keys.registry, keys.scope, keys.expiry];
-        let client = self.redis.write_client().await?;
-        let _: i64 = self
+            ];
+            let declared = vec![keys.registry, keys.scope, keys.expiry];
+            let _: i64 = self
+                .redis
+                .eval("task_clear", script, &client, &declared, &args)
+                .await?;
+            return self.redis.confirm(&client, &declared[0]).await;
+        }
+        // "all" only raises the task's generation: O(1), one declared key, and no race
+        // with writers adding map indices (`lua/task_clear.lua`).
+        let args: Vec<Value> = vec!["all".into(), channel.as_str().into()];
+        let declared = vec![keys.registry];
+        let generation: i64 = self
             .redis
             .eval("task_clear", script, &client, &declared, &args)
             .await?;
+        // Listed before the wait for replicas: a clear that is applied but not confirmed
+        // (503) still gets its stale scopes reclaimed if the client never retries.
+        if generation > 0 {
+            if let Err(error) = self
+                .schedule_reclaim(&keys.digest, &declared[0], generation)
+                .await
+            {
+                // The clear happened: every stale scope already reads as empty, and a
+                // write to one reclaims it. A 503 now would only make the client clear
+                // again; the index just frees the memory of the rest sooner.
+                metrics::counter!("airstate_reclaim_schedule_failures_total").increment(1);
+                tracing::warn!(%error, "clear-all applied, but its task is not in the reclaim index");
+            }
+        }
         self.redis.confirm(&client, &declared[0]).await
     }
 
     pub(super) async fn list_task(&self, scope: &TaskScope) -> StoreResult<Vec<Entry>> {
-        let scope_key = self.task_keys(scope).scope;
-        let raw: Vec<(String, String)> = self
+        let read = self.task_read_keys(scope);
+        // As in `get_task`: the registry first, then the scope, in one pipeline.
+        let (marks, raw): (
+            Vec<Option<String>>,
+            std::collections::HashMap<String, String>,
+        ) = self
             .redis
-            .call("hgetall", |pool| pool.hgetall(scope_key.as_str()))
-            .await
-            .map(pairs)?;
+            .call("hgetall", |pool| {
+                let pipeline = pool.next().pipeline();
+                let read = &read;
+                async move {
+                    let _: () = pipeline
+                        .hmget(read.registry.as_str(), vec!["g", read.field.as_str()])
+                        .await?;
+                    let _: () = pipeline.hgetall(read.scope.as_str()).await?;
+                    pipeline.all().await
+                }
+            })
+            .await?;
+        if stale_marks(&marks) {
+            return Ok(Vec::new());
+        }
+        let raw = pairs(raw);
         let now = now_millis();
         let mut entries = Vec::with_capacity(raw.len());
         for (key, value) in raw {
@@ -358,5 +420,46 @@ impl RedisStore {
         )
         .await
         .map(drop)
+    }
+}
+
+/// [`is_stale`] of an `HMGET registry g m<map_index>` reply.
+///
+/// Why a read that way is linearizable although the registry and the scope are read by
+/// two commands (pipelined on one connection, so in this order, and on the one node that
+/// holds the task's slot): the registry is read first, at t1, and the scope at t2.
+/// - Stale at t1: the scope was empty at t1 (a clear-all had made it so), which is what
+///   the read answers.
+/// - Not stale at t1, and no clear-all between t1 and t2: the scope read at t2 is the
+///   current one then.
+/// - Not stale at t1, a clear-all at tc between them: a stale generation's data is never
+///   written again, because every write after the clear unlinks the stale scope first
+///   (`lua/task_write.lua`). So at t2 the scope holds either what it held just before tc
+///   (current then, a moment within [t1, t2]), or only what was written after tc (current
+///   at t2), or nothing.
+///
+/// A registry is deleted, and its generation starts over at 0, only once no scope holds
+/// data, stale or not, so a generation seen at t1 can never make old data look current.
+fn stale_marks(marks: &[Option<String>]) -> bool {
+    is_stale(
+        marks.first().and_then(Option::as_deref),
+        marks.get(1).and_then(Option::as_deref),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_stale;
+
+    #[test]
+    fn a_scope_is_stale_only_when_written_before_the_current_generation() {
+        // Written in generation 0 (before generations existed, too: "1").
+        assert!(!is_stale(None, Some("1")));
+        assert!(is_stale(Some("1"), Some("1")));
+        assert!(!is_stale(Some("1"), Some("2")));
+        assert!(is_stale(Some("5"), Some("3")));
+        // No field: an empty scope, or one no registry lists; never hidden.
+        assert!(!is_stale(Some("3"), None));
+        assert!(!is_stale(None, None));
     }
 }
