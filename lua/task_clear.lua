@@ -4,6 +4,8 @@
 -- mode "one": KEYS[1] registry hash, KEYS[2] the caller's scope hash, KEYS[3] its
 --             expiry zset; ARGV: "one", scope key base, map_index, channel
 -- mode "all": KEYS[1] registry hash; ARGV: "all", channel
+-- mode "unlink": KEYS[1] registry hash, KEYS[2] / KEYS[3] the caller's own scope hash and
+--             expiry zset; ARGV: "unlink", scope key base ("<prefix>{t:<digest>}:"), channel
 -- An empty channel publishes nothing.
 --
 -- The registry lists the map indices holding state as "m<map_index>", each valued the
@@ -19,6 +21,15 @@
 -- Cluster slot in mid-migration it runs wherever the registry is, like any one-key write.
 -- It returns the new generation, or 0 when no map index held state (nothing to reclaim;
 -- a registry that does not exist is not created).
+--
+-- Clear-all "unlink" (AIRSTATE_CLEAR_ALL=unlink) is what airstate did before generations,
+-- and what a replica of that age understands: it deletes every scope the registry lists,
+-- stale or not, and the registry with its "g", in one step, O(map indices). It reads the
+-- registry itself, so it never races a writer adding a map index. The scope keys it names
+-- that way are not declared: each is probed with EXISTS before anything is deleted, so on
+-- a Cluster slot in mid-migration a key this node no longer holds fails the script with
+-- "non local key" before it has written anything, and the gateway retries it as it does
+-- TRYAGAIN (it never follows ASK, so the script runs only where the registry is).
 local registry, mode = KEYS[1], ARGV[1]
 
 -- Fields that are no map index: the identity, and the generation once there is one.
@@ -35,6 +46,33 @@ if mode == 'all' then
     redis.call('PUBLISH', ARGV[2], 'c:')
   end
   return generation
+end
+
+if mode == 'unlink' then
+  local base, doomed, named = ARGV[2], {}, {[KEYS[2]] = true}
+  for _, field in ipairs(redis.call('HKEYS', registry)) do
+    if string.byte(field, 1) == 109 then -- 'm'
+      local scope = base .. string.sub(field, 2)
+      if not named[scope] then
+        named[scope] = true
+        doomed[#doomed + 1] = scope
+        doomed[#doomed + 1] = scope .. ':x'
+      end
+    end
+  end
+  for first = 1, #doomed, 1000 do
+    redis.call('EXISTS', unpack(doomed, first, math.min(first + 999, #doomed)))
+  end
+  doomed[#doomed + 1] = KEYS[1]
+  doomed[#doomed + 1] = KEYS[2]
+  doomed[#doomed + 1] = KEYS[3]
+  for first = 1, #doomed, 1000 do
+    redis.call('UNLINK', unpack(doomed, first, math.min(first + 999, #doomed)))
+  end
+  if ARGV[3] ~= '' then
+    redis.call('PUBLISH', ARGV[3], 'c:')
+  end
+  return 0
 end
 
 redis.call('UNLINK', KEYS[2], KEYS[3])

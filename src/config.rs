@@ -243,6 +243,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "how often expired keys of mixed scopes are reclaimed",
     },
     Variable {
+        name: "AIRSTATE_CLEAR_ALL",
+        default: DefaultValue::Value("generation"),
+        meaning: "generation (O(1); stale map indices reclaimed by the sweeper) | unlink (what airstate before 2026-12-03 did and understands: during a rolling upgrade from it, or before a rollback to it)",
+    },
+    Variable {
         name: "AIRSTATE_RECONCILE_INTERVAL_SECONDS",
         default: DefaultValue::Value("60"),
         meaning: "how often state of deleted DAG runs and orphaned assets is reclaimed (metastore identity; 0: never)",
@@ -861,6 +866,7 @@ fn redis_settings(env: &Env) -> Result<Option<RedisSettings>, ConfigError> {
                 // the identity it resolved (see `store::lifecycle`).
                 index_cache_ttl: Duration::from_secs(env.parse("AIRSTATE_IDENTITY_CACHE_SECONDS")?),
                 index_cache_capacity: env.parse("AIRSTATE_IDENTITY_CACHE_CAPACITY")?,
+                clear_all: env.parse("AIRSTATE_CLEAR_ALL")?,
             })
         }
     })

@@ -207,6 +207,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("airstate_change_streams_cut_total", "Change streams ended because their watcher's buffer passed AIRSTATE_CHANGE_STREAM_BUFFER_BYTES"),
     ("airstate_sweep_schedule_failures_total", "Acknowledged writes whose scope could not be put in the sweep index"),
     ("airstate_reclaim_schedule_failures_total", "Acknowledged clear-alls whose task could not be put in the reclaim index"),
+    ("airstate_reclaim_pending", "Clear-alls whose stale map indices the sweeper has not reclaimed yet, as its last pass counted (absent before the first pass)"),
     ("airstate_connections_open", "Client connections open now"),
     ("airstate_connections_rejected_total", "Client connections closed at once because AIRSTATE_MAX_CONNECTIONS were open"),
     ("airstate_connections_timed_out_total", "Client connections closed at the header read or idle timeout"),

@@ -638,3 +638,82 @@ async fn clear_all_while_the_slot_migrates_key_by_key_stays_whole() {
     }
     assert!(survivors.is_empty(), "survived a clear: {survivors:?}");
 }
+
+/// A store clearing as airstate before generations did (`AIRSTATE_CLEAR_ALL=unlink`).
+async fn unlinking_store_on(url: &str, prefix: &str) -> RedisStore {
+    RedisStore::connect(&RedisSettings {
+        pool_size: 4,
+        command_timeout: Duration::from_millis(2000),
+        sweep_interval: Duration::from_secs(3600),
+        clear_all: airstate::store::redis::ClearAll::Unlink,
+        ..airstate::config::redis_defaults(url, prefix).unwrap()
+    })
+    .await
+    .expect("connect")
+}
+
+/// The two steps README's "Upgrading from an airstate before generations" gives: with
+/// `unlink`, a clear-all leaves nothing an older replica could misread (no `g`, no stale
+/// scope: its own writes of `m<index>` = "1" stay current), even for a task a `generation`
+/// replica had cleared before; and before a rollback, `airstate_reclaim_pending` reaching 0
+/// means every stale scope is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_all_unlink_leaves_what_an_older_replica_reads_right() {
+    let server = RedisServer::shared();
+    let prefix = format!("{}:", unique("unlink"));
+    let new = store_on(&server.url, &prefix).await;
+    let old_style = unlinking_store_on(&server.url, &prefix).await;
+    let (dag, rolled_back) = (unique("dag"), unique("dag"));
+    let tag = airstate::store::redis::task_hash_tag(&prefix, &scope(&dag, 0));
+    let registry = format!("{tag}:r");
+
+    // Mixed fleet: a generation clear, then writes, then an unlink clear.
+    fill(&new, &dag, 0..300, "k").await;
+    new.clear_task(&scope(&dag, 0), true).await.unwrap();
+    assert_eq!(redis_cli(server.port, &["HGET", &registry, "g"]), "1");
+    fill(&new, &dag, 0..5, "again").await;
+    old_style.clear_task(&scope(&dag, 0), true).await.unwrap();
+    assert_eq!(
+        keys_under(server.port, &tag),
+        Vec::<String>::new(),
+        "every scope (stale or not), expiry set and the registry with its g deleted at once"
+    );
+    for store in [&new, &old_style] {
+        assert_eq!(
+            store.get_task(&scope(&dag, 3), "again").await.unwrap(),
+            None
+        );
+        assert_eq!(store.get_task(&scope(&dag, 3), "k").await.unwrap(), None);
+    }
+    // What an older replica writes after it (task_write.lua of before: HSETNX m<index> 1
+    // and the value) is current for every replica.
+    let scope_key = format!("{tag}:7");
+    let value = "1.v1::\"old\"";
+    assert_eq!(
+        redis_cli(server.port, &["HSET", &scope_key, "from_old", value]),
+        "1"
+    );
+    redis_cli(server.port, &["HSETNX", &registry, "m7", "1"]);
+    for store in [&new, &old_style] {
+        let read = store.get_task(&scope(&dag, 7), "from_old").await.unwrap();
+        assert_eq!(read.map(|v| v.json), Some("\"old\"".to_owned()));
+    }
+
+    // Before a rollback: stale scopes of a generation clear are counted until reclaimed.
+    fill(&new, &rolled_back, 0..1_200, "k").await;
+    new.clear_task(&scope(&rolled_back, 0), true).await.unwrap();
+    assert!(old_style.reclaim_pending().await.unwrap() >= 1);
+    let stale_tag = airstate::store::redis::task_hash_tag(&prefix, &scope(&rolled_back, 0));
+    assert!(keys_under(server.port, &stale_tag).len() > 1_000);
+    let mut passes = 0;
+    while old_style.reclaim_pending().await.unwrap() > 0 {
+        old_style.reclaim_once(500).await.unwrap();
+        passes += 1;
+        assert!(passes < 50, "reclaim never finished");
+    }
+    assert_eq!(
+        keys_under(server.port, &stale_tag),
+        Vec::<String>::new(),
+        "pending 0: nothing stale left for an older replica to serve"
+    );
+}

@@ -425,9 +425,16 @@ fn cluster_says_retry(error: &fred::error::Error) -> bool {
     let details = error.details();
     details.starts_with("TRYAGAIN")
         || details.starts_with("CLUSTERDOWN")
+        || script_met_a_moved_key(details)
         || (*error.kind() == fred::error::ErrorKind::Routing
             && (details.starts_with("Max attempts reached")
                 || details.starts_with("Too many redirections")))
+}
+
+/// Clear-all "unlink"'s probe of a key its node does not hold, on a slot being migrated:
+/// the script stopped before writing anything (see `lua/task_clear.lua`), as after TRYAGAIN.
+fn script_met_a_moved_key(details: &str) -> bool {
+    details.contains("Script attempted to access a non local key")
 }
 
 fn millis_u32(duration: Duration) -> u32 {
@@ -496,7 +503,9 @@ pub(super) fn classify(error: fred::error::Error) -> StoreError {
                 "BUSY",
                 "NOREPLICAS",
             ];
-            if TRANSIENT.iter().any(|code| details.starts_with(code)) {
+            if TRANSIENT.iter().any(|code| details.starts_with(code))
+                || script_met_a_moved_key(details)
+            {
                 StoreError::Unavailable(message)
             } else {
                 StoreError::Internal(message)

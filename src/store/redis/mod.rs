@@ -62,6 +62,28 @@ pub use self::task::task_hash_tag;
 use self::url::redact_url;
 pub use self::url::{client_config, with_password};
 
+/// How a clear of every map index of a task is done (`AIRSTATE_CLEAR_ALL`, `lua/task_clear.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearAll {
+    /// Raise the task's generation: O(1); the stale scopes are reclaimed in the
+    /// background. A replica of an airstate before generations does not understand it.
+    Generation,
+    /// Delete every scope at once, O(map indices): what a replica of an airstate before
+    /// generations does, so a fleet mixing the two (a rolling upgrade, a rollback) agrees.
+    Unlink,
+}
+
+impl std::str::FromStr for ClearAll {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "generation" => Ok(Self::Generation),
+            "unlink" => Ok(Self::Unlink),
+            _ => Err("expected generation or unlink".to_owned()),
+        }
+    }
+}
+
 /// Connection settings the operator can tune.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -84,6 +106,7 @@ pub struct RedisSettings {
     /// lifecycle index, and how many it remembers (see `reconcile`).
     pub index_cache_ttl: Duration,
     pub index_cache_capacity: u64,
+    pub clear_all: ClearAll,
 }
 
 pub struct RedisStore {
@@ -95,6 +118,7 @@ pub struct RedisStore {
     url_for_display: String,
     sweeper: Option<tokio::task::JoinHandle<()>>,
     change_events: bool,
+    clear_all: ClearAll,
     /// Lifecycle-index entries this replica wrote recently, shared by every handle.
     indexed: moka::sync::Cache<reconcile::Indexed, ()>,
     /// Where this replica's reclaim of a task's stale scopes stopped, by reclaim-index
@@ -146,6 +170,7 @@ impl RedisStore {
             url_for_display: redact_url(&settings.url),
             sweeper: None,
             change_events: settings.change_events,
+            clear_all: settings.clear_all,
             indexed: moka::sync::Cache::builder()
                 .max_capacity(settings.index_cache_capacity)
                 .time_to_live(settings.index_cache_ttl)
@@ -170,6 +195,7 @@ impl RedisStore {
             url_for_display: self.url_for_display.clone(),
             sweeper: None,
             change_events: self.change_events,
+            clear_all: self.clear_all,
             indexed: self.indexed.clone(),
             reclaim_cursors: self.reclaim_cursors.clone(),
         }

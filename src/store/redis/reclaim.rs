@@ -66,6 +66,26 @@ impl RedisStore {
     /// stopped on this replica's next pass. Every replica may run it: the script checks
     /// staleness again and is idempotent. Returns the scopes reclaimed.
     pub async fn reclaim_once(&self, max_fields: usize) -> StoreResult<usize> {
+        let reclaimed = self.reclaim_pass(max_fields).await?;
+        self.reclaim_pending().await?;
+        Ok(reclaimed)
+    }
+
+    /// Clear-alls whose stale scopes are not all reclaimed yet, over every shard; also set
+    /// as the gauge `airstate_reclaim_pending`. Zero means nothing stale is left, the
+    /// moment to roll back to an airstate before generations (README, "Upgrading").
+    pub async fn reclaim_pending(&self) -> StoreResult<u64> {
+        let mut pending = 0;
+        for shard in 0..RECLAIM_SHARDS {
+            let index = self.reclaim_index(shard);
+            let count: u64 = self.redis.call("zcard", |pool| pool.zcard(&index)).await?;
+            pending += count;
+        }
+        metrics::gauge!("airstate_reclaim_pending").set(pending as f64);
+        Ok(pending)
+    }
+
+    async fn reclaim_pass(&self, max_fields: usize) -> StoreResult<usize> {
         let now = now_millis();
         let mut budget = max_fields.max(1);
         let mut reclaimed = 0;
@@ -181,8 +201,8 @@ impl RedisStore {
         keys.push(registry.to_owned());
         for field in fields {
             let scope = format!("{base}{}", field.trim_start_matches('m'));
-            keys.push(format!("{scope}:x"));
-            keys.insert(keys.len() - 1, scope);
+            let expiry = format!("{scope}:x");
+            keys.extend([scope, expiry]);
         }
         let args: Vec<Value> = fields.iter().map(|field| Value::from(*field)).collect();
         // Nobody was promised anything about a reclaim: no wait for replicas.

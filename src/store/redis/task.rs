@@ -11,7 +11,7 @@ use super::super::{
 use super::codec::{decode, encode, pairs};
 use super::events::task_channel;
 use super::scripts::WriteOp;
-use super::{written, RedisStore};
+use super::{written, ClearAll, RedisStore};
 
 /// Key names of one task scope.
 pub(super) struct TaskKeys {
@@ -321,13 +321,22 @@ impl RedisStore {
         // The script publishes the clear to change streams, atomically with it.
         let channel = self.announced(task_channel(&keys.scope));
         let client = self.redis.write_client().await?;
-        if !all_map_indices {
-            let args: Vec<Value> = vec![
+        let one_step = match (all_map_indices, self.clear_all) {
+            (false, _) => Some(vec![
                 "one".into(),
                 keys.base.as_str().into(),
                 scope.map_index.into(),
                 channel.as_str().into(),
-            ];
+            ]),
+            (true, ClearAll::Unlink) => Some(vec![
+                "unlink".into(),
+                keys.base.as_str().into(),
+                channel.as_str().into(),
+            ]),
+            (true, ClearAll::Generation) => None,
+        };
+        if let Some(args) = one_step {
+            let args: Vec<Value> = args;
             let declared = vec![keys.registry, keys.scope, keys.expiry];
             let _: i64 = self
                 .redis
