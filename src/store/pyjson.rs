@@ -3,6 +3,14 @@
 //! matters on the wire: it stops at 128 levels, refuses integers beyond a double, and
 //! words its errors (and counts positions) its own way. This scanner only checks the
 //! text; values stay the text that was sent.
+//!
+//! It reads text, as `json.loads` reads a `str`: a leading byte order mark is refused here
+//! too ("Expecting value"; Python says "Unexpected UTF-8 BOM"). Starlette hands Python the
+//! body's bytes, whose decoding `http::body` does: it skips a UTF-8 mark (`utf-8-sig`) and
+//! reads UTF-8 only. Python, given bytes, would also guess UTF-16 or UTF-32 from NUL bytes
+//! in the first four, accept UTF-8-encoded surrogates (`surrogatepass`), and answer bytes it
+//! cannot decode with a `UnicodeDecodeError` (FastAPI's 400, where airstate answers 422
+//! `json_invalid`); no Airflow client sends such bodies, so these stay differences.
 
 use std::ops::Range;
 
