@@ -31,7 +31,7 @@ use crate::migrate::{self, Item};
 use crate::store::pyjson::{self, SyntaxError};
 use crate::store::rules::{self, MAX_KEY_CHARS};
 use crate::store::version::{is_version, new_version, Tags};
-use crate::store::{Condition, Entry, StoredValue};
+use crate::store::Condition;
 
 /// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
 pub const TARGETS: [&str; 5] = [
@@ -69,7 +69,8 @@ fn clean(facts: &pyjson::Facts) -> bool {
 /// `check_value_text`):
 /// - the same text gives the same result twice, and an error's position is inside the text;
 /// - strict JSON (serde_json, whose 128 levels are within the 974 containers) is accepted,
-///   and a top-level object has the same members with the same values;
+///   and a top-level object has the same members in the same order with the same values
+///   (a repeated name: Python's place and value);
 /// - conversely, accepted text without `NaN`, `Infinity`, huge numbers or lone surrogates is
 ///   strict JSON (unless nested beyond serde_json's 128 levels);
 /// - a document's facts are those of `facts_of` on the same text;
@@ -91,7 +92,13 @@ pub fn pyjson(data: &[u8]) {
         };
         match (strict, members) {
             (Value::Object(map), Some(members)) => {
-                assert_eq!(map.len(), members.len(), "member count");
+                // serde_json's map keeps insertion order (`preserve_order`) and, like
+                // Python's dict, a repeated name keeps its first place and its last value.
+                assert!(
+                    map.keys().eq(members.iter().map(|(name, _)| name)),
+                    "member order: {:?}",
+                    members.iter().map(|(name, _)| name).collect::<Vec<_>>()
+                );
                 for (name, span) in members {
                     let value: Value = serde_json::from_str(&text[span.clone()])
                         .unwrap_or_else(|e| panic!("member {name:?}'s span: {e}"));
@@ -149,11 +156,15 @@ const CONTENT_TYPES: [Option<&str>; 4] = [
     None,
 ];
 
+/// UTF-8's byte order mark, which Python's `json.loads` skips at the start of bytes.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
 /// The body of a PUT / PATCH (`body::parse_put_body`, `parse_patch_body`,
 /// `parse_core_task_put`, `check_syntax`). The first byte picks the media type and whether
 /// `expires_at` is allowed; the rest is the body.
 /// - every refusal is a 4xx, and a syntax error found by the early `check_syntax` is the
 ///   very error the route gives;
+/// - under a JSON media type, a UTF-8 byte order mark before a body changes nothing;
 /// - an accepted value is a slice of the body, passes the value rules, and sent again as
 ///   `{"value": <it>}` (with its `expires_at` as RFC 3339 text) is accepted as the same;
 /// - what the Execution API's PUT accepts, the PATCH and the Core REST API's PUT accept
@@ -173,6 +184,22 @@ pub fn put_body(data: &[u8]) {
             route.as_ref(),
             Err(early),
             "check_syntax and the route differ"
+        );
+    }
+    // An empty body is no body (FastAPI: "Field required"); the mark alone is JSON text
+    // that is empty ("Expecting value").
+    if body::is_json_content_type(content_type)
+        && !body_bytes.is_empty()
+        && !body_bytes.starts_with(BOM)
+    {
+        let marked = [BOM, body_bytes].concat();
+        assert_eq!(
+            format!(
+                "{:?}",
+                body::parse_put_body(content_type, &marked, allow_expires_at)
+            ),
+            format!("{put:?}"),
+            "a byte order mark changed the answer"
         );
     }
     let patch = body::parse_patch_body(content_type, body_bytes);
@@ -519,50 +546,6 @@ pub fn if_match(data: &[u8]) {
     }
 }
 
-/// The line an item exports as (`airstate export`), for a value stored with its fields.
-fn export_line(item: &Item) -> String {
-    match item {
-        Item::Task {
-            scope,
-            key,
-            json,
-            updated_at,
-            expires_at,
-        } => migrate::task_line(
-            scope,
-            &Entry {
-                key: key.clone(),
-                value: StoredValue {
-                    json: json.clone(),
-                    updated_at: *updated_at,
-                    expires_at: *expires_at,
-                    version: new_version(),
-                },
-                writer: None,
-            },
-        ),
-        Item::Asset {
-            asset,
-            key,
-            json,
-            updated_at,
-            writer,
-        } => migrate::asset_line(
-            asset,
-            &Entry {
-                key: key.clone(),
-                value: StoredValue {
-                    json: json.clone(),
-                    updated_at: *updated_at,
-                    expires_at: None,
-                    version: new_version(),
-                },
-                writer: writer.clone(),
-            },
-        ),
-    }
-}
-
 /// The JSON-lines import (`migrate::parse_line`, `read_items`): the input is a file.
 /// - every line an import accepts, exported again and parsed again, is the same item;
 /// - what it accepts the API accepts: its key passes the key rule, and its value sent as
@@ -585,7 +568,7 @@ pub fn import(data: &[u8]) {
                 continue;
             }
         };
-        let exported = export_line(&item);
+        let exported = item.export_line();
         let again = migrate::parse_line(&exported)
             .unwrap_or_else(|e| panic!("{exported} refused on re-import: {e}"));
         assert_eq!(again, item, "{exported}");

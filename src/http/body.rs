@@ -133,6 +133,7 @@ fn parse_fields<'a>(
     if !is_json_content_type(content_type) {
         return Err(vec![not_an_object(json!(text))].into());
     }
+    let text = without_bom(text);
     let fields = match pyjson::parse_document(text) {
         Ok((Some(members), _)) => members,
         Ok((None, _)) => {
@@ -201,7 +202,9 @@ pub fn syntax_error(error: pyjson::SyntaxError) -> ApiError {
             issue.loc.push(json!(pos));
             ApiError::Validation(vec![issue])
         }
-        pyjson::SyntaxError::TooDeep => ApiError::BodyUnparseable,
+        pyjson::SyntaxError::TooDeep | pyjson::SyntaxError::IntegerTooLong => {
+            ApiError::BodyUnparseable
+        }
     }
 }
 
@@ -215,7 +218,15 @@ pub fn check_syntax(content_type: Option<&str>, body: &[u8]) -> Result<(), ApiEr
     let Ok(text) = std::str::from_utf8(body) else {
         return Ok(());
     };
-    pyjson::parse_document(text).map(drop).map_err(syntax_error)
+    pyjson::parse_document(without_bom(text))
+        .map(drop)
+        .map_err(syntax_error)
+}
+
+/// Starlette hands `json.loads` the body's bytes, and Python reads bytes that start with a
+/// UTF-8 byte order mark as `utf-8-sig`: the mark is dropped, positions count after it.
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 impl From<Vec<ValidationIssue>> for ApiError {
@@ -452,6 +463,39 @@ mod tests {
             ApiError::Validation(issues) => issues.iter().map(|issue| issue.kind).collect(),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Starlette gives `json.loads` bytes, which Python decodes as `utf-8-sig`.
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let body = b"\xef\xbb\xbf{\"value\": [1]}";
+        assert_eq!(parse_put_body(JSON, body, true).unwrap().value, "[1]");
+        assert!(check_syntax(JSON, body).is_ok());
+        let broken = b"\xef\xbb\xbf{\"value\" 1}";
+        let Err(ApiError::Validation(issues)) = check_syntax(JSON, broken) else {
+            panic!("accepted");
+        };
+        assert_eq!(issues[0].loc, [json!("body"), json!(9)]);
+        // Not declared as JSON: nothing is decoded, the mark is part of the input.
+        assert_eq!(
+            kinds(parse_put_body(Some("text/plain"), body, true)),
+            ["model_attributes_type"]
+        );
+    }
+
+    /// Python's `int` stops at 4,300 digits; FastAPI answers the `ValueError` with a 400.
+    #[test]
+    fn integers_past_pythons_digit_limit_are_unparseable() {
+        let body = |digits: usize| format!("{{\"value\": {}}}", "9".repeat(digits));
+        assert!(parse_put_body(JSON, body(4300).as_bytes(), true).is_ok());
+        assert!(matches!(
+            parse_put_body(JSON, body(4301).as_bytes(), true),
+            Err(ApiError::BodyUnparseable)
+        ));
+        assert!(matches!(
+            check_syntax(JSON, body(4301).as_bytes()),
+            Err(ApiError::BodyUnparseable)
+        ));
     }
 
     #[test]

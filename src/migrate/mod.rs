@@ -193,6 +193,39 @@ impl Item {
         }
     }
 
+    /// The line `airstate export` writes for this item once it is stored, which an import
+    /// reads back as the same item (the fuzz target `import` checks that). The version the
+    /// write mints is not exported, so none is made here.
+    pub fn export_line(&self) -> String {
+        let entry =
+            |key: &str, json: &str, updated_at, expires_at, writer: Option<&Writer>| Entry {
+                key: key.to_owned(),
+                value: StoredValue {
+                    json: json.to_owned(),
+                    updated_at,
+                    expires_at,
+                    version: String::new(),
+                },
+                writer: writer.cloned(),
+            };
+        match self {
+            Item::Task {
+                scope,
+                key,
+                json,
+                updated_at,
+                expires_at,
+            } => task_line(scope, &entry(key, json, *updated_at, *expires_at, None)),
+            Item::Asset {
+                asset,
+                key,
+                json,
+                updated_at,
+                writer,
+            } => asset_line(asset, &entry(key, json, *updated_at, None, writer.as_ref())),
+        }
+    }
+
     async fn write(&self, store: &dyn StateStore) -> Result<(), StoreError> {
         match self {
             Item::Task {

@@ -3,10 +3,23 @@
 //! matters on the wire: it stops at 128 levels, refuses integers beyond a double, and
 //! words its errors (and counts positions) its own way. This scanner only checks the
 //! text; values stay the text that was sent.
+//!
+//! It reads text, as `json.loads` reads a `str`: a leading byte order mark is refused here
+//! too ("Expecting value"; Python says "Unexpected UTF-8 BOM"). Starlette hands Python the
+//! body's bytes, whose decoding `http::body` does: it skips a UTF-8 mark (`utf-8-sig`) and
+//! reads UTF-8 only. Python, given bytes, would also guess UTF-16 or UTF-32 from NUL bytes
+//! in the first four, accept UTF-8-encoded surrogates (`surrogatepass`), and answer bytes it
+//! cannot decode with a `UnicodeDecodeError` (FastAPI's 400, where airstate answers 422
+//! `json_invalid`); no Airflow client sends such bodies, so these stay differences.
 
 use std::ops::Range;
 
 use serde_json::Value;
+
+/// The most digits Python turns into an `int` (`sys.int_max_str_digits`, CPython 3.11 and the
+/// 3.10.7 / 3.9.14 security releases): a longer integer literal makes `json.loads` raise a
+/// `ValueError`, which FastAPI answers 400 "There was an error parsing the body".
+pub const PYTHON_MAX_INT_DIGITS: usize = 4300;
 
 /// Nesting at which Python's decoder fails with a `RecursionError` (FastAPI: 400 "There
 /// was an error parsing the body"), counted in containers of the whole body: a value of
@@ -27,6 +40,8 @@ pub enum SyntaxError {
     },
     /// Nested deeper than Python's decoder goes.
     TooDeep,
+    /// An integer of more than [`PYTHON_MAX_INT_DIGITS`] digits.
+    IntegerTooLong,
 }
 
 /// What validation needs to know of a value's text.
@@ -214,9 +229,14 @@ impl<'a> Parser<'a> {
                 float = true;
             }
         }
-        // Python reads an integer of any length exactly; a float beyond a double is inf.
-        if float && !self.text[start..i].parse::<f64>().is_ok_and(f64::is_finite) {
-            self.facts.non_finite = true;
+        // Python reads an integer exactly, up to its digit limit; a float beyond a double
+        // is inf.
+        if float {
+            if !self.text[start..i].parse::<f64>().is_ok_and(f64::is_finite) {
+                self.facts.non_finite = true;
+            }
+        } else if i - start - usize::from(self.s[start] == b'-') > PYTHON_MAX_INT_DIGITS {
+            return Err(SyntaxError::IntegerTooLong);
         }
         self.i = i;
         Ok(())
@@ -338,9 +358,12 @@ impl<'a> Parser<'a> {
             self.value(level + 1, path)?;
             path.truncate(path.len() - 2);
             if let Some(members) = members.as_deref_mut() {
-                // Python's json keeps the last of duplicate members.
-                members.retain(|(existing, _)| *existing != name);
-                members.push((name, start..self.i));
+                // Python's dict keeps the last value of duplicate members at the place of
+                // the first.
+                match members.iter_mut().find(|(existing, _)| *existing == name) {
+                    Some((_, span)) => *span = start..self.i,
+                    None => members.push((name, start..self.i)),
+                }
             }
             if self.comma_or_close(b'}')? {
                 return Ok(());
@@ -464,5 +487,37 @@ mod tests {
         let body = |n: usize| format!("{{\"value\": {}}}", deep(n));
         assert!(parse_document(&body(974)).is_ok());
         assert_eq!(parse_document(&body(975)), Err(SyntaxError::TooDeep));
+    }
+
+    /// As `json.loads` of Python 3.11 reads them.
+    #[test]
+    fn integers_up_to_pythons_digit_limit() {
+        let digits = |n: usize| "7".repeat(n);
+        for text in [
+            digits(4300),
+            format!("-{}", digits(4300)),
+            format!("{}.5", digits(5000)),
+        ] {
+            assert!(parse_document(&text).is_ok(), "{}", text.len());
+        }
+        for text in [
+            digits(4301),
+            format!("-{}", digits(4301)),
+            format!("{{\"value\": [{}]}}", digits(4301)),
+        ] {
+            assert_eq!(parse_document(&text), Err(SyntaxError::IntegerTooLong));
+        }
+    }
+
+    #[test]
+    fn duplicate_members_keep_the_first_place_and_the_last_value() {
+        let text = r#"{"a": 1, "b": 2, "a": 3}"#;
+        let (members, _) = parse_document(text).unwrap();
+        let members: Vec<_> = members
+            .unwrap()
+            .into_iter()
+            .map(|(name, span)| (name, &text[span]))
+            .collect();
+        assert_eq!(members, [("a".to_owned(), "3"), ("b".to_owned(), "2")]);
     }
 }

@@ -111,6 +111,10 @@ pub fn check_value_text(text: &str) -> Result<(), ValueProblem> {
             Err(ValueProblem::NotJson(format!("{msg}: char {pos}")))
         }
         Err(pyjson::SyntaxError::TooDeep) => Err(ValueProblem::NotJson("nested too deep".into())),
+        Err(pyjson::SyntaxError::IntegerTooLong) => Err(ValueProblem::NotJson(format!(
+            "an integer of more than {} digits",
+            pyjson::PYTHON_MAX_INT_DIGITS
+        ))),
     }
 }
 

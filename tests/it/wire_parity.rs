@@ -326,7 +326,8 @@ async fn json_syntax_is_checked_before_auth() {
 }
 
 /// pydantic validates a value to 254 levels (the innermost scalar counts), and names the
-/// first element too deep; Python reads integers of any length, and Airflow stores them.
+/// first element too deep; Python reads integers of up to 4,300 digits (its
+/// `sys.int_max_str_digits`), and Airflow stores them; a longer one is FastAPI's 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nesting_and_long_integers_as_airflow() {
     let gw = Gateway::start(Backend::Memory).await;
@@ -371,7 +372,7 @@ async fn nesting_and_long_integers_as_airflow() {
     let too_deep = send_json(&gw, "PUT", &path, Some(&ti.token), &nested(975)).await;
     assert_eq!(too_deep.status, 400);
 
-    for digits in [310, 400, 5000] {
+    for digits in [310, 400, 4300] {
         let big = "7".repeat(digits);
         let put = send_json(
             &gw,
@@ -384,6 +385,17 @@ async fn nesting_and_long_integers_as_airflow() {
         assert_eq!(put.status, 204, "{digits}: {put:?}");
         let got = gw.get(&path, &ti.token).await;
         assert_eq!(got.text, format!(r#"{{"value":[-{big}]}}"#));
+    }
+    for body in [
+        format!(r#"{{"value": [-{}]}}"#, "7".repeat(4301)),
+        format!(r#"{{"value": 1, "x": {}}}"#, "7".repeat(5000)),
+    ] {
+        let put = send_json(&gw, "PUT", &path, Some(&ti.token), &body).await;
+        assert_eq!(put.status, 400, "{put:?}");
+        assert_eq!(
+            put.text,
+            r#"{"detail":"There was an error parsing the body"}"#
+        );
     }
 }
 use serde_json::json;
