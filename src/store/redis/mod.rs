@@ -22,13 +22,14 @@
 //! One file per concern: `url` (the URL forms), `call` (the pool, and `Connection::call`,
 //! the only way a command is sent), `codec` (a value in a hash field), `scripts` (the Lua
 //! under `lua/`), `task` and `asset` (the operations), `sweep` (the sweeper and its
-//! index), `scan` (export) and `events` (change streams).
+//! index), `scan` and `export` (what `airstate export` walks and reads) and `events` (change streams).
 
 mod asset;
 mod call;
 pub use self::call::Startup;
 mod codec;
 mod events;
+mod export;
 mod reconcile;
 mod scan;
 mod scripts;
@@ -51,6 +52,7 @@ use super::{
     TaskScope, Writer, Written,
 };
 
+pub use self::export::ExportScope;
 pub use self::scan::ScopeRef;
 pub use self::task::task_hash_tag;
 use self::url::redact_url;
