@@ -880,8 +880,36 @@ impl ServedBinary {
     /// `airstate serve` with only `env` (plus `PATH` and the listen address) in its
     /// environment, once it accepts connections.
     pub fn start(env: &[(&str, &str)], stderr: Stdio) -> ServedBinary {
+        Self::spawn(env, stderr, None)
+    }
+
+    /// [`start`](Self::start) with a descriptor limit (`RLIMIT_NOFILE`, soft and hard) of
+    /// `nofile`, as `prlimit --nofile` would set it.
+    pub fn start_with_nofile(env: &[(&str, &str)], stderr: Stdio, nofile: u64) -> ServedBinary {
+        Self::spawn(env, stderr, Some(nofile))
+    }
+
+    fn spawn(env: &[(&str, &str)], stderr: Stdio, nofile: Option<u64>) -> ServedBinary {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_airstate"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_airstate"));
+        if let Some(nofile) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command
             .arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
