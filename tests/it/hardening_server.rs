@@ -606,12 +606,7 @@ async fn requests_across_sigterm_are_all_served_during_the_drain() {
     signalled.set(Instant::now()).unwrap();
     // Readiness turns 503 at once, on a new connection, while requests are still served.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = fresh
-        .get(format!("{}/ready", served.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
+    assert_eq!(common::ready(&served.base).await.0, 503);
     let (before, after, failures) = sender.await.unwrap();
     println!("{before} requests before SIGTERM, {after} in the 1.5 s after it");
     assert!(

@@ -936,6 +936,26 @@ impl Drop for ServedBinary {
     }
 }
 
+/// The text of the gateway's `/metrics` at `base` (`http://host:port`).
+pub async fn scrape(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the /metrics body")
+}
+
+/// The gateway's `/ready` at `base`: its status and JSON body (`Null` if it is no JSON).
+pub async fn ready(base: &str) -> (u16, serde_json::Value) {
+    let reply = reqwest::get(format!("{base}/ready"))
+        .await
+        .expect("GET /ready");
+    let status = reply.status().as_u16();
+    let text = reply.text().await.expect("the /ready body");
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
 /// A CA (`ca.pem`) and a server certificate (`server.pem`, `server.key`) whose
 /// subjectAltName is `san` (e.g. `IP:127.0.0.1,DNS:localhost`), made with openssl in `dir`.
 pub fn private_ca(dir: &Path, san: &str) {
