@@ -485,6 +485,8 @@ const EXPORT_PEAK_BYTES: u64 = 96 * 1024 * 1024;
 fn run_measured(args: &[&str], env: &[(&str, &str)]) -> (i32, u64, String) {
     let dir = tempfile::tempdir().unwrap();
     let stderr_path = dir.path().join("stderr");
+    // Reaped by the wait4 below (which reports the peak RSS), not by `Child::wait`.
+    #[allow(clippy::zombie_processes)]
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_airstate"))
         .args(args)
         .env_clear()
