@@ -2,9 +2,11 @@
 //! release binary under a 128 MiB memory limit, while a legitimate client keeps writing and
 //! reading its own task's state, and prints one row per attack.
 //!
-//! `cargo bench --bench attack [-- NAME...]` (names: connections, bulk-read, stream,
-//! big-puts, tokens, clear-all, chunked, nul, sigterm, export-import, jwks-hang, redis-down;
-//! a name runs the attacks it is a part of). Needs `redis-server` on the PATH.
+//! `cargo bench --bench attack [-- NAME...]` (names: connections, idle-fds, bulk-read,
+//! stream, big-puts, tokens, clear-all, chunked, nul, sigterm, export-import, jwks-hang,
+//! redis-down, frozen-metastore; a name runs the attacks it is a part of). Needs
+//! `redis-server` on the PATH, and PostgreSQL's server binaries (initdb) for
+//! frozen-metastore.
 //!
 //! The gateway runs in a memory cgroup of its own (cgroup v2 `memory.max`, else v1
 //! `memory.limit_in_bytes`, both with swap off) with `ulimit -n 1024`; an OOM kill is then
@@ -268,10 +270,13 @@ struct Gateway {
 
 impl Gateway {
     fn start(limit: &MemoryLimit, env: &[(&str, String)]) -> Gateway {
+        Gateway::spawn(limit.wrap(binary(), &["serve"]), env)
+    }
+
+    fn spawn(mut command: Command, env: &[(&str, String)]) -> Gateway {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let child = limit
-            .wrap(binary(), &["serve"])
+        let child = command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AIRSTATE_LISTEN", &addr)
@@ -295,6 +300,13 @@ impl Gateway {
             base: format!("http://{addr}"),
             addr,
         }
+    }
+
+    /// [`start`](Self::start), with the descriptor limit set by `prlimit --nofile` (soft
+    /// and hard) rather than the shell's `ulimit`.
+    fn start_prlimited(limit: &MemoryLimit, env: &[(&str, String)]) -> Gateway {
+        let nofile = format!("--nofile={FD_LIMIT}:{FD_LIMIT}");
+        Gateway::spawn(limit.wrap("prlimit", &[&nofile, binary(), "serve"]), env)
     }
 
     fn pid(&self) -> u32 {
@@ -1328,10 +1340,355 @@ async fn redis_down(limit: &MemoryLimit, tally: Arc<Tally>) -> (String, Duration
     )
 }
 
+/// A task token for task instance `ti` (the metastore identity reads only `sub`).
+fn task_token(ti: Uuid, dag: &str, map_index: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({
+        "sub": ti.to_string(), "aud": "urn:airflow.apache.org:task", "scope": "execution",
+        "iat": now, "nbf": now, "exp": now + 3600, "jti": Uuid::new_v4().simple().to_string(),
+        "dag_id": dag, "run_id": "manual__attack", "task_id": "work", "map_index": map_index,
+    });
+    jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::HS512),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Every process of the PostgreSQL server `pg`: the postmaster, its backends and workers.
+async fn postgres_processes(pg: &common::Postgres) -> Vec<i32> {
+    let client = pg.client().await;
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(client);
+    let parent_of = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_name = &stat[stat.rfind(')')? + 2..];
+        after_name.split(' ').nth(1)?.parse().ok()
+    };
+    let postmaster = parent_of(backend).expect("the backend's parent");
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+            if parent_of(pid) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn signal_all(pids: &[i32], signal: i32) {
+    for pid in pids {
+        unsafe { libc::kill(*pid, signal) };
+    }
+}
+
+/// What [`frozen_metastore`] and [`idle_fds`] measured, for their row.
+struct OwnGateway {
+    notes: String,
+    slowest: Duration,
+    peak: u64,
+    lost: u64,
+    oom: bool,
+}
+
+/// Attack 4: a real PostgreSQL holding the metastore, frozen with SIGSTOP (connections stay
+/// open, nothing answers) for 10 s under requests that need it (tasks past the identity
+/// cache, an unknown task, an asset by name), with AIRSTATE_METASTORE_TIMEOUT_MS=1000.
+/// Each should be a 503 within about the timeout; after SIGCONT the replica serves again.
+async fn frozen_metastore(
+    limit: &MemoryLimit,
+    redis: &RedisServer,
+    tally: Arc<Tally>,
+) -> OwnGateway {
+    let pg = common::Postgres::start();
+    let ooms = limit.oom_kills();
+    let mut gateway = Gateway::start(
+        limit,
+        &[
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET.to_owned()),
+            ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", pg.url.clone()),
+            ("AIRSTATE_REDIS_URL", redis.url.clone()),
+            ("AIRSTATE_KEY_PREFIX", "attack-pg:".to_owned()),
+            ("AIRSTATE_METASTORE_TIMEOUT_MS", "1000".to_owned()),
+            ("AIRSTATE_IDENTITY_CACHE_SECONDS", "1".to_owned()),
+            ("AIRSTATE_RECONCILE_INTERVAL_SECONDS", "0".to_owned()),
+        ],
+    );
+    let watch = RssWatch::start(gateway.pid());
+    let client = http();
+    let mut tis = Vec::new();
+    for i in 0..8 {
+        let ti = Uuid::now_v7();
+        let (dag, run) = (format!("attack_pg_{i}"), "manual__attack".to_owned());
+        pg.insert_task_instance(ti, &dag, &run, "work", -1).await;
+        tis.push((ti, task_token(ti, &dag, -1)));
+    }
+    let asset = format!("attack-asset-{}", Uuid::new_v4().simple());
+    pg.insert_asset(&asset, &format!("s3://attack/{asset}"), true)
+        .await;
+    let url_of = |ti: &Uuid, key: &str| format!("{}/execution/store/ti/{ti}/{key}", gateway.base);
+    // Warm: each pooled connection used once; these writes must survive the outage.
+    let mut acked = Vec::new();
+    for (n, (ti, token)) in tis.iter().enumerate() {
+        let value = format!("\"before the freeze {n}\"");
+        let put = client
+            .put(url_of(ti, "kept"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(format!("{{\"value\": {value}}}"));
+        if let Some((204, _)) = send(&tally, put).await {
+            acked.push((*ti, token.clone(), "kept".to_owned(), value));
+        }
+    }
+    let pids = postgres_processes(&pg).await;
+    signal_all(&pids, libc::SIGSTOP);
+    let frozen_at = Instant::now();
+    // Past the identity cache: every request below needs the metastore.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let mut rounds = 0;
+    while frozen_at.elapsed() < Duration::from_secs(10) {
+        rounds += 1;
+        let mut requests = Vec::new();
+        for (ti, token) in &tis {
+            requests.push(client.get(url_of(ti, "kept")).bearer_auth(token));
+            requests.push(
+                client
+                    .put(url_of(ti, &format!("frozen-{rounds}")))
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body("{\"value\": 1}"),
+            );
+        }
+        let unknown = Uuid::now_v7();
+        requests.push(client.get(url_of(&unknown, "k")).bearer_auth(task_token(
+            unknown,
+            "attack_pg_unknown",
+            -1,
+        )));
+        requests.push(
+            client
+                .get(format!(
+                    "{}/execution/store/asset/by-name/value?name={asset}&key=k",
+                    gateway.base
+                ))
+                .bearer_auth(&tis[0].1),
+        );
+        let mut answers = tokio::task::JoinSet::new();
+        for request in requests {
+            let (tally, slowest) = (tally.clone(), slowest.clone());
+            answers.spawn(async move {
+                let started = Instant::now();
+                send(&tally, request).await;
+                let took = started.elapsed();
+                let mut slowest = slowest.lock().unwrap();
+                *slowest = (*slowest).max(took);
+            });
+        }
+        while answers.join_next().await.is_some() {}
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let frozen_for = frozen_at.elapsed();
+    let during = tally.summary();
+    signal_all(&pids, libc::SIGCONT);
+    let thawed = Instant::now();
+    let (ti, token) = &tis[0];
+    let recovered = loop {
+        let answer = client
+            .get(url_of(ti, "kept"))
+            .bearer_auth(token)
+            .send()
+            .await;
+        if answer.is_ok_and(|a| a.status() == 200) {
+            break Some(thawed.elapsed());
+        }
+        if thawed.elapsed() > Duration::from_secs(15) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut lost = 0;
+    for (ti, token, key, value) in &acked {
+        let body = match client.get(url_of(ti, key)).bearer_auth(token).send().await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if !reads_as(&body, value) {
+            lost += 1;
+        }
+    }
+    let peak = watch.peak_bytes();
+    let alive = gateway.alive();
+    let slowest = *slowest.lock().unwrap();
+    OwnGateway {
+        notes: format!(
+            "frozen {:.1} s, {rounds} rounds of 18 requests (GET and PUT of 8 tasks past the \
+             identity cache, an unknown task, an asset by name): {during}; slowest {} ms \
+             (AIRSTATE_METASTORE_TIMEOUT_MS=1000); after SIGCONT served again in {}; \
+             {} writes made before the freeze re-read; gateway alive after: {alive}",
+            frozen_for.as_secs_f64(),
+            slowest.as_millis(),
+            recovered.map_or("NOT within 15 s".to_owned(), |d| format!(
+                "{} ms",
+                d.as_millis()
+            )),
+            acked.len(),
+        ),
+        slowest,
+        peak,
+        lost,
+        oom: limit.oom_kills() > ooms,
+    }
+}
+
+/// A new request to `gateway` while it is crowded: its status, "closed" (refused or
+/// closed at once: the client can retry elsewhere) or "HUNG" (no answer in 5 s).
+async fn probe(base: &str, me: &Task) -> (String, Duration) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let answer = client
+        .get(format!("{base}/execution/store/ti/{}/probe", me.ti))
+        .bearer_auth(&me.token)
+        .send()
+        .await;
+    let what = match answer {
+        Ok(answer) => answer.status().as_u16().to_string(),
+        Err(error) if error.is_timeout() => "HUNG".to_owned(),
+        Err(_) => "closed".to_owned(),
+    };
+    (what, started.elapsed())
+}
+
+/// Attack 1's descriptor part: the gateway under `prlimit --nofile=1024`, 1,200 idle
+/// keep-alive connections (each served one /health, then silent), once with the default
+/// AIRSTATE_MAX_CONNECTIONS (1000) and once with it above the descriptor limit (4000).
+/// While they are open, new requests must be answered or refused at once, never left
+/// hanging; once they close, the replica must serve again.
+async fn idle_fds(limit: &MemoryLimit, redis: &RedisServer, tally: Arc<Tally>) -> OwnGateway {
+    let ooms = limit.oom_kills();
+    let me = task("attack_fds", -1);
+    let mut notes = Vec::new();
+    let mut slowest = Duration::ZERO;
+    let mut peak = 0;
+    let mut lost = 0;
+    for cap in ["1000", "4000"] {
+        let mut env = redis_env(redis);
+        env.push(("AIRSTATE_MAX_CONNECTIONS", cap.to_owned()));
+        let mut gateway = Gateway::start_prlimited(limit, &env);
+        let watch = RssWatch::start(gateway.pid());
+        let client = http();
+        let url = format!("{}/execution/store/ti/{}/kept-{cap}", gateway.base, me.ti);
+        let value = format!("\"written with a cap of {cap}\"");
+        let put = client
+            .put(&url)
+            .bearer_auth(&me.token)
+            .header("content-type", "application/json")
+            .body(format!("{{\"value\": {value}}}"));
+        let acked = matches!(send(&tally, put).await, Some((204, _)));
+        let served = Arc::new(AtomicU64::new(0));
+        let mut idle = tokio::task::JoinSet::new();
+        for _ in 0..1200 {
+            let (addr, tally, served) = (gateway.addr.clone(), tally.clone(), served.clone());
+            idle.spawn(async move {
+                tally.tried();
+                let mut stream =
+                    tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr))
+                        .await
+                        .ok()?
+                        .ok()?;
+                let _ = stream
+                    .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+                    .await;
+                match tokio::time::timeout(Duration::from_secs(3), read_response(&mut stream)).await
+                {
+                    Ok(Some((status, body))) => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                        tally.answer(status, &body);
+                    }
+                    _ => tally.count("idle: unanswered".into()),
+                }
+                Some(stream)
+            });
+        }
+        let mut held = Vec::new();
+        while let Some(stream) = idle.join_next().await {
+            held.extend(stream.ok().flatten());
+        }
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", gateway.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let mut crowded = BTreeMap::<String, u64>::new();
+        let mut crowded_slowest = Duration::ZERO;
+        for _ in 0..10 {
+            tally.tried();
+            let (what, took) = probe(&gateway.base, &me).await;
+            if what == "HUNG" {
+                tally.count("probe: hung".into());
+            }
+            *crowded.entry(what).or_default() += 1;
+            crowded_slowest = crowded_slowest.max(took);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        drop(held);
+        let closed_at = Instant::now();
+        let recovered = loop {
+            tally.tried();
+            let (what, _) = probe(&gateway.base, &me).await;
+            if what == "404" {
+                break Some(closed_at.elapsed());
+            }
+            if closed_at.elapsed() > Duration::from_secs(20) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if acked {
+            let answer = send(&tally, client.get(&url).bearer_auth(&me.token)).await;
+            if !answer.is_some_and(|(status, body)| status == 200 && reads_as(&body, &value)) {
+                lost += 1;
+            }
+        }
+        slowest = slowest.max(crowded_slowest);
+        peak = peak.max(watch.peak_bytes());
+        let alive = gateway.alive();
+        let crowded: Vec<String> = crowded.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        notes.push(format!(
+            "cap {cap}: {} of 1200 idle connections served, gateway holding {fds} descriptors; \
+             10 new requests while they were open: {} (slowest {} ms); after they closed, served \
+             again in {}; alive after: {alive}",
+            served.load(Ordering::Relaxed),
+            crowded.join(", "),
+            crowded_slowest.as_millis(),
+            recovered.map_or("NOT within 20 s".to_owned(), |d| format!(
+                "{} ms",
+                d.as_millis()
+            )),
+        ));
+    }
+    OwnGateway {
+        notes: notes.join("; "),
+        slowest,
+        peak,
+        lost,
+        oom: limit.oom_kills() > ooms,
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 
-const ATTACKS: [&str; 12] = [
+const ATTACKS: [&str; 14] = [
     "connections",
+    "idle-fds",
     "bulk-read",
     "stream",
     "big-puts",
@@ -1343,6 +1700,7 @@ const ATTACKS: [&str; 12] = [
     "export-import",
     "jwks-hang",
     "redis-down",
+    "frozen-metastore",
 ];
 
 fn mib(bytes: u64) -> String {
@@ -1426,6 +1784,30 @@ async fn main() {
                     bad_5xx: tally.bad_5xx.load(Ordering::Relaxed),
                     lost: "-".into(),
                     notes,
+                });
+                continue;
+            }
+            "frozen-metastore" | "idle-fds" => {
+                let own = if attack == "idle-fds" {
+                    idle_fds(&ctx.limit, &ctx.redis, tally.clone()).await
+                } else {
+                    frozen_metastore(&ctx.limit, &ctx.redis, tally.clone()).await
+                };
+                rows.push(Row {
+                    attack,
+                    tried: tally.tried.load(Ordering::Relaxed),
+                    oom: if own.oom || own.peak > LIMIT_BYTES {
+                        "YES"
+                    } else {
+                        "no"
+                    }
+                    .into(),
+                    peak_rss: mib(own.peak),
+                    slowest: format!("{} ms (its own requests)", own.slowest.as_millis()),
+                    legit: "-".into(),
+                    bad_5xx: tally.bad_5xx.load(Ordering::Relaxed),
+                    lost: own.lost.to_string(),
+                    notes: own.notes,
                 });
                 continue;
             }

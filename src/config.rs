@@ -258,6 +258,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "runs or assets asked of the metastore at a time in a reconcile pass",
     },
     Variable {
+        name: "AIRSTATE_EXPORT_BATCH_BYTES",
+        default: DefaultValue::Value("4194304"),
+        meaning: "most bytes of values `airstate export` reads from Redis at once (a larger single value is read alone); its memory is a few times this",
+    },
+    Variable {
         name: "AIRSTATE_IDENTITY",
         default: DefaultValue::Described("metastore with a database, else claims"),
         meaning: "metastore | claims",
@@ -817,6 +822,18 @@ pub fn redis_from_lookup(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<RedisSettings>, ConfigError> {
     redis_settings(&Env(&lookup))
+}
+
+/// `AIRSTATE_EXPORT_BATCH_BYTES`: how many bytes of values `airstate export` reads at
+/// once (at least 1).
+pub fn export_batch_bytes_from_lookup(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<usize, ConfigError> {
+    let bytes: usize = Env(&lookup).parse("AIRSTATE_EXPORT_BATCH_BYTES")?;
+    if bytes == 0 {
+        return Err(error("AIRSTATE_EXPORT_BATCH_BYTES", "must be at least 1"));
+    }
+    Ok(bytes)
 }
 
 /// Redis settings with every default, for `url` and `prefix`: what a tool or test that
@@ -1427,6 +1444,7 @@ mod tests {
         assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.server.max_connections, 1000);
         assert_eq!(c.server.max_requests, 256);
+        assert_eq!(export_batch_bytes_from_lookup(|_| None).unwrap(), 4 << 20);
         assert_eq!(c.server.max_body_bytes_in_flight, 16 << 20);
         let redis = c.redis.unwrap();
         assert_eq!(redis.key_prefix, "airstate:");

@@ -168,6 +168,14 @@ fn migrate(migration: Migration) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let batch_bytes =
+        match airstate::config::export_batch_bytes_from_lookup(|name| std::env::var(name).ok()) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                eprintln!("airstate: {error}");
+                return ExitCode::from(2);
+            }
+        };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result: Result<(&str, airstate::migrate::Summary), MigrateError> =
         runtime.block_on(async {
@@ -179,7 +187,8 @@ fn migrate(migration: Migration) -> ExitCode {
                     } else {
                         Box::new(std::io::BufWriter::new(std::fs::File::create(&path)?))
                     };
-                    let summary = airstate::migrate::export(&store, &mut out).await?;
+                    let summary =
+                        airstate::migrate::export_in_batches(&store, &mut out, batch_bytes).await?;
                     Ok(("exported", summary))
                 }
                 Migration::Import(path) => {
@@ -201,7 +210,13 @@ fn migrate(migration: Migration) -> ExitCode {
                 }
                 Migration::ToMetastore { batch } => {
                     let url = metastore_url("--to-metastore")?;
-                    let summary = airstate::migrate::metastore::export(&store, &url, batch).await?;
+                    let summary = airstate::migrate::metastore::export_in_batches(
+                        &store,
+                        &url,
+                        batch,
+                        batch_bytes,
+                    )
+                    .await?;
                     Ok(("exported", summary))
                 }
                 Migration::FromMetastore => {

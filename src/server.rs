@@ -18,6 +18,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
 use axum::Router;
+use futures_util::FutureExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -83,6 +84,12 @@ pub async fn run(listener: TcpListener, app: Router, settings: ServerSettings, s
     // Each connection task holds a clone; the last one gone ends the drain.
     let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut stop = stopping.clone();
+    // A descriptor held in reserve. Out of descriptors (more connections allowed than the
+    // descriptor limit leaves room for), accept() fails while the kernel keeps completed
+    // connections in the backlog, where every new client would wait unanswered until the
+    // count drops (measured: a 5 s client timeout, every time). Giving the spare up lets
+    // one be accepted and closed at once, so the client retries elsewhere.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -90,7 +97,20 @@ pub async fn run(listener: TcpListener, app: Router, settings: ServerSettings, s
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
+            Err(error) if out_of_descriptors(&error) && spare.is_some() => {
+                drop(spare.take());
+                // The failed accept left the listener ready: this polls it once.
+                if let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+                    metrics::counter!("airstate_connections_rejected_total").increment(1);
+                    drop(stream);
+                }
+                spare = std::fs::File::open("/dev/null").ok();
+                continue;
+            }
             Err(error) => {
+                if spare.is_none() {
+                    spare = std::fs::File::open("/dev/null").ok();
+                }
                 // Out of descriptors, typically: pause instead of spinning on the error.
                 tracing::warn!(%error, "cannot accept a connection");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -117,6 +137,11 @@ pub async fn run(listener: TcpListener, app: Router, settings: ServerSettings, s
     drop(listener);
     drop(live_tx);
     let _ = live_rx.recv().await;
+}
+
+/// EMFILE (this process) or ENFILE (the system): the same numbers on Linux and the BSDs.
+fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(23 | 24))
 }
 
 async fn serve_connection(

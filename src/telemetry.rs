@@ -209,7 +209,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("airstate_reclaim_schedule_failures_total", "Acknowledged clear-alls whose task could not be put in the reclaim index"),
     ("airstate_reclaim_pending", "Clear-alls whose stale map indices the sweeper has not reclaimed yet, as its last pass counted (absent before the first pass)"),
     ("airstate_connections_open", "Client connections open now"),
-    ("airstate_connections_rejected_total", "Client connections closed at once because AIRSTATE_MAX_CONNECTIONS were open"),
+    ("airstate_connections_rejected_total", "Client connections closed at once because AIRSTATE_MAX_CONNECTIONS were open, or the descriptor limit was reached"),
     ("airstate_connections_timed_out_total", "Client connections closed at the header read or idle timeout"),
     ("airstate_dependency_up", "1 when the dependency (redis, metastore) answered this replica's last readiness check, else 0"),
     ("airstate_requests_shed_total", "Requests answered 503 at once because this replica was at a limit, by reason (requests, body_bytes)"),

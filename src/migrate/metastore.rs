@@ -298,6 +298,16 @@ pub async fn export(
     postgres_url: &str,
     batch: usize,
 ) -> Result<Summary, MigrateError> {
+    export_in_batches(store, postgres_url, batch, super::default_batch_bytes()).await
+}
+
+/// [`export`] reading at most about `batch_bytes` of values from Redis at once.
+pub async fn export_in_batches(
+    store: &RedisStore,
+    postgres_url: &str,
+    batch: usize,
+    batch_bytes: usize,
+) -> Result<Summary, MigrateError> {
     let (client, connection) = connect(postgres_url).await?;
     let mut out = Export {
         client,
@@ -312,7 +322,7 @@ pub async fn export(
         warned: HashSet::new(),
         progress: Progress::new("exported"),
     };
-    super::walk(store, async |found| out.take(found).await).await?;
+    super::walk(store, batch_bytes, async |found| out.take(found).await).await?;
     out.flush_tasks().await?;
     out.flush_assets().await?;
     drop(out.client);

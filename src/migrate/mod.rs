@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::store::redis::{RedisStore, ScopeRef};
+use crate::store::redis::{ExportScope, RedisStore, ScopeRef};
 use crate::store::rules::{check_key, check_task_identity, check_value_text};
 use crate::store::{now_millis, AssetKey, Entry, EpochMillis, StateStore, StoreError, TaskScope};
 use crate::store::{StoredValue, Writer};
@@ -374,17 +374,26 @@ fn splice(head: serde_json::Value, value: &StoredValue, tail: serde_json::Value)
     )
 }
 
-/// A scope found in the store, with its live keys sorted by key.
+/// `AIRSTATE_EXPORT_BATCH_BYTES`'s default: what [`export`] reads at once.
+pub fn default_batch_bytes() -> usize {
+    crate::config::export_batch_bytes_from_lookup(|_| None)
+        .expect("the default of AIRSTATE_EXPORT_BATCH_BYTES parses")
+}
+
+/// A batch of a scope found in the store: some of its live keys, sorted by key. The
+/// batches of one scope come one after another, in key order.
 pub enum Found {
     Task(TaskScope, Vec<Entry>),
     Asset(AssetKey, Vec<Entry>),
 }
 
-/// Hands every non-empty task scope and asset of `store` to `visit`, scopes in the order
-/// of their Redis key names, keys sorted within a scope. Only the key names and one
-/// scope's entries are held in memory. Expired keys are never listed.
+/// Hands every non-empty task scope and asset of `store` to `visit`, in batches of at
+/// most about `batch_bytes` of values: scopes in the order of their Redis key names,
+/// keys sorted within a scope. Only the key names (of the scopes, and of the scope being
+/// read) and one batch of entries are held in memory. Expired keys are never listed.
 pub async fn walk(
     store: &RedisStore,
+    batch_bytes: usize,
     mut visit: impl AsyncFnMut(Found) -> Result<(), MigrateError>,
 ) -> Result<(), MigrateError> {
     let mut names = Vec::new();
@@ -395,21 +404,25 @@ pub async fn walk(
     names.sort_unstable();
     names.dedup();
     for name in names {
-        match store.scope_of_key(&name).await? {
-            None => {}
-            Some(ScopeRef::Task(scopes)) => {
-                for scope in scopes {
-                    let entries = store.list_task(&scope).await?;
-                    if !entries.is_empty() {
-                        visit(Found::Task(scope, entries)).await?;
-                    }
+        let scopes = match store.scope_of_key(&name).await? {
+            None => continue,
+            Some(ScopeRef::Task(scopes)) => scopes.into_iter().map(ExportScope::Task).collect(),
+            Some(ScopeRef::Asset(asset)) => vec![ExportScope::Asset(asset)],
+        };
+        for scope in scopes {
+            let keys = store.export_names(&scope).await?;
+            let mut rest = keys.as_slice();
+            while !rest.is_empty() {
+                let (read, entries) = store.export_batch(&scope, rest, batch_bytes).await?;
+                rest = &rest[read..];
+                if entries.is_empty() {
+                    continue;
                 }
-            }
-            Some(ScopeRef::Asset(asset)) => {
-                let entries = store.list_asset(&asset).await?;
-                if !entries.is_empty() {
-                    visit(Found::Asset(asset, entries)).await?;
-                }
+                visit(match &scope {
+                    ExportScope::Task(scope) => Found::Task(scope.clone(), entries),
+                    ExportScope::Asset(asset) => Found::Asset(asset.clone(), entries),
+                })
+                .await?;
             }
         }
     }
@@ -417,25 +430,45 @@ pub async fn walk(
 }
 
 /// Writes every task scope and asset of `store` as JSON lines, in [`walk`]'s order (so two
-/// exports of the same data are byte-identical). Values stream.
+/// exports of the same data are byte-identical). Values stream: each batch of a scope is
+/// written as it is read.
 pub async fn export(store: &RedisStore, out: &mut dyn Write) -> Result<Summary, MigrateError> {
+    export_in_batches(store, out, default_batch_bytes()).await
+}
+
+/// [`export`] reading at most about `batch_bytes` of values from Redis at once (a single
+/// larger value is read alone), so its memory is bounded by a batch, not by a scope.
+pub async fn export_in_batches(
+    store: &RedisStore,
+    out: &mut dyn Write,
+    batch_bytes: usize,
+) -> Result<Summary, MigrateError> {
     let mut summary = Summary::default();
     let mut progress = Progress::new("exported");
-    walk(store, async |found| {
+    // The batches of one scope are consecutive: a scope is counted at its first.
+    let mut last_task: Option<TaskScope> = None;
+    let mut last_asset: Option<AssetKey> = None;
+    walk(store, batch_bytes, async |found| {
         match found {
             Found::Task(scope, entries) => {
-                summary.task_scopes += 1;
+                if last_task.as_ref() != Some(&scope) {
+                    summary.task_scopes += 1;
+                }
                 for entry in &entries {
                     writeln!(out, "{}", task_line(&scope, entry))?;
                     summary.task_keys += 1;
                 }
+                last_task = Some(scope);
             }
             Found::Asset(asset, entries) => {
-                summary.assets += 1;
+                if last_asset.as_ref() != Some(&asset) {
+                    summary.assets += 1;
+                }
                 for entry in &entries {
                     writeln!(out, "{}", asset_line(&asset, entry))?;
                     summary.asset_keys += 1;
                 }
+                last_asset = Some(asset);
             }
         }
         progress.tick(summary.task_keys + summary.asset_keys);

@@ -858,12 +858,7 @@ impl Deployment {
 
     /// The sum of airstate's `airstate_http_requests_total` series whose labels hold `label`.
     async fn requests_counted(&self, label: &str) -> f64 {
-        let metrics = reqwest::get(format!("{}/metrics", self.front))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = common::scrape(&self.front).await;
         metrics
             .lines()
             .filter(|l| l.starts_with("airstate_http_requests_total{") && l.contains(label))

@@ -181,12 +181,7 @@ async fn embedded_default_serves_and_stops_cleanly_on_sigterm() {
     assert_eq!(put.status(), 204);
     let got = http.get(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(got.text().await.unwrap(), r#"{"value":1.0}"#);
-    let ready = http
-        .get(format!("{}/ready", served.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(common::ready(&served.base).await.0, 200);
 
     unsafe { libc::kill(served.child.id() as i32, libc::SIGTERM) };
     let started = Instant::now();
@@ -267,14 +262,9 @@ async fn rediss_urls_speak_tls_to_a_server_signed_by_a_private_ca() {
     untrusted_env.push(("AIRSTATE_REDIS_URL", url.clone()));
     untrusted_env.push(("AIRSTATE_REDIS_TIMEOUT_MS", "1000".to_owned()));
     let untrusted = serve(&untrusted_env);
-    let ready = reqwest::get(format!("{}/ready", untrusted.base))
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    let detail = ready.json::<serde_json::Value>().await.unwrap()["detail"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (status, ready) = common::ready(&untrusted.base).await;
+    assert_eq!(status, 503);
+    let detail = ready["detail"].as_str().unwrap().to_owned();
     assert!(
         detail.starts_with("not ready: redis not reached since start-up"),
         "{detail}"

@@ -285,14 +285,7 @@ async fn everything_not_served_is_forwarded_with_headers_as_a_proxy_should() {
         "state routes are never forwarded"
     );
 
-    let metrics = http
-        .get(format!("{}/metrics", gw.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::scrape(&gw.base).await;
     let forwarded = metrics
         .lines()
         .find(|line| {
@@ -453,9 +446,8 @@ async fn upstream_down_is_502_slow_is_504_and_state_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(put.status(), 204);
-    let ready = http.get(format!("{}/ready", gw.base)).send().await.unwrap();
-    assert_eq!(ready.status(), 200);
-    let ready: Value = ready.json().await.unwrap();
+    let (status, ready) = common::ready(&gw.base).await;
+    assert_eq!(status, 200);
     assert_eq!(ready["status"], "ready");
     assert!(
         ready["airflow_api_server"]
@@ -478,14 +470,7 @@ async fn upstream_down_is_502_slow_is_504_and_state_keeps_serving() {
     );
     assert!(took < Duration::from_millis(1500), "took {took:?}");
     assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
-    let ready: Value = http
-        .get(format!("{}/ready", gw.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, ready) = common::ready(&gw.base).await;
     assert_eq!(ready["airflow_api_server"], "answers (201)");
 }
 
@@ -511,22 +496,9 @@ async fn redis_down_at_start_up_or_later_keeps_forwarding_and_readiness_follows_
     let token = task_token(ti);
     let state = format!("{}/execution/store/ti/{ti}/k", gw.base);
     let heartbeat = format!("{}/execution/task-instances/{ti}/heartbeat", gw.base);
-    let ready = || async {
-        let reply = http.get(format!("{}/ready", gw.base)).send().await.unwrap();
-        (
-            reply.status().as_u16(),
-            reply.json::<Value>().await.unwrap(),
-        )
-    };
+    let ready = || common::ready(&gw.base);
     let dependency_up = || async {
-        let text = http
-            .get(format!("{}/metrics", gw.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::scrape(&gw.base).await;
         text.lines()
             .find(|line| line.starts_with("airstate_dependency_up{dependency=\"redis\"}"))
             .map(|line| line.rsplit(' ').next().unwrap().to_owned())

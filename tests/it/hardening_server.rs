@@ -269,6 +269,60 @@ fn connections_over_the_cap_are_closed_at_once() {
     assert_eq!(metric(&served, "airstate_connections_rejected_total"), 1.0);
 }
 
+/// Issue 15, item 1: with more connections allowed than the descriptor limit leaves room
+/// for, the descriptors run out first. A new client must then be closed at once (it
+/// retries elsewhere), not left in the listen backlog unanswered, and once connections
+/// close the replica serves again.
+#[test]
+fn connections_past_the_descriptor_limit_are_closed_at_once() {
+    let served = ServedBinary::start_with_nofile(
+        &[
+            ("AIRFLOW__API_AUTH__JWT_SECRET", SECRET),
+            ("RUST_LOG", "error"),
+            ("AIRSTATE_MAX_CONNECTIONS", "1000"),
+        ],
+        Stdio::inherit(),
+        128,
+    );
+    let health = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    // More kept-alive connections than 128 descriptors hold, each asking once.
+    let mut held: Vec<TcpStream> = (0..160)
+        .map(|_| {
+            let mut stream = connect(&served);
+            stream.write_all(health).unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut answered = 0;
+    for stream in &mut held {
+        let (text, _) = read_until_closed(stream, Duration::from_millis(100));
+        answered += usize::from(text.starts_with("HTTP/1.1 200"));
+    }
+    assert!(
+        (100..160).contains(&answered),
+        "{answered} of 160 answered: the descriptor limit was not reached"
+    );
+    for _ in 0..5 {
+        let mut probe = connect(&served);
+        probe.write_all(health).unwrap();
+        let (text, closed) = read_until_closed(&mut probe, Duration::from_secs(3));
+        let closed = closed.unwrap_or_else(|| {
+            panic!("a new connection was left waiting, unanswered, with descriptors exhausted")
+        });
+        assert!(
+            closed < Duration::from_millis(1000) && (text.is_empty() || text.contains(" 200 ")),
+            "closed after {closed:?}: {text:?}"
+        );
+    }
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = connect(&served);
+    again.write_all(health).unwrap();
+    assert!(read_response(&mut again).starts_with("HTTP/1.1 200"));
+    assert!(metric(&served, "airstate_connections_rejected_total") >= 1.0);
+}
+
 #[test]
 fn headers_over_the_limit_are_a_431() {
     let served = serve(&[("AIRSTATE_MAX_HEADER_BYTES", "4096")]);
@@ -552,12 +606,7 @@ async fn requests_across_sigterm_are_all_served_during_the_drain() {
     signalled.set(Instant::now()).unwrap();
     // Readiness turns 503 at once, on a new connection, while requests are still served.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = fresh
-        .get(format!("{}/ready", served.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
+    assert_eq!(common::ready(&served.base).await.0, 503);
     let (before, after, failures) = sender.await.unwrap();
     println!("{before} requests before SIGTERM, {after} in the 1.5 s after it");
     assert!(

@@ -255,12 +255,7 @@ fn replica(redis: &str, prefix: &str, pg: &Postgres) -> ServedBinary {
 }
 
 async fn passes(replica: &ServedBinary) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", replica.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::scrape(&replica.base).await;
     metric(&text, "airstate_reconcile_passes_total", "outcome")
 }
 

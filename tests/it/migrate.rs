@@ -450,3 +450,144 @@ fn the_cli_exports_and_imports_with_a_summary() {
         std::fs::read_to_string(&file).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_in_small_batches_is_the_same_export() {
+    let server = RedisServer::shared();
+    let prefix = format!("{}:", unique("batches"));
+    let store = connect(&server.url, &prefix).await;
+    populate(&store).await;
+    let (whole, summary) = export_bytes(&store).await;
+    // One byte per batch: every key of every scope is a batch of its own.
+    let mut out = Vec::new();
+    let batched = migrate::export_in_batches(&store, &mut out, 1)
+        .await
+        .expect("export");
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(whole).unwrap()
+    );
+    assert_eq!(
+        batched, summary,
+        "a scope read in many batches is counted once"
+    );
+}
+
+/// The most memory `airstate export` may use for a scope of 160 MiB: the process itself
+/// (an empty export of the debug build peaks at 38 MiB) and a few batches of the default
+/// 4 MiB (67 MiB measured, about the same for 10 or 160 values of 1 MiB), far below the
+/// scope. Reading the scope at once peaked at 164 MiB for 40 values and timed out at 268
+/// MiB for 160. Under load the peak moves (74-84 MiB with three exports at once, once past
+/// 96 MiB in a loaded suite: the allocator's per-thread heaps), so the bound is the chart's
+/// 128 MiB pod less some headroom, still far below what reading the scope at once takes.
+const EXPORT_PEAK_BYTES: u64 = 120 * 1024 * 1024;
+
+/// Runs the real binary to its exit and returns its exit status and peak RSS in bytes,
+/// as the kernel counted it (`wait4`'s `ru_maxrss`, exact, not sampled).
+fn run_measured(args: &[&str], env: &[(&str, &str)]) -> (i32, u64, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr_path = dir.path().join("stderr");
+    // Reaped by the wait4 below (which reports the peak RSS), not by `Child::wait`.
+    #[allow(clippy::zombie_processes)]
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_airstate"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a child of this process, waited for here only (`child` is never waited).
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4");
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    (code, usage.ru_maxrss as u64 * 1024, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_larger_than_memory_exports_in_bounded_memory_and_imports_back() {
+    // A server of its own: 2 x 200 MiB of values is no neighbour's business.
+    let server = RedisServer::start();
+    let prefix = format!("{}:", unique("big"));
+    let store = connect(&server.url, &prefix).await;
+    let big = scope("dag-big", -1);
+    let asset = AssetKey("77".into());
+    // 1 MiB JSON strings, each different, so a mix-up shows.
+    let value = |i: usize| format!("\"{i:04}{}\"", "v".repeat(1024 * 1024 - 6));
+    for i in 0..160 {
+        store
+            .import_task(
+                &big,
+                &format!("k{i:03}"),
+                &value(i),
+                1_700_000_000_000,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..40 {
+        store
+            .import_asset(
+                &asset,
+                &format!("a{i:03}"),
+                &value(i),
+                1_700_000_000_000,
+                Some(&Writer::Api),
+            )
+            .await
+            .unwrap();
+    }
+    // Expired keys in the large scope are still skipped.
+    store
+        .put_task(&big, "gone", "1", Some(1_000))
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state.jsonl");
+    let file_arg = file.to_str().unwrap();
+    let env = [
+        ("AIRSTATE_REDIS_URL", server.url.as_str()),
+        ("AIRSTATE_KEY_PREFIX", prefix.as_str()),
+    ];
+    let (code, peak, stderr) = run_measured(&["export", "--output", file_arg], &env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "exported 160 task keys in 1 task scopes, 40 asset keys in 1 assets; 0 expired skipped"
+        ),
+        "{stderr}"
+    );
+    let exported = std::fs::read(&file).unwrap();
+    assert!(exported.len() > 200 * 1024 * 1024, "{}", exported.len());
+    assert!(
+        peak < EXPORT_PEAK_BYTES,
+        "exporting a 160 MiB scope peaked at {} MiB (limit {} MiB)",
+        peak >> 20,
+        EXPORT_PEAK_BYTES >> 20
+    );
+    assert!(!String::from_utf8_lossy(&exported).contains("\"gone\""));
+
+    // The output imports back to the same state, through the real binary too.
+    let other = format!("{}:", unique("big-again"));
+    let env = [
+        ("AIRSTATE_REDIS_URL", server.url.as_str()),
+        ("AIRSTATE_KEY_PREFIX", other.as_str()),
+    ];
+    let (code, _, stderr) = run_measured(&["import", "--input", file_arg], &env);
+    assert_eq!(code, 0, "{stderr}");
+    let again = connect(&server.url, &other).await;
+    let (second, _) = export_bytes(&again).await;
+    assert!(second == exported, "export -> import -> export differs");
+    let got = again.get_task(&big, "k123").await.unwrap().unwrap();
+    assert_eq!(got.json, value(123));
+}

@@ -83,10 +83,7 @@ async fn the_opt_out_starts_with_a_warning() {
         ],
         Stdio::from(log.reopen().unwrap()),
     );
-    let ready = reqwest::get(format!("{}/ready", served.base))
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(common::ready(&served.base).await.0, 200);
     let stderr = std::fs::read_to_string(log.path()).unwrap();
     assert!(
         stderr.contains("warning: AIRSTATE_REDIS_ULR is not a variable airstate reads; did you mean AIRSTATE_REDIS_URL?"),
@@ -336,14 +333,7 @@ async fn fuzzed_requests_leave_a_bounded_set_of_series() {
         );
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
     };
-    let scrape = || async {
-        reqwest::get(format!("{}/metrics", served.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || common::scrape(&served.base);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     fuzz(&served.base, &templates, &token, &mut rng, 1000).await;
     let first = scrape().await;
@@ -477,22 +467,8 @@ async fn metrics_follow_prometheus_conventions() {
         missing.text().await.unwrap()
     );
     println!("unknown task instance: {status}");
-    assert_eq!(
-        http.get(format!("{}/ready", served.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let text = http
-        .get(format!("{}/metrics", served.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(common::ready(&served.base).await.0, 200);
+    let text = common::scrape(&served.base).await;
 
     let typed: Vec<(&str, &str)> = text
         .lines()
@@ -756,15 +732,7 @@ async fn dashboard_and_alert_rules_use_metrics_a_replica_exposes() {
         .unwrap();
     assert_eq!(forwarded.status(), 502);
     // A reconcile pass (every second) has run once the metric shows.
-    let scrape = || async {
-        http.get(format!("{}/metrics", served.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || common::scrape(&served.base);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while !scrape().await.contains("airstate_reconcile_passes_total{") {
         assert!(std::time::Instant::now() < deadline, "no reconcile pass");

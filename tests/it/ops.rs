@@ -212,17 +212,8 @@ async fn a_password_with_url_characters_works_from_its_own_variable_or_percent_e
             ("RUST_LOG", "warn"),
         ]);
         let served = ServedBinary::start(&env, Stdio::inherit());
-        let ready = http
-            .get(format!("{}/ready", served.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            ready.status(),
-            200,
-            "{env:?}: {}",
-            ready.text().await.unwrap()
-        );
+        let (status, ready) = common::ready(&served.base).await;
+        assert_eq!(status, 200, "{env:?}: {ready}");
         let ti = uuid::Uuid::now_v7();
         let token = claims_token(ti);
         let key = format!("{}/execution/store/ti/{ti}/k", served.base);

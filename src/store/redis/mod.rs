@@ -26,14 +26,15 @@
 //! One file per concern: `url` (the URL forms), `call` (the pool, and `Connection::call`,
 //! the only way a command is sent), `codec` (a value in a hash field), `scripts` (the Lua
 //! under `lua/`), `task` and `asset` (the operations), `sweep` (the sweeper and its
-//! index), `reclaim` (what clear-alls left stale), `scan` (export) and `events` (change
-//! streams).
+//! index), `reclaim` (what clear-alls left stale), `scan` and `export` (what `airstate
+//! export` walks and reads) and `events` (change streams).
 
 mod asset;
 mod call;
 pub use self::call::Startup;
 mod codec;
 mod events;
+mod export;
 mod reclaim;
 mod reconcile;
 mod scan;
@@ -57,6 +58,7 @@ use super::{
     TaskScope, Writer, Written,
 };
 
+pub use self::export::ExportScope;
 pub use self::scan::ScopeRef;
 pub use self::task::task_hash_tag;
 use self::url::redact_url;

@@ -880,8 +880,36 @@ impl ServedBinary {
     /// `airstate serve` with only `env` (plus `PATH` and the listen address) in its
     /// environment, once it accepts connections.
     pub fn start(env: &[(&str, &str)], stderr: Stdio) -> ServedBinary {
+        Self::spawn(env, stderr, None)
+    }
+
+    /// [`start`](Self::start) with a descriptor limit (`RLIMIT_NOFILE`, soft and hard) of
+    /// `nofile`, as `prlimit --nofile` would set it.
+    pub fn start_with_nofile(env: &[(&str, &str)], stderr: Stdio, nofile: u64) -> ServedBinary {
+        Self::spawn(env, stderr, Some(nofile))
+    }
+
+    fn spawn(env: &[(&str, &str)], stderr: Stdio, nofile: Option<u64>) -> ServedBinary {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_airstate"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_airstate"));
+        if let Some(nofile) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command
             .arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -906,6 +934,26 @@ impl Drop for ServedBinary {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The text of the gateway's `/metrics` at `base` (`http://host:port`).
+pub async fn scrape(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the /metrics body")
+}
+
+/// The gateway's `/ready` at `base`: its status and JSON body (`Null` if it is no JSON).
+pub async fn ready(base: &str) -> (u16, serde_json::Value) {
+    let reply = reqwest::get(format!("{base}/ready"))
+        .await
+        .expect("GET /ready");
+    let status = reply.status().as_u16();
+    let text = reply.text().await.expect("the /ready body");
+    (status, serde_json::from_str(&text).unwrap_or_default())
 }
 
 /// A CA (`ca.pem`) and a server certificate (`server.pem`, `server.key`) whose
