@@ -483,12 +483,18 @@ pub async fn export_in_batches(
 /// Reads JSON lines and writes them to `store`. Every line is checked before the first
 /// write, so a bad file changes nothing. Importing the same file twice leaves the same
 /// state (each key is an upsert). Keys already expired are skipped.
+///
+/// Memory is bounded by a batch of lines, not by the file: the first pass checks each line
+/// and copies it to a temporary file (`$TMPDIR`), keeping only which line is the last of
+/// each key; the second reads the copy again and writes batches of at most
+/// `IMPORT_CONCURRENCY` lines and `IMPORT_BATCH_BYTES`.
 pub async fn import(
     store: Arc<dyn StateStore>,
     input: &mut dyn BufRead,
 ) -> Result<Summary, MigrateError> {
-    let (items, summary) = read_items(input)?;
-    write_all(store, items, summary).await
+    let checked = check_lines(input)?;
+    let (summary, _) = write_checked(store, checked, None).await?;
+    Ok(summary)
 }
 
 /// [`import`] for a gateway with the metastore identity, which keys task state by the
@@ -502,50 +508,187 @@ pub async fn import_with_run_ids(
     input: &mut dyn BufRead,
     postgres_url: &str,
 ) -> Result<Summary, MigrateError> {
-    let (mut items, mut summary) = read_items(input)?;
-    let wanted: Vec<(String, String)> = items
-        .iter()
-        .filter_map(|item| match item {
-            Item::Task { scope, .. } if scope.run_key.is_none() => {
-                Some((scope.dag_id.clone(), scope.run_id.clone()))
-            }
-            _ => None,
-        })
-        .collect();
+    let checked = check_lines(input)?;
+    let wanted: Vec<(String, String)> = checked.runs_without_id.iter().cloned().collect();
     let ids = metastore::run_ids(postgres_url, wanted).await?;
-    let mut unplaced = Unplaced::default();
-    let mut old_copies = std::collections::HashSet::new();
-    items.retain_mut(|item| {
-        let Item::Task { scope, .. } = item else {
-            return true;
-        };
-        if scope.run_key.is_some() {
-            return true;
-        }
-        match ids.get(&(scope.dag_id.clone(), scope.run_id.clone())) {
-            Some(id) => {
-                old_copies.insert(scope.clone());
-                scope.run_key = Some(*id);
-                true
-            }
-            None => {
-                unplaced.no_dag_run += 1;
-                false
-            }
-        }
-    });
+    let (mut summary, old_copies) = write_checked(store.clone(), checked, Some(&ids)).await?;
+    let unplaced = summary.unplaced.get_or_insert_with(Unplaced::default);
     if unplaced.no_dag_run > 0 {
         eprintln!(
             "airstate: skipping {} task keys whose DAG run is no longer in dag_run",
             unplaced.no_dag_run
         );
     }
-    summary.unplaced = Some(unplaced);
-    let summary = write_all(store.clone(), items, summary).await?;
     for scope in old_copies {
         store.clear_task(&scope, false).await?;
     }
     Ok(summary)
+}
+
+/// Bytes of lines one import batch writes at once at most (besides `IMPORT_CONCURRENCY`
+/// lines): with values of up to 1 MiB, 32 lines in flight and the copies each write makes
+/// would not fit a 128 MiB pod.
+const IMPORT_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// The key an item writes, owned: the first pass remembers the last line of each.
+type Target = (Option<TaskScope>, Option<AssetKey>, String);
+
+/// What import's first pass learnt: every line is good, and which to write.
+struct Checked {
+    /// The non-blank lines, copied, to be read again.
+    copy: std::fs::File,
+    /// The number (among the copied lines) of the last live line naming each key.
+    last: std::collections::HashMap<Target, usize>,
+    expired: usize,
+    /// Runs named by task lines without `dag_run_id`.
+    runs_without_id: std::collections::HashSet<(String, String)>,
+}
+
+fn owned_target(item: &Item) -> Target {
+    let (scope, asset, key) = target(item);
+    (scope.cloned(), asset.cloned(), key.to_owned())
+}
+
+/// One line of the input, numbered from 1: `None` when blank or expired (counted).
+fn check_line(
+    number: usize,
+    line: &str,
+    now: EpochMillis,
+    summary: &mut Summary,
+) -> Result<Option<Item>, MigrateError> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let item = parse_line(line).map_err(|message| MigrateError::Line {
+        line: number,
+        message,
+    })?;
+    if item.expires_at().is_some_and(|at| at <= now) {
+        summary.expired += 1;
+        return Ok(None);
+    }
+    Ok(Some(item))
+}
+
+fn check_lines(input: &mut dyn BufRead) -> Result<Checked, MigrateError> {
+    use std::io::Seek;
+    let now = now_millis();
+    let mut summary = Summary::default();
+    let mut copy = std::io::BufWriter::new(tempfile::tempfile()?);
+    let mut last = std::collections::HashMap::new();
+    let mut runs_without_id = std::collections::HashSet::new();
+    let mut copied = 0;
+    for (index, line) in input.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        copy.write_all(line.as_bytes())?;
+        copy.write_all(b"\n")?;
+        copied += 1;
+        let Some(item) = check_line(index + 1, &line, now, &mut summary)? else {
+            continue;
+        };
+        if let Item::Task { scope, .. } = &item {
+            if scope.run_key.is_none() {
+                runs_without_id.insert((scope.dag_id.clone(), scope.run_id.clone()));
+            }
+        }
+        last.insert(owned_target(&item), copied - 1);
+    }
+    let live = copied - summary.expired;
+    if live > last.len() {
+        eprintln!(
+            "airstate: {} lines name a key a later line names again; the last line of each key is imported",
+            live - last.len()
+        );
+    }
+    let mut copy = copy.into_inner().map_err(|e| e.into_error())?;
+    copy.rewind()?;
+    Ok(Checked {
+        copy,
+        last,
+        expired: summary.expired,
+        runs_without_id,
+    })
+}
+
+/// Import's second pass: the lines [`check_lines`] chose, written in bounded batches,
+/// task lines without a run id given theirs from `run_ids` when it is there (and skipped
+/// when their run is not in it). Returns the summary and, with `run_ids`, the scopes
+/// still keyed without a run id whose keys were written under one.
+async fn write_checked(
+    store: Arc<dyn StateStore>,
+    checked: Checked,
+    run_ids: Option<&std::collections::HashMap<(String, String), i64>>,
+) -> Result<(Summary, std::collections::HashSet<TaskScope>), MigrateError> {
+    let mut summary = Summary {
+        expired: checked.expired,
+        ..Summary::default()
+    };
+    let mut unplaced = Unplaced::default();
+    let mut tasks = std::collections::HashSet::new();
+    let mut assets = std::collections::HashSet::new();
+    let mut old_copies = std::collections::HashSet::new();
+    let mut progress = Progress::new("imported");
+    let mut batch: Vec<Item> = Vec::with_capacity(IMPORT_CONCURRENCY);
+    let mut batch_bytes = 0;
+    let mut done = 0;
+    let now = now_millis();
+    let mut ignored = Summary::default();
+    for (index, line) in std::io::BufReader::new(checked.copy).lines().enumerate() {
+        let line = line?;
+        // Checked by the first pass: only an expiry passed since could set it aside now,
+        // and such a line is not in `last` anyway.
+        let Some(mut item) = check_line(index + 1, &line, now, &mut ignored)? else {
+            continue;
+        };
+        if checked.last.get(&owned_target(&item)) != Some(&index) {
+            continue;
+        }
+        match &mut item {
+            Item::Task { scope, .. } => {
+                if let (Some(ids), None) = (run_ids, scope.run_key) {
+                    let Some(id) = ids.get(&(scope.dag_id.clone(), scope.run_id.clone())) else {
+                        unplaced.no_dag_run += 1;
+                        continue;
+                    };
+                    old_copies.insert(scope.clone());
+                    scope.run_key = Some(*id);
+                }
+                tasks.insert(scope.clone());
+                summary.task_keys += 1;
+            }
+            Item::Asset { asset, .. } => {
+                assets.insert(asset.clone());
+                summary.asset_keys += 1;
+            }
+        }
+        batch_bytes += line.len();
+        batch.push(item);
+        if batch.len() >= IMPORT_CONCURRENCY || batch_bytes >= IMPORT_BATCH_BYTES {
+            done += write_batch(store.as_ref(), &mut batch).await?;
+            batch_bytes = 0;
+            progress.tick(done);
+        }
+    }
+    done += write_batch(store.as_ref(), &mut batch).await?;
+    progress.tick(done);
+    progress.finish();
+    summary.task_scopes = tasks.len();
+    summary.assets = assets.len();
+    if run_ids.is_some() {
+        summary.unplaced = Some(unplaced);
+    }
+    Ok((summary, old_copies))
+}
+
+/// Writes `batch` concurrently and empties it; returns how many were written.
+async fn write_batch(store: &dyn StateStore, batch: &mut Vec<Item>) -> Result<usize, MigrateError> {
+    futures_util::future::try_join_all(batch.iter().map(|item| item.write(store))).await?;
+    let written = batch.len();
+    batch.clear();
+    Ok(written)
 }
 
 /// The key an item writes: two lines for the same key are the same write.
@@ -583,33 +726,18 @@ pub fn parse_line(line: &str) -> Result<Item, String> {
     Item::from_record(record)
 }
 
-/// Every line parsed and checked; nothing is written.
+/// Every line parsed and checked, in memory; nothing is written (the fuzz target's view of
+/// what [`import`] accepts, which checks each line the same way).
 pub(crate) fn read_items(input: &mut dyn BufRead) -> Result<(Vec<Item>, Summary), MigrateError> {
     let mut items = Vec::new();
     let mut summary = Summary::default();
     let now = now_millis();
     for (index, line) in input.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
+        if let Some(item) = check_line(index + 1, &line?, now, &mut summary)? {
+            items.push(item);
         }
-        let failed = |message: String| MigrateError::Line {
-            line: index + 1,
-            message,
-        };
-        let item = parse_line(&line).map_err(failed)?;
-        if item.expires_at().is_some_and(|at| at <= now) {
-            summary.expired += 1;
-            continue;
-        }
-        items.push(item);
     }
-    let (items, replaced) = last_of_each_key(items);
-    if replaced > 0 {
-        eprintln!(
-            "airstate: {replaced} lines name a key a later line names again; the last line of each key is imported"
-        );
-    }
+    let (items, _) = last_of_each_key(items);
     Ok((items, summary))
 }
 
