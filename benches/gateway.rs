@@ -2,14 +2,16 @@
 //! machine, so that the ratios mean something even on a noisy box.
 //!
 //! `cargo bench --bench gateway -- [--concurrency 50] [--seconds 10] [--rounds 3]
-//! [--instructions-only]`
+//! [--instructions-only] [--keep-callgrind DIR]`
 //!
 //! Needs `redis-server`, `redis-benchmark`, `redis-cli` and `wrk` on the PATH. Starts its
 //! own `redis-server` and gateway on free loopback ports; prints one table. Beside the
 //! gateway it measures the floor (`examples/floor.rs`, a bare axum + fred HGET server, built
 //! by the harness) and webdis when installed. With `valgrind` on the PATH it then counts
 //! instructions per request under callgrind (`--instructions-only`: only that), which,
-//! unlike throughput, does not move with the machine's load.
+//! unlike throughput, does not move with the machine's load. `--keep-callgrind DIR` leaves
+//! the callgrind outputs in DIR (`<case>.<requests>`, e.g. `get.1200`) for
+//! `callgrind_annotate --inclusive=yes`; otherwise they go with a temporary directory.
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
@@ -38,6 +40,7 @@ struct Options {
     seconds: u64,
     rounds: usize,
     instructions_only: bool,
+    keep_callgrind: Option<PathBuf>,
 }
 
 fn options() -> Options {
@@ -54,6 +57,11 @@ fn options() -> Options {
         seconds: value("--seconds", 10),
         rounds: value("--rounds", 3) as usize,
         instructions_only: args.iter().any(|a| a == "--instructions-only"),
+        keep_callgrind: args
+            .iter()
+            .position(|a| a == "--keep-callgrind")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from),
     }
 }
 
@@ -474,7 +482,15 @@ async fn main() {
             None => println!("GET/webdis: webdis not installed"),
         }
     }
-    instructions(&redis, &store, ti, &bearer, &main_scope).await;
+    instructions(
+        &redis,
+        &store,
+        ti,
+        &bearer,
+        &main_scope,
+        opts.keep_callgrind.as_deref(),
+    )
+    .await;
 }
 
 /// Instructions per request under callgrind, for the gateway's hot routes and the floor.
@@ -484,6 +500,7 @@ async fn instructions(
     ti: Uuid,
     bearer: &str,
     main_scope: &TaskScope,
+    keep: Option<&Path>,
 ) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         println!("\ninstruction counts: valgrind is not installed (apt-get install valgrind)");
@@ -491,7 +508,14 @@ async fn instructions(
     }
     const FEW: usize = 200;
     const MANY: usize = 1_200;
-    let dir = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = match keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).expect("the --keep-callgrind directory");
+            dir
+        }
+        None => temp.path(),
+    };
     let auth = vec![("Authorization", format!("Bearer {bearer}"))];
     let request = |method, path: String, body: &str, status| RawRequest {
         method,
@@ -520,10 +544,8 @@ async fn instructions(
     let floor = floor_binary();
     let prefix = "bench:";
     let mut rows = Vec::new();
-    let mut run = 0;
     for (name, request) in &cases {
         let per_request = instructions_per_request(FEW, MANY, |count| {
-            run += 1;
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
             let mut env = gateway_env(redis, prefix).to_vec();
@@ -535,7 +557,7 @@ async fn instructions(
                 port,
                 request,
                 count,
-                &dir.path().join(format!("callgrind.{run}")),
+                &dir.join(format!("{}.{count}", name.replace(' ', "-").to_lowercase())),
             )
         });
         eprintln!("airstate {name}: {per_request:.0} instructions per request");
@@ -544,7 +566,6 @@ async fn instructions(
         store.put_task(main_scope, "k", VALUE, None).await.unwrap();
     }
     let floor_get = instructions_per_request(FEW, MANY, |count| {
-        run += 1;
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         callgrind_total(
@@ -560,7 +581,7 @@ async fn instructions(
                 status: 200,
             },
             count,
-            &dir.path().join(format!("callgrind.{run}")),
+            &dir.join(format!("floor.{count}")),
         )
     });
     println!(
