@@ -123,7 +123,10 @@ pub fn init(format: LogFormat) -> Telemetry {
             // with no exporter, no span is built at all: the request's, `auth.jwt`, the
             // store's. Building and entering them was most of what `info` cost a request.
             let by_span = env_filter.to_string().contains('[');
-            let events_only = filter_fn(move |meta| by_span || meta.is_event());
+            // No level of its own: without the hint the layers' combined hint is none,
+            // and every `log` record and `debug!` would be offered to the filters.
+            let events_only = filter_fn(move |meta| by_span || meta.is_event())
+                .with_max_level_hint(LevelFilter::TRACE);
             tracing_subscriber::fmt::layer()
                 .json()
                 .flatten_event(true)
