@@ -73,18 +73,23 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     // Without an admin credential the admin surface does not exist (404), rather than
     // existing and refusing everyone.
     let routes = routes::routers(state.admin.token.is_some(), state.serve_core_api);
-    let execution = routes.execution.layer(middleware::from_fn_with_state(
-        (state.clone(), max_body_bytes),
-        execution_front,
-    ));
+    let execution = routes
+        .execution
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            execution_front,
+        ))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(Extension(BodyLimit(max_body_bytes)));
     let admin = routes
         .admin
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)));
-    let core_api = routes.core_api.layer(middleware::from_fn_with_state(
-        max_body_bytes,
-        core_api_front,
-    ));
+    let core_api = routes
+        .core_api
+        .layer(middleware::from_fn(core_api_front))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(Extension(BodyLimit(max_body_bytes)));
     let app = routes.open.merge(execution).merge(admin).merge(core_api);
     app.fallback(forward::forward)
         .method_not_allowed_fallback(|| async {
@@ -131,14 +136,12 @@ async fn front(
 }
 
 /// The Execution API's middleware, outermost first, as Airflow orders its checks: the
-/// API version, the JSON syntax of a body, then the token. One layer, like [`front`],
-/// which also sets the body cap (see [`body_cap`]).
+/// API version, the JSON syntax of a body, then the token. One layer, like [`front`].
 async fn execution_front(
-    State((app, cap)): State<(Arc<AppState>, usize)>,
-    mut request: Request,
+    State(app): State<Arc<AppState>>,
+    request: Request,
     next: Next,
 ) -> Response {
-    body_cap(&mut request, cap);
     api_version(request, |request| {
         json_first(request, |request| {
             authenticate(&app, request, |request| next.run(request))
@@ -212,17 +215,8 @@ pub(crate) fn no_content() -> Response {
     (StatusCode::NO_CONTENT, [(CONTENT_TYPE, "application/json")]).into_response()
 }
 
-async fn core_api_front(State(cap): State<usize>, mut request: Request, next: Next) -> Response {
-    body_cap(&mut request, cap);
+async fn core_api_front(request: Request, next: Next) -> Response {
     json_first(request, |request| next.run(request)).await
-}
-
-/// The body cap, for axum's extractors and (as [`BodyLimit`]) for ours. Set by the
-/// group's own `from_fn` rather than by two more layers, each of which would box and
-/// clone the service below it on every request.
-fn body_cap(request: &mut Request, cap: usize) {
-    DefaultBodyLimit::max(cap).apply(request);
-    request.extensions_mut().insert(BodyLimit(cap));
 }
 
 /// FastAPI reads a JSON body while it solves a route's dependencies, before the auth
