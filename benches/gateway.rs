@@ -2,14 +2,20 @@
 //! machine, so that the ratios mean something even on a noisy box.
 //!
 //! `cargo bench --bench gateway -- [--concurrency 50] [--seconds 10] [--rounds 3]
-//! [--instructions-only]`
+//! [--instructions-only] [--keep-callgrind DIR] [--rust-log FILTER] [--no-floor]`
 //!
 //! Needs `redis-server`, `redis-benchmark`, `redis-cli` and `wrk` on the PATH. Starts its
 //! own `redis-server` and gateway on free loopback ports; prints one table. Beside the
 //! gateway it measures the floor (`examples/floor.rs`, a bare axum + fred HGET server, built
 //! by the harness) and webdis when installed. With `valgrind` on the PATH it then counts
 //! instructions per request under callgrind (`--instructions-only`: only that), which,
-//! unlike throughput, does not move with the machine's load.
+//! unlike throughput, does not move with the machine's load. `--keep-callgrind DIR` leaves
+//! the callgrind outputs in DIR (`<case>.<requests>`, e.g. `get.1200`) for
+//! `callgrind_annotate --inclusive=yes`; otherwise they go with a temporary directory.
+//! The gateway runs with `RUST_LOG=warn` unless `--rust-log` says otherwise (`info`, the
+//! default of a deployment, adds the access log line and the request spans). `--no-floor`
+//! leaves the floor's instruction count (and its build) out: for an A/B of the gateway,
+//! whose floor does not change.
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
@@ -38,7 +44,12 @@ struct Options {
     seconds: u64,
     rounds: usize,
     instructions_only: bool,
+    keep_callgrind: Option<PathBuf>,
+    no_floor: bool,
 }
+
+/// The gateway's `RUST_LOG` (`--rust-log`), set once from the options.
+static RUST_LOG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn options() -> Options {
     let args: Vec<String> = std::env::args().collect();
@@ -49,12 +60,25 @@ fn options() -> Options {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    Options {
+    let options = Options {
         concurrency: value("--concurrency", 50) as usize,
         seconds: value("--seconds", 10),
         rounds: value("--rounds", 3) as usize,
         instructions_only: args.iter().any(|a| a == "--instructions-only"),
-    }
+        keep_callgrind: args
+            .iter()
+            .position(|a| a == "--keep-callgrind")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from),
+        no_floor: args.iter().any(|a| a == "--no-floor"),
+    };
+    let rust_log = args
+        .iter()
+        .position(|a| a == "--rust-log")
+        .and_then(|i| args.get(i + 1))
+        .map_or("warn", String::as_str);
+    RUST_LOG.set(rust_log.to_owned()).unwrap();
+    options
 }
 
 fn redis_benchmark(port: u16, concurrency: usize, requests: usize, command: &[&str]) -> Run {
@@ -86,7 +110,7 @@ fn gateway_env<'a>(redis: &'a RedisServer, prefix: &'a str) -> [(&'static str, &
         ("AIRSTATE_IDENTITY", "claims"),
         ("AIRSTATE_REDIS_URL", &redis.url),
         ("AIRSTATE_KEY_PREFIX", prefix),
-        ("RUST_LOG", "warn"),
+        ("RUST_LOG", RUST_LOG.get().map_or("warn", String::as_str)),
     ]
 }
 
@@ -120,7 +144,25 @@ fn await_port(what: &str, port: u16) {
 
 /// `examples/floor.rs` in the release profile, built now (cargo is idle while a bench runs).
 fn floor_binary() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // Cargo sets these for a running bench; ring's build script tracks them
+    // (`rerun-if-env-changed`), so inherited they made this build and the next
+    // `cargo bench` rebuild ring and everything above it, airstate included, each time.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+        {
+            cargo.env_remove(&*name);
+        }
+    }
+    let status = cargo
         .args(["build", "--release", "--locked", "--example", "floor"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
@@ -474,7 +516,16 @@ async fn main() {
             None => println!("GET/webdis: webdis not installed"),
         }
     }
-    instructions(&redis, &store, ti, &bearer, &main_scope).await;
+    instructions(
+        &redis,
+        &store,
+        ti,
+        &bearer,
+        &main_scope,
+        opts.keep_callgrind.as_deref(),
+        !opts.no_floor,
+    )
+    .await;
 }
 
 /// Instructions per request under callgrind, for the gateway's hot routes and the floor.
@@ -484,6 +535,8 @@ async fn instructions(
     ti: Uuid,
     bearer: &str,
     main_scope: &TaskScope,
+    keep: Option<&Path>,
+    with_floor: bool,
 ) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         println!("\ninstruction counts: valgrind is not installed (apt-get install valgrind)");
@@ -491,7 +544,14 @@ async fn instructions(
     }
     const FEW: usize = 200;
     const MANY: usize = 1_200;
-    let dir = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = match keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).expect("the --keep-callgrind directory");
+            dir
+        }
+        None => temp.path(),
+    };
     let auth = vec![("Authorization", format!("Bearer {bearer}"))];
     let request = |method, path: String, body: &str, status| RawRequest {
         method,
@@ -517,13 +577,10 @@ async fn instructions(
         ("clear", request("DELETE", scope_path, "", 204)),
     ];
     let gateway = PathBuf::from(env!("CARGO_BIN_EXE_airstate"));
-    let floor = floor_binary();
     let prefix = "bench:";
     let mut rows = Vec::new();
-    let mut run = 0;
     for (name, request) in &cases {
         let per_request = instructions_per_request(FEW, MANY, |count| {
-            run += 1;
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
             let mut env = gateway_env(redis, prefix).to_vec();
@@ -535,7 +592,7 @@ async fn instructions(
                 port,
                 request,
                 count,
-                &dir.path().join(format!("callgrind.{run}")),
+                &dir.join(format!("{}.{count}", name.replace(' ', "-").to_lowercase())),
             )
         });
         eprintln!("airstate {name}: {per_request:.0} instructions per request");
@@ -543,8 +600,16 @@ async fn instructions(
         // The clear empties the scope: the next case finds its key again.
         store.put_task(main_scope, "k", VALUE, None).await.unwrap();
     }
+    if !with_floor {
+        println!("\n| request | instructions |");
+        println!("| --- | ---: |");
+        for (name, per_request) in &rows {
+            println!("| {name} | {per_request:.0} |");
+        }
+        return;
+    }
+    let floor = floor_binary();
     let floor_get = instructions_per_request(FEW, MANY, |count| {
-        run += 1;
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         callgrind_total(
@@ -560,7 +625,7 @@ async fn instructions(
                 status: 200,
             },
             count,
-            &dir.path().join(format!("callgrind.{run}")),
+            &dir.join(format!("floor.{count}")),
         )
     });
     println!(

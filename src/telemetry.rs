@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -117,14 +117,25 @@ pub fn init(format: LogFormat) -> Telemetry {
         EnvFilter::new(crate::config::default_value("RUST_LOG").unwrap_or_default())
     });
     let logs = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_writer(std::io::stderr)
-            .with_filter(env_filter)
-            .boxed(),
+        LogFormat::Json => {
+            // JSON lines carry no span context, so this layer has no use for spans unless
+            // a directive selects by span (`[request]=debug`). Without spans here, and
+            // with no exporter, no span is built at all: the request's, `auth.jwt`, the
+            // store's. Building and entering them was most of what `info` cost a request.
+            let by_span = env_filter.to_string().contains('[');
+            // No level of its own: without the hint the layers' combined hint is none,
+            // and every `log` record and `debug!` would be offered to the filters.
+            let events_only = filter_fn(move |meta| by_span || meta.is_event())
+                .with_max_level_hint(LevelFilter::TRACE);
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_writer(std::io::stderr)
+                .with_filter(env_filter.and(events_only))
+                .boxed()
+        }
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_filter(env_filter)
