@@ -1356,38 +1356,6 @@ fn task_token(ti: Uuid, dag: &str, map_index: i64) -> String {
     .unwrap()
 }
 
-/// Every process of the PostgreSQL server `pg`: the postmaster, its backends and workers.
-async fn postgres_processes(pg: &common::Postgres) -> Vec<i32> {
-    let client = pg.client().await;
-    let backend: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    drop(client);
-    let parent_of = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let after_name = &stat[stat.rfind(')')? + 2..];
-        after_name.split(' ').nth(1)?.parse().ok()
-    };
-    let postmaster = parent_of(backend).expect("the backend's parent");
-    let mut pids = vec![postmaster];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-            if parent_of(pid) == Some(postmaster) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
-}
-
-fn signal_all(pids: &[i32], signal: i32) {
-    for pid in pids {
-        unsafe { libc::kill(*pid, signal) };
-    }
-}
-
 /// What [`frozen_metastore`] and [`idle_fds`] measured, for their row.
 struct OwnGateway {
     notes: String,
@@ -1446,8 +1414,8 @@ async fn frozen_metastore(
             acked.push((*ti, token.clone(), "kept".to_owned(), value));
         }
     }
-    let pids = postgres_processes(&pg).await;
-    signal_all(&pids, libc::SIGSTOP);
+    let pids = pg.processes().await;
+    common::signal_all(&pids, libc::SIGSTOP);
     let frozen_at = Instant::now();
     // Past the identity cache: every request below needs the metastore.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -1496,7 +1464,7 @@ async fn frozen_metastore(
     }
     let frozen_for = frozen_at.elapsed();
     let during = tally.summary();
-    signal_all(&pids, libc::SIGCONT);
+    common::signal_all(&pids, libc::SIGCONT);
     let thawed = Instant::now();
     let (ti, token) = &tis[0];
     let recovered = loop {

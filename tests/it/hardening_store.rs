@@ -339,39 +339,6 @@ async fn a_watcher_that_stops_reading_is_cut_off_at_its_byte_limit() {
 
 // --- Item 4: a frozen metastore -----------------------------------------------------------
 
-/// Every process of the PostgreSQL server listening on `pg`: the postmaster and its
-/// backends and workers.
-async fn postgres_processes(pg: &Postgres) -> Vec<i32> {
-    let client = pg.client().await;
-    let backend: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    drop(client);
-    let parent_of = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let after_name = &stat[stat.rfind(')')? + 2..];
-        after_name.split(' ').nth(1)?.parse().ok()
-    };
-    let postmaster = parent_of(backend).expect("the backend's parent");
-    let mut pids = vec![postmaster];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-            if parent_of(pid) == Some(postmaster) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
-}
-
-fn signal_all(pids: &[i32], signal: i32) {
-    for pid in pids {
-        unsafe { libc::kill(*pid, signal) };
-    }
-}
-
 /// PostgreSQL frozen (SIGSTOP: connections stay open, nothing answers) under requests that
 /// need it: a task not in the identity cache, an unknown task, an asset. Each is answered
 /// 503 within AIRSTATE_METASTORE_TIMEOUT_MS (plus scheduling slack), however many come at
@@ -419,8 +386,8 @@ async fn a_frozen_metastore_answers_503_within_its_timeout() {
         assert_eq!(put.await.unwrap().0, 204);
     }
 
-    let pids = postgres_processes(&pg).await;
-    signal_all(&pids, libc::SIGSTOP);
+    let pids = pg.processes().await;
+    common::signal_all(&pids, libc::SIGSTOP);
     // Past the identity cache: every request below needs the metastore.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut requests = Vec::new();
@@ -458,7 +425,7 @@ async fn a_frozen_metastore_answers_503_within_its_timeout() {
         statuses.push((status, short(&body)));
     }
     let total = started.elapsed();
-    signal_all(&pids, libc::SIGCONT);
+    common::signal_all(&pids, libc::SIGCONT);
     println!(
         "frozen metastore: {} requests, slowest {slowest:?}, all within {total:?}",
         statuses.len()

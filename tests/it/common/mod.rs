@@ -1019,6 +1019,33 @@ pub fn private_ca(dir: &Path, san: &str) {
 }
 
 impl Postgres {
+    /// Every process of this server: the postmaster, its backends and workers (to freeze
+    /// it whole with SIGSTOP, as a hung host would).
+    pub async fn processes(&self) -> Vec<i32> {
+        let client = self.client().await;
+        let backend: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        drop(client);
+        let parent_of = |pid: i32| -> Option<i32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after_name = &stat[stat.rfind(')')? + 2..];
+            after_name.split(' ').nth(1)?.parse().ok()
+        };
+        let postmaster = parent_of(backend).expect("the backend's parent");
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                if parent_of(pid) == Some(postmaster) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
     /// A new, empty database on this server; its SQLAlchemy URL.
     pub fn create_database(&self, name: &str) -> String {
         let created = psql(
@@ -1166,5 +1193,13 @@ pub fn task_scope(dag: &str, map_index: i64) -> airstate::store::TaskScope {
         task_id: "task".into(),
         map_index,
         run_key: None,
+    }
+}
+
+/// Sends `signal` to every process of `pids` (SIGSTOP / SIGCONT to freeze and thaw a server).
+pub fn signal_all(pids: &[i32], signal: i32) {
+    for pid in pids {
+        // SAFETY: kill(2) takes any pid; one that is gone is an ignored ESRCH.
+        unsafe { libc::kill(*pid, signal) };
     }
 }
