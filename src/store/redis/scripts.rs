@@ -26,6 +26,7 @@ pub(super) struct Scripts {
     pub(super) lifecycle_index: Script,
     pub(super) lease: Script,
     pub(super) bulk_read: Script,
+    pub(super) task_read: Script,
     pub(super) export_batch: Script,
 }
 
@@ -40,6 +41,7 @@ impl Scripts {
             lifecycle_index: Script::from_lua(lua!("lifecycle_index")),
             lease: Script::from_lua(lua!("lease")),
             bulk_read: Script::from_lua(lua!("bulk_read")),
+            task_read: Script::from_lua(lua!("task_read")),
             export_batch: Script::from_lua(lua!("export_batch")),
         }
     }
@@ -55,6 +57,7 @@ impl Scripts {
             &self.lifecycle_index,
             &self.lease,
             &self.bulk_read,
+            &self.task_read,
             &self.export_batch,
         ] {
             redis
