@@ -201,6 +201,32 @@ fn idle_keep_alive_connections_are_closed_at_the_idle_timeout() {
 }
 
 #[test]
+fn a_slow_header_on_a_kept_alive_connection_is_closed_at_the_header_timeout() {
+    // The watchdog is asleep towards the far idle deadline when the next head starts;
+    // nothing wakes it for that head, so it must never sleep past one header timeout.
+    let served = serve(&[
+        ("AIRSTATE_HEADER_READ_TIMEOUT_MS", "800"),
+        ("AIRSTATE_IDLE_TIMEOUT_MS", "30000"),
+    ]);
+    let mut stream = connect(&served);
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(1300));
+    stream.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    let first_byte = Instant::now();
+    let (text, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+    assert!(closed.is_some(), "a slow header is never closed");
+    let closed = first_byte.elapsed();
+    assert!(text.is_empty(), "{text}");
+    assert!(
+        closed >= Duration::from_millis(750) && closed < Duration::from_millis(2500),
+        "closed {closed:?} after its first byte, the header timeout is 800 ms"
+    );
+}
+
+#[test]
 fn a_stalled_body_is_a_408_at_the_body_timeout() {
     let served = serve(&[
         ("AIRSTATE_BODY_READ_TIMEOUT_MS", "700"),
