@@ -11,7 +11,7 @@ use crate::store::version::Tags;
 use crate::store::{Condition, Written};
 /// `"<version>"`: a strong entity tag.
 pub fn etag(version: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!("\"{version}\"")).ok()
+    HeaderValue::try_from(["\"", version, "\""].concat()).ok()
 }
 
 /// Adds the `ETag` of `version` to `response`.
