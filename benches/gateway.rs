@@ -30,9 +30,7 @@ use airstate::store::{StateStore, TaskScope};
 use common::{free_port, RedisServer, ServedBinary};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
-use support::{
-    callgrind_total, instructions_per_request, median, median_run, wrk, wrk_script, RawRequest, Run,
-};
+use support::{instructions_per_request, median, median_run, wrk, wrk_script, RawRequest, Run};
 use uuid::Uuid;
 
 const SECRET: &str = "bench-secret";
@@ -542,8 +540,10 @@ async fn instructions(
         println!("\ninstruction counts: valgrind is not installed (apt-get install valgrind)");
         return;
     }
-    const FEW: usize = 200;
-    const MANY: usize = 1_200;
+    // Requests before the counters are zeroed (caches, pools and the allocator warm), and
+    // the requests counted after.
+    const WARMUP: usize = 200;
+    const COUNTED: usize = 1_000;
     let temp = tempfile::tempdir().unwrap();
     let dir = match keep {
         Some(dir) => {
@@ -580,21 +580,19 @@ async fn instructions(
     let prefix = "bench:";
     let mut rows = Vec::new();
     for (name, request) in &cases {
-        let per_request = instructions_per_request(FEW, MANY, |count| {
-            let port = free_port();
-            let listen = format!("127.0.0.1:{port}");
-            let mut env = gateway_env(redis, prefix).to_vec();
-            env.push(("AIRSTATE_LISTEN", &listen));
-            callgrind_total(
-                &gateway,
-                &["serve"],
-                &env,
-                port,
-                request,
-                count,
-                &dir.join(format!("{}.{count}", name.replace(' ', "-").to_lowercase())),
-            )
-        });
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut env = gateway_env(redis, prefix).to_vec();
+        env.push(("AIRSTATE_LISTEN", &listen));
+        let per_request = instructions_per_request(
+            &gateway,
+            &["serve"],
+            &env,
+            port,
+            request,
+            (WARMUP, COUNTED),
+            &dir.join(name.replace(' ', "-").to_lowercase()),
+        );
         eprintln!("airstate {name}: {per_request:.0} instructions per request");
         rows.push((format!("airstate {name}"), per_request));
         // The clear empties the scope: the next case finds its key again.
@@ -609,28 +607,26 @@ async fn instructions(
         return;
     }
     let floor = floor_binary();
-    let floor_get = instructions_per_request(FEW, MANY, |count| {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        callgrind_total(
-            &floor,
-            &[],
-            &floor_env(redis, &listen),
-            port,
-            &RawRequest {
-                method: "GET",
-                path: "/f".into(),
-                headers: vec![],
-                body: String::new(),
-                status: 200,
-            },
-            count,
-            &dir.join(format!("floor.{count}")),
-        )
-    });
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let floor_get = instructions_per_request(
+        &floor,
+        &[],
+        &floor_env(redis, &listen),
+        port,
+        &RawRequest {
+            method: "GET",
+            path: "/f".into(),
+            headers: vec![],
+            body: String::new(),
+            status: 200,
+        },
+        (WARMUP, COUNTED),
+        &dir.join("floor"),
+    );
     println!(
-        "\ninstructions per request (callgrind, (Ir({MANY}) - Ir({FEW})) / {}, one keep-alive connection)",
-        MANY - FEW
+        "\ninstructions per request (callgrind: counters zeroed after {WARMUP} requests, then \
+         Ir / {COUNTED}, one keep-alive connection)"
     );
     println!("\n| request | instructions | ratio to floor GET |");
     println!("| --- | ---: | ---: |");

@@ -156,22 +156,27 @@ pub fn send_sequentially(port: u16, request: &RawRequest, count: usize) {
     }
 }
 
-/// The instructions a server executes from its start to its exit after `count` requests:
-/// `program` runs under `valgrind --tool=callgrind`, listening on `port`, and is stopped
-/// with SIGTERM once the requests are answered.
-pub fn callgrind_total(
+/// Instructions per request of a server in its steady state: `program` runs under
+/// `valgrind --tool=callgrind`, listening on `port`; after `warmup` requests its counters
+/// are zeroed (`callgrind_control --zero`), `count` more are sent, and the counts since
+/// the zero are dumped to `out` (`callgrind_control --dump`) and divided by `count`. One
+/// process: start-up, whose cost depends on the wall clock (quanta's calibration, the
+/// wait for Redis, the readiness checks), is not counted at all, where a difference of two
+/// runs let it move the figure by thousands per request. Stopped with SIGTERM after.
+pub fn instructions_per_request(
     program: &std::path::Path,
     args: &[&str],
     env: &[(&str, &str)],
     port: u16,
     request: &RawRequest,
-    count: usize,
+    (warmup, count): (usize, usize),
     out: &std::path::Path,
-) -> u64 {
+) -> f64 {
     use std::time::{Duration, Instant};
+    let raw = out.with_extension("callgrind-out");
     let mut child = Command::new("valgrind")
         .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(format!("--callgrind-out-file={}", raw.display()))
         .arg(program)
         .args(args)
         .env_clear()
@@ -191,8 +196,11 @@ pub fn callgrind_total(
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    send_sequentially(port, request, warmup);
+    callgrind_control(child.id(), "--zero");
     send_sequentially(port, request, count);
-    // SIGTERM: a graceful exit, after which callgrind writes its counts.
+    callgrind_control(child.id(), "--dump");
+    // SIGTERM: a graceful exit (callgrind then writes the counts since the dump as well).
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(
@@ -200,24 +208,27 @@ pub fn callgrind_total(
         "{} under callgrind: {status}",
         program.display()
     );
+    // The dump is the first numbered part; the exit's own is the file without a number.
+    let dump = std::path::PathBuf::from(format!("{}.1", raw.display()));
+    std::fs::rename(&dump, out).expect("callgrind's dump after the measured requests");
+    let _ = std::fs::remove_file(&raw);
     let text = std::fs::read_to_string(out).expect("callgrind output");
-    text.lines()
+    let total: u64 = text
+        .lines()
         .find_map(|line| {
             line.strip_prefix("totals:")
                 .or(line.strip_prefix("summary:"))
         })
         .and_then(|n| n.split_whitespace().next()?.parse().ok())
-        .expect("callgrind totals line")
+        .expect("callgrind totals line");
+    total as f64 / count as f64
 }
 
-/// Instructions per request: the difference between a run of `large` and of `small`
-/// requests, so that start-up and shutdown cancel out.
-pub fn instructions_per_request(
-    small: usize,
-    large: usize,
-    mut total: impl FnMut(usize) -> u64,
-) -> f64 {
-    let few = total(small);
-    let many = total(large);
-    (many as f64 - few as f64) / (large - small) as f64
+fn callgrind_control(pid: u32, what: &str) {
+    let status = Command::new("callgrind_control")
+        .args([what, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("callgrind_control (comes with valgrind)");
+    assert!(status.success(), "callgrind_control {what} {pid}: {status}");
 }
