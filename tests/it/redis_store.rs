@@ -149,8 +149,11 @@ async fn sweeper_reclaims_untouched_mixed_scopes_from_its_index() {
     let store = store_on(server, &prefix).await;
     let mixed = scope(&unique("dag"), 2);
     store.put_task(&mixed, "forever", "1", None).await.unwrap();
+    // Due far enough ahead that the first sweep comes before it on a loaded machine (at
+    // 300 ms it once did not: the redis-cli calls between took longer).
+    let soon_due = now_millis() + 2_000;
     store
-        .put_task(&mixed, "soon", "2", Some(now_millis() + 300))
+        .put_task(&mixed, "soon", "2", Some(soon_due))
         .await
         .unwrap();
     store
@@ -162,8 +165,13 @@ async fn sweeper_reclaims_untouched_mixed_scopes_from_its_index() {
         .find(|key| key.ends_with("}:2"))
         .expect("scope hash");
     assert_eq!(redis_cli(server.port, &["HLEN", &scope_hash]), "3");
+    assert!(
+        now_millis() < soon_due,
+        "the setup took past the key's expiry"
+    );
     assert_eq!(store.sweep_once().await.unwrap(), 0, "nothing due yet");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let wait = (soon_due + 100 - now_millis()).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
     // Nobody reads or writes the scope: only the sweep reclaims the expired key.
     assert_eq!(store.sweep_once().await.unwrap(), 1);
     assert_eq!(redis_cli(server.port, &["HLEN", &scope_hash]), "2");
