@@ -201,7 +201,7 @@ async fn serve_connection(
     // is sooner, and looks again when it wakes. Nothing wakes it per request: a head that
     // starts while it sleeps finds the timer at most one header timeout away, so the
     // head's own deadline is never missed, and a request's bytes cost no timer or
-    // notification (three wakes per request did, about 5k instructions of a GET).
+    // notification (three wakes per request did; BENCHMARKS.md has what they cost a GET).
     let watchdog = tokio::time::sleep(Duration::ZERO);
     let mut watchdog = std::pin::pin!(watchdog);
     let stop = stopping.wait();
@@ -383,7 +383,7 @@ impl AsyncWrite for Watched {
 struct DeadlineBody {
     inner: Incoming,
     /// Made on the first read that has to wait: most bodies (every GET's) arrive with
-    /// their head, and a timer per request cost about 1k instructions.
+    /// their head and never need one.
     timer: Option<Pin<Box<Sleep>>>,
     deadline: Instant,
     timeout: Duration,
