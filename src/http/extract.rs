@@ -7,14 +7,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use axum::http::StatusCode;
 use uuid::Uuid;
 
 use super::error::{ApiError, ValidationIssue};
+use super::AppState;
 use crate::auth::{AuthError, Claims, TokenScope};
 
 /// The outcome of authentication, left in the request's extensions by the auth
@@ -82,26 +81,26 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskCaller {
     }
 }
 
-/// The raw request body plus whether it was declared as JSON; a body over the limit is a
-/// 413 with our error body rather than axum's plain text.
+/// The raw request body plus whether it was declared as JSON; a body over the cap
+/// (`AIRSTATE_MAX_BODY_BYTES`, from the state) is a 413 with our error body.
 pub struct JsonBody {
     pub content_type: Option<String>,
     pub bytes: Bytes,
 }
 
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
+impl FromRequest<Arc<AppState>> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(request: Request, app: &Arc<AppState>) -> Result<Self, ApiError> {
         let content_type = request
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
-        let limit = request.extensions().get::<BodyLimit>().map(|l| l.0);
-        let bytes = Bytes::from_request(request, state)
+        let limit = app.limits.max_body_bytes();
+        let bytes = axum::body::to_bytes(request.into_body(), limit)
             .await
-            .map_err(|rejection| body_error(rejection, limit))?;
+            .map_err(|error| read_error(&error, limit))?;
         Ok(JsonBody {
             content_type,
             bytes,
@@ -109,23 +108,9 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     }
 }
 
-/// Why a body could not be read: too large, cut by the server (too slow, or the replica
-/// stopping), or broken by the client (400, not a 500 with an ERROR log line).
-fn body_error(rejection: BytesRejection, limit: Option<usize>) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::PayloadTooLarge(limit.unwrap_or_default());
-    }
-    if let Some(cut) = find_in_chain::<crate::server::BodyCut>(&rejection) {
-        return cut.into();
-    }
-    // Anything else failing while a body is read is the client's framing: a malformed
-    // chunk, or a connection closed before the declared length arrived.
-    tracing::debug!(error = %rejection.body_text(), "malformed request body");
-    ApiError::BadRequest(MALFORMED_BODY)
-}
-
-/// Why a body read to its end by [`axum::body::to_bytes`] failed, as [`body_error`] words
-/// it for an extractor: over the cap, cut by the server, or broken by the client.
+/// Why a body read to its end by [`axum::body::to_bytes`] failed: over the cap, cut by
+/// the server (too slow, or the replica stopping), or broken by the client (400, not a 500
+/// with an ERROR log line).
 pub(crate) fn read_error(error: &axum::Error, limit: usize) -> ApiError {
     if let Some(cut) = find_in_chain::<crate::server::BodyCut>(error) {
         return cut.into();
@@ -152,10 +137,6 @@ pub(crate) fn find_in_chain<'a, T: std::error::Error + 'static>(
     }
     None
 }
-
-/// The configured body cap, carried to [`JsonBody`] for its error message.
-#[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
 
 /// Query parameters as Starlette reads them: the last of repeated names wins.
 pub fn query_params(query: Option<&str>) -> HashMap<String, String> {

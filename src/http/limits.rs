@@ -37,6 +37,11 @@ impl RequestLimits {
         }
     }
 
+    /// The most one request's body may be (`AIRSTATE_MAX_BODY_BYTES`).
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
     /// The body bytes `request` may bring: its declared length (capped: a larger one is
     /// refused by the body limit anyway), the body cap when it streams, none otherwise.
     fn body_reservation(&self, request: &Request) -> usize {

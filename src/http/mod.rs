@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::HttpBody;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, VARY};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -39,7 +39,7 @@ use crate::auth::{AuthError, Authenticator};
 use crate::identity::IdentityResolver;
 use crate::store::StateStore;
 use error::{ApiError, ValidationIssue};
-use extract::{AuthOutcome, BodyLimit};
+use extract::AuthOutcome;
 
 /// Shared by every request; cheap to clone behind an `Arc`.
 pub struct AppState {
@@ -69,27 +69,21 @@ pub const API_VERSION: &str = "2026-06-30";
 const API_VERSION_HEADER: HeaderName = HeaderName::from_static("airflow-api-version");
 const REFRESHED_TOKEN: HeaderName = HeaderName::from_static("refreshed-api-token");
 
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+pub fn router(state: Arc<AppState>) -> Router {
     // Without an admin credential the admin surface does not exist (404), rather than
     // existing and refusing everyone.
     let routes = routes::routers(state.admin.token.is_some(), state.serve_core_api);
-    let execution = routes
-        .execution
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            execution_front,
-        ))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(Extension(BodyLimit(max_body_bytes)));
-    let admin = routes
-        .admin
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(Extension(BodyLimit(max_body_bytes)));
-    let core_api = routes
-        .core_api
-        .layer(middleware::from_fn(core_api_front))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(Extension(BodyLimit(max_body_bytes)));
+    // No body-limit layers: every body is read by `json_first` or `JsonBody`, which take
+    // the cap from the state (a route layer costs a boxed service clone per request).
+    let execution = routes.execution.layer(middleware::from_fn_with_state(
+        state.clone(),
+        execution_front,
+    ));
+    let admin = routes.admin;
+    let core_api = routes.core_api.layer(middleware::from_fn_with_state(
+        state.clone(),
+        core_api_front,
+    ));
     let app = routes.open.merge(execution).merge(admin).merge(core_api);
     app.fallback(forward::forward)
         .method_not_allowed_fallback(|| async {
@@ -143,7 +137,7 @@ async fn execution_front(
     next: Next,
 ) -> Response {
     api_version(request, |request| {
-        json_first(request, |request| {
+        json_first(app.limits.max_body_bytes(), request, |request| {
             authenticate(&app, request, |request| next.run(request))
         })
     })
@@ -215,13 +209,20 @@ pub(crate) fn no_content() -> Response {
     (StatusCode::NO_CONTENT, [(CONTENT_TYPE, "application/json")]).into_response()
 }
 
-async fn core_api_front(request: Request, next: Next) -> Response {
-    json_first(request, |request| next.run(request)).await
+async fn core_api_front(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    json_first(app.limits.max_body_bytes(), request, |request| {
+        next.run(request)
+    })
+    .await
 }
 
 /// FastAPI reads a JSON body while it solves a route's dependencies, before the auth
 /// one has refused anything: broken JSON is a 422 (too deep a 400) even with no token.
-async fn json_first<F, Fut>(request: Request, next: F) -> Response
+async fn json_first<F, Fut>(limit: usize, request: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
@@ -235,10 +236,6 @@ where
     if !declared_json {
         return next(request).await;
     }
-    let limit = request
-        .extensions()
-        .get::<BodyLimit>()
-        .map_or(usize::MAX, |limit| limit.0);
     let (parts, payload) = request.into_parts();
     let bytes = match axum::body::to_bytes(payload, limit).await {
         Ok(bytes) => bytes,

@@ -165,7 +165,7 @@ impl Gateway {
         } else {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let base = format!("http://{}", listener.local_addr().unwrap());
-            let app = airstate::http::router(state.clone(), config.max_body_bytes);
+            let app = airstate::http::router(state.clone());
             let task = tokio::spawn(async move {
                 axum::serve(listener, app).await.unwrap();
             });
