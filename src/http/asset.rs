@@ -9,12 +9,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::Value;
 
 use super::body::{check_key, parse_put_body};
-use super::conditional::{condition, not_modified, with_etag, written_response};
+use super::conditional::{not_modified, with_etag, written_response, Precondition};
 use super::error::{ApiError, ValidationIssue};
 use super::extract::{query_params, ExecutionToken, JsonBody};
 use super::{no_content, value_response, AppState};
@@ -141,9 +140,9 @@ async fn get_value(
     claims: &Claims,
     asset: AssetRef,
     key: &str,
-    headers: &HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
-    let condition = condition(headers)?;
+    let condition = precondition.condition()?;
     let asset = resolve(app, claims, asset).await?;
     match app.store.get_asset(&asset, key).await? {
         Some(value) => Ok(not_modified(&condition, &value.version)
@@ -157,11 +156,11 @@ async fn put_value(
     claims: &Claims,
     asset: AssetRef,
     key: &str,
-    headers: &HeaderMap,
+    precondition: Precondition,
     body: &JsonBody,
 ) -> Result<Response, ApiError> {
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, false)?;
-    let condition = condition(headers)?;
+    let condition = precondition.condition()?;
     let asset = resolve(app, claims, asset).await?;
     let writer = writer_of(app, claims).await?;
     let written = app
@@ -176,9 +175,9 @@ async fn delete_value(
     claims: &Claims,
     asset: AssetRef,
     key: &str,
-    headers: &HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
-    let condition = condition(headers)?;
+    let condition = precondition.condition()?;
     let asset = resolve(app, claims, asset).await?;
     let written = app.store.delete_asset_if(&asset, key, &condition).await?;
     written_response(written, no_content())
@@ -196,17 +195,17 @@ pub async fn get<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    get_value(&app, &claims, asset, &key.unwrap_or_default(), &headers).await
+    get_value(&app, &claims, asset, &key.unwrap_or_default(), precondition).await
 }
 
 pub async fn put<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    precondition: Precondition,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
@@ -215,7 +214,7 @@ pub async fn put<const BY_URI: bool>(
         &claims,
         asset,
         &key.unwrap_or_default(),
-        &headers,
+        precondition,
         &body,
     )
     .await
@@ -225,10 +224,10 @@ pub async fn delete<const BY_URI: bool>(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
     let (asset, key) = from_query(By::of(BY_URI), query.as_deref(), true)?;
-    delete_value(&app, &claims, asset, &key.unwrap_or_default(), &headers).await
+    delete_value(&app, &claims, asset, &key.unwrap_or_default(), precondition).await
 }
 
 pub async fn clear<const BY_URI: bool>(
@@ -264,31 +263,31 @@ pub async fn aip103_get(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
-    headers: HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    get_value(&app, &claims, asset, &key, &headers).await
+    get_value(&app, &claims, asset, &key, precondition).await
 }
 
 pub async fn aip103_put(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
-    headers: HeaderMap,
+    precondition: Precondition,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    put_value(&app, &claims, asset, &key, &headers, &body).await
+    put_value(&app, &claims, asset, &key, precondition, &body).await
 }
 
 pub async fn aip103_delete(
     State(app): State<Arc<AppState>>,
     ExecutionToken(claims): ExecutionToken,
     Path((name, key)): Path<(String, String)>,
-    headers: HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
     let asset = from_path(name, Some(&key))?;
-    delete_value(&app, &claims, asset, &key, &headers).await
+    delete_value(&app, &claims, asset, &key, precondition).await
 }
 
 pub async fn aip103_clear(

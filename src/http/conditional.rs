@@ -2,7 +2,11 @@
 //! `If-Match` / `If-None-Match` preconditions (412 on a write, 304 on a GET) that the core
 //! task and asset routes and the extensions share.
 
+use std::convert::Infallible;
+
+use axum::extract::FromRequestParts;
 use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -20,6 +24,26 @@ pub fn with_etag(mut response: Response, version: Option<&str>) -> Response {
         response.headers_mut().insert(ETAG, value);
     }
     response
+}
+
+/// A request's precondition, read from its headers where they are (extracting the whole
+/// `HeaderMap` copies it). A malformed one is kept, not refused here: the handler checks
+/// the key and the body first and asks for the condition after them, so a request with
+/// several faults gets the same error as before.
+pub struct Precondition(Result<Condition, ApiError>);
+
+impl Precondition {
+    pub fn condition(self) -> Result<Condition, ApiError> {
+        self.0
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Precondition {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Precondition(condition(&parts.headers)))
+    }
 }
 
 /// The precondition a request carries; [`Condition::NONE`] when it sends neither header.

@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::body::{check_key, parse_bool_param, parse_put_body};
-use super::conditional::{condition, not_modified, with_etag, written_response};
+use super::conditional::{not_modified, with_etag, written_response, Precondition};
 use super::error::ApiError;
 use super::extract::{query_params, JsonBody, TaskCaller};
 use super::{no_content, value_response, AppState};
@@ -32,10 +31,10 @@ pub(crate) async fn scope_of(app: &AppState, caller: &TaskCaller) -> Result<Task
 pub async fn get(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
-    headers: HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
     let key = key_of(&caller)?;
-    let condition = condition(&headers)?;
+    let condition = precondition.condition()?;
     let scope = scope_of(&app, &caller).await?;
     match app.store.get_task(&scope, key).await? {
         Some(value) => Ok(not_modified(&condition, &value.version)
@@ -47,12 +46,12 @@ pub async fn get(
 pub async fn put(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
-    headers: HeaderMap,
+    precondition: Precondition,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let key = key_of(&caller)?;
     let parsed = parse_put_body(body.content_type.as_deref(), &body.bytes, true)?;
-    let condition = condition(&headers)?;
+    let condition = precondition.condition()?;
     let scope = scope_of(&app, &caller).await?;
     let written = app
         .store
@@ -64,10 +63,10 @@ pub async fn put(
 pub async fn delete(
     State(app): State<Arc<AppState>>,
     caller: TaskCaller,
-    headers: HeaderMap,
+    precondition: Precondition,
 ) -> Result<Response, ApiError> {
     let key = key_of(&caller)?;
-    let condition = condition(&headers)?;
+    let condition = precondition.condition()?;
     let scope = scope_of(&app, &caller).await?;
     let written = app.store.delete_task_if(&scope, key, &condition).await?;
     written_response(written, no_content())
