@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use uuid::Uuid;
@@ -55,17 +56,27 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let ExecutionToken(claims) = ExecutionToken::from_request_parts(parts, state).await?;
-        let Path(mut params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+        // Borrowed, not a `Path<HashMap<..>>`: that allocates a map and a string per
+        // parameter on every request.
+        let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|rejection| {
-                ValidationIssue::new(
-                    "string_type",
-                    &["path"],
-                    rejection.body_text(),
-                    serde_json::Value::Null,
-                )
+                let message = match rejection {
+                    RawPathParamsRejection::InvalidUtf8InPathParam(invalid) => {
+                        format!("Invalid URL: {}", invalid.body_text())
+                    }
+                    other => other.body_text(),
+                };
+                ValidationIssue::new("string_type", &["path"], message, serde_json::Value::Null)
             })?;
-        let raw = params.remove("task_instance_id").unwrap_or_default();
+        let (mut raw, mut key) = ("", None);
+        for (name, value) in &params {
+            match name {
+                "task_instance_id" => raw = value,
+                "key" => key = Some(value.to_owned()),
+                _ => {}
+            }
+        }
         // Airflow compares the canonical form of the subject with the path text, so an
         // upper-case or dash-less UUID in the path is refused even for the right token.
         let mut canonical = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -76,7 +87,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskCaller {
         Ok(TaskCaller {
             task_instance: claims.subject,
             claims,
-            key: params.remove("key"),
+            key,
         })
     }
 }

@@ -97,6 +97,16 @@ async fn keys_may_hold_slashes_and_unicode(backend: Backend) {
     );
     let missing = gw.get(&ti_path(&ti, "schl%C3%BCssel"), &ti.token).await;
     assert_eq!(missing.status, 404);
+    // A key whose percent-escapes are not UTF-8 names no key: refused, nothing stored.
+    let broken = gw
+        .put(&ti_path(&ti, "bad%FFkey"), &ti.token, json!({"value": 1}))
+        .await;
+    assert_eq!(broken.status, 422, "{broken:?}");
+    assert_eq!(broken.body["detail"][0]["type"], json!("string_type"));
+    assert_eq!(
+        broken.body["detail"][0]["msg"],
+        json!("Invalid URL: Invalid UTF-8 in `key`")
+    );
     assert_eq!(
         gw.get(&ti_path(&ti, unicode), &ti.token).await.body,
         json!({"value": [1]})
