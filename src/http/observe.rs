@@ -4,7 +4,6 @@
 //! The span continues the caller's W3C trace (`traceparent`/`tracestate`) and carries the
 //! route template, the status and the task-instance id: never the token or the value.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
@@ -117,14 +116,16 @@ fn status_labels_are_a_fixed_set() {
     assert_eq!(status_label(999), "5xx");
 }
 
-type RouteHandles = HashMap<(&'static str, &'static str), (Counter, Histogram)>;
+// foldhash, not SipHash: the keys are our own route templates and labels, looked up on
+// every request.
+type RouteHandles = foldhash::HashMap<(&'static str, &'static str), (Counter, Histogram)>;
 
 /// The request counter of one (route, method, status) and the latency histogram of one
 /// (route, method), registered once: looking them up by labels on every request cost
 /// measurable throughput. The histogram has no status label: its fourteen series per label
 /// set multiplied by every status were most of a replica's series.
 fn request_handles(route: &str, method: &'static str, status: u16) -> (Counter, Histogram) {
-    static HANDLES: OnceLock<RwLock<HashMap<String, RouteHandles>>> = OnceLock::new();
+    static HANDLES: OnceLock<RwLock<foldhash::HashMap<String, RouteHandles>>> = OnceLock::new();
     let handles = HANDLES.get_or_init(Default::default);
     let status = status_label(status);
     if let Some(found) = handles

@@ -444,7 +444,8 @@ fn millis_u32(duration: Duration) -> u32 {
 /// The latency histogram of one command, registered once per command name rather than
 /// looked up by label on every call.
 fn command_latency(command: &'static str) -> metrics::Histogram {
-    type Handles = std::collections::HashMap<&'static str, metrics::Histogram>;
+    // foldhash, not SipHash: the keys are our own command names, looked up on every call.
+    type Handles = foldhash::HashMap<&'static str, metrics::Histogram>;
     static HANDLES: std::sync::OnceLock<std::sync::RwLock<Handles>> = std::sync::OnceLock::new();
     let handles = HANDLES.get_or_init(Default::default);
     if let Some(found) = handles.read().unwrap().get(command) {

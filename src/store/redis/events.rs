@@ -17,7 +17,7 @@ pub(super) fn task_channel(scope_key: &str) -> String {
             let base = scope_key
                 .rsplit_once(':')
                 .map_or(scope_key, |(base, _)| base);
-            format!("{}ev:{}", &scope_key[..tag], &base[tag..])
+            [&scope_key[..tag], "ev:", &base[tag..]].concat()
         }
         None => String::new(),
     }
@@ -55,7 +55,7 @@ impl RedisStore {
     }
 
     pub(super) fn asset_channel(&self, asset: &AssetKey) -> String {
-        format!("{}ev:{{a:{}}}", self.prefix, asset.0)
+        [&self.prefix, "ev:{a:", &asset.0, "}"].concat()
     }
 
     /// Starts the change streams: one subscriber connection, each watcher buffering at
