@@ -567,6 +567,10 @@ async fn instructions(
     json_put
         .headers
         .push(("Content-Type", "application/json".to_owned()));
+    let mut gzip_get = request("GET", key_path.clone(), "", 200);
+    gzip_get
+        .headers
+        .push(("Accept-Encoding", "gzip, deflate".to_owned()));
     let cases = [
         ("GET", request("GET", key_path, "", 200)),
         ("PUT", json_put),
@@ -575,6 +579,9 @@ async fn instructions(
             request("GET", format!("{scope_path}?keys=k"), "", 200),
         ),
         ("clear", request("DELETE", scope_path, "", 204)),
+        // As Airflow's Task SDK asks: httpx sends `Accept-Encoding: gzip, deflate` on
+        // every request, and every answer with a body is then gzipped (as Airflow does).
+        ("GET gzip", gzip_get),
     ];
     let gateway = PathBuf::from(env!("CARGO_BIN_EXE_airstate"));
     let prefix = "bench:";

@@ -137,7 +137,7 @@ pub fn send_sequentially(port: u16, request: &RawRequest, count: usize) {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         assert_eq!(status, request.status, "{request:?} answered {line:?}");
-        let mut length = 0usize;
+        let (mut length, mut chunked) = (0usize, false);
         loop {
             line.clear();
             reader.read_line(&mut line).unwrap();
@@ -149,10 +149,28 @@ pub fn send_sequentially(port: u16, request: &RawRequest, count: usize) {
                 if name.eq_ignore_ascii_case("content-length") {
                     length = value.trim().parse().unwrap();
                 }
+                // A compressed answer streams: its length is not known up front.
+                if name.eq_ignore_ascii_case("transfer-encoding") {
+                    chunked = value.trim().eq_ignore_ascii_case("chunked");
+                }
             }
         }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
+        if !chunked {
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            continue;
+        }
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            let size = usize::from_str_radix(line.trim_end(), 16).expect("a chunk size");
+            // The chunk and its CRLF; the last (empty) chunk is followed by one CRLF.
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).unwrap();
+            if size == 0 {
+                break;
+            }
+        }
     }
 }
 
