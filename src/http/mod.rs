@@ -64,6 +64,10 @@ pub struct AppState {
     pub limits: Arc<limits::RequestLimits>,
 }
 
+/// The smallest response body that is gzipped: the `minimum_size` Airflow's API server
+/// gives its GZipMiddleware.
+pub const GZIP_MIN_BYTES: u64 = 1024;
+
 /// The newest Execution API version, and the one that introduced the state routes.
 pub const API_VERSION: &str = "2026-06-30";
 const API_VERSION_HEADER: HeaderName = HeaderName::from_static("airflow-api-version");
@@ -93,13 +97,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Added with `Router::layer`, so it runs per route and sees the route template.
         .layer(middleware::from_fn_with_state(state.limits.clone(), front))
         .with_state(state)
-        // Airflow's API server gzips every body for a client that accepts gzip (its
-        // GZipMiddleware sees the Execution API's answers as streams, so its 1024-byte
-        // minimum never applies). Change streams stay uncompressed: a gzip encoder holds
+        // Gzip for a client that accepts it (Airflow's Task SDK, whose httpx asks on
+        // every request), from Airflow's own `minimum_size`. Airflow gzips smaller bodies
+        // too (its GZipMiddleware sees the Execution API's answers as streams, so the
+        // minimum never applies); here they go as they are: a ~30-byte value grows under
+        // gzip, and each gzip stream zeroes a ~300 KB compressor (about 7 times a whole
+        // GET's instructions). Change streams stay uncompressed: a gzip encoder holds
         // events back until its buffer fills.
         .layer(
             CompressionLayer::new().gzip(true).compress_when(
-                SizeAbove::new(1)
+                SizeAbove::new(GZIP_MIN_BYTES)
                     .and(NotForContentType::GRPC)
                     .and(NotForContentType::IMAGES)
                     .and(NotForContentType::SSE),

@@ -89,7 +89,8 @@ async fn method_not_allowed_is_airflows_405_with_its_allow() {
     }
 }
 
-/// Airflow's API server gzips a response body when the client accepts gzip, and says
+/// Airflow's API server gzips a response body when the client accepts gzip (airstate from
+/// 1,024 bytes, Airflow's `minimum_size`: README, where airstate differs), and says
 /// `vary: Accept-Encoding` on every response with a body; Cadwyn echoes the requested
 /// `Airflow-API-Version` on every answer of the Execution API, refusals included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,6 +126,39 @@ async fn gzip_vary_and_the_version_echo() {
         .read_to_string(&mut text)
         .unwrap();
     assert_eq!(text, format!(r#"{{"value":{value}}}"#));
+
+    // Under Airflow's `minimum_size` (1,024 bytes), even asked for: as it is, with `vary`.
+    // `{"value":` and `}` are 10 bytes, the quotes 2 more.
+    for (body_bytes, zipped) in [(1023, false), (1024, true)] {
+        let edge_path = ti_path(&ti, &format!("edge{body_bytes}"));
+        let edge_value = format!(r#""{}""#, "e".repeat(body_bytes - 12));
+        let body = format!(r#"{{"value":{edge_value}}}"#);
+        assert_eq!(body.len(), body_bytes);
+        assert_eq!(gw.put_text(&edge_path, &ti.token, &body).await.status, 204);
+        let reply = gw
+            .http
+            .get(format!("{}{edge_path}", gw.base))
+            .header("authorization", &bearer)
+            .header("accept-encoding", "gzip, deflate")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        assert_eq!(reply.headers()["vary"], "Accept-Encoding");
+        let encoding = reply.headers().get("content-encoding").cloned();
+        let bytes = reply.bytes().await.unwrap();
+        if zipped {
+            assert_eq!(encoding.as_ref().map(|v| v.as_bytes()), Some(&b"gzip"[..]));
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_string(&mut text)
+                .unwrap();
+            assert_eq!(text, body);
+        } else {
+            assert_eq!(encoding, None, "{body_bytes} bytes");
+            assert_eq!(&bytes[..], body.as_bytes());
+        }
+    }
 
     // Not asked for: identity, still with `vary`; small bodies too.
     let plain = gw.get(&path, &ti.token).await;
