@@ -10,7 +10,8 @@
 //! by the harness) and webdis when installed. With `valgrind` on the PATH it then counts
 //! instructions per request under callgrind (`--instructions-only`: only that), which,
 //! unlike throughput, does not move with the machine's load. `--keep-callgrind DIR` leaves
-//! the callgrind outputs in DIR (`<case>.<requests>`, e.g. `get.1200`) for
+//! the callgrind outputs in DIR, one per case (`get`, `put`, `bulk-read`, `clear`,
+//! `get-gzip`, `floor`), each the counts of its 1,000 counted requests, for
 //! `callgrind_annotate --inclusive=yes`; otherwise they go with a temporary directory.
 //! The gateway runs with `RUST_LOG=warn` unless `--rust-log` says otherwise (`info`, the
 //! default of a deployment, adds the access log line and the request spans). `--no-floor`
