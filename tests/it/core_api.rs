@@ -65,6 +65,8 @@ async fn deploy() -> Deployment {
             ("AIRSTATE_REDIS_URL", &RedisServer::shared().url),
             ("AIRSTATE_KEY_PREFIX", &format!("{}:", unique("core"))),
             ("AIRSTATE_AIRFLOW_API_URL", &airflow.base),
+            // Small, so that a body over it is cheap to send (every value here is smaller).
+            ("AIRSTATE_MAX_BODY_BYTES", "4096"),
             ("RUST_LOG", "warn"),
         ],
         Stdio::inherit(),
@@ -298,6 +300,22 @@ async fn airflows_ui_routes_show_and_edit_what_workers_see_with_airflows_access_
         .via_gateway("DELETE", &format!("{base}/from_ui"), Some(&d.admin), None)
         .await;
     assert_eq!(status, 204);
+
+    // Over the body cap the Core REST API routes answer 413 as the Execution API's do,
+    // before asking Airflow anything, and write nothing.
+    let (status, body) = d
+        .via_gateway(
+            "PUT",
+            &format!("{base}/too_big"),
+            Some(&d.admin),
+            Some(json!({"value": "a".repeat(5000)})),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = d
+        .via_gateway("GET", &format!("{base}/too_big"), Some(&d.admin), None)
+        .await;
+    assert_eq!(status, 404, "{body}");
     let (_, their_missing) = d
         .call(
             &d.airflow.base,
