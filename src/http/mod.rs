@@ -66,7 +66,7 @@ pub struct AppState {
 
 /// The smallest response body that is gzipped: the `minimum_size` Airflow's API server
 /// gives its GZipMiddleware.
-pub const GZIP_MIN_BYTES: u64 = 1024;
+const GZIP_MIN_BYTES: u64 = 1024;
 
 /// The newest Execution API version, and the one that introduced the state routes.
 pub const API_VERSION: &str = "2026-06-30";
