@@ -145,7 +145,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         })?;
     let local = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(address = %local, "listening");
-    let app = http::router(state.clone());
+    let app = http::app(state.clone());
     let (phase, stopping) = server::Stopping::channel();
     let server = server::run(listener, app, config.server, stopping);
     let mut server = std::pin::pin!(server);

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
-use axum::Router;
 use futures_util::FutureExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
@@ -28,6 +27,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::config::ServerSettings;
+use crate::http::App;
 
 /// Why a request body stopped arriving before its end (the body's error, mapped to HTTP
 /// in `http::error`).
@@ -73,7 +73,7 @@ impl Stopping {
 
 /// Serves `app` on `listener` until `stopping` says stop, then until every connection
 /// has ended (the caller bounds that wait by its grace period).
-pub async fn run(listener: TcpListener, app: Router, settings: ServerSettings, stopping: Stopping) {
+pub async fn run(listener: TcpListener, app: App, settings: ServerSettings, stopping: Stopping) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.max_header_size(settings.max_header_bytes)
         // The watchdog below times headers; hyper's timer would also cut idle connections.
@@ -148,7 +148,7 @@ async fn serve_connection(
     http: &hyper::server::conn::http1::Builder,
     stream: TcpStream,
     peer: SocketAddr,
-    app: Router,
+    app: App,
     settings: ServerSettings,
     mut stopping: Stopping,
 ) {
@@ -446,14 +446,17 @@ impl hyper::body::Body for DeadlineBody {
 }
 
 /// A response body that keeps its request counted as in flight until it is sent.
-struct TrackedBody {
-    inner: Body,
+struct TrackedBody<B> {
+    inner: B,
     _in_flight: InFlight,
 }
 
-impl hyper::body::Body for TrackedBody {
+impl<B> hyper::body::Body for TrackedBody<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -428,7 +428,7 @@ pub fn table() -> Vec<Route> {
     routes
 }
 
-/// The routers of [`table`], one per kind of caller, for `http::router` to put each
+/// The routers of [`table`], one per kind of caller, for `http::app` to put each
 /// behind its layers; the admin one is empty unless the admin API is on, the Core API
 /// one unless those routes are served here (else they are forwarded).
 pub struct Routers {

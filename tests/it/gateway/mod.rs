@@ -165,9 +165,14 @@ impl Gateway {
         } else {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let base = format!("http://{}", listener.local_addr().unwrap());
-            let app = airstate::http::router(state.clone());
+            // The server `airstate serve` runs, limits and all, on the same service.
+            let app = airstate::http::app(state.clone());
+            let (phase, stopping) = airstate::server::Stopping::channel();
             let task = tokio::spawn(async move {
-                axum::serve(listener, app).await.unwrap();
+                // Held by the task: the server stops when the task is aborted, never
+                // because the sender went away.
+                let _phase = phase;
+                airstate::server::run(listener, app, config.server, stopping).await;
             });
             (base, Server::Task(task))
         };
