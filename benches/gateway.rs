@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use airstate::store::redis::{RedisSettings, RedisStore};
 use airstate::store::{StateStore, TaskScope};
-use common::{free_port, RedisServer, ServedBinary};
+use common::{free_port, Postgres, RedisServer, ServedBinary};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
 use support::{instructions_per_request, median, median_run, wrk, wrk_script, RawRequest, Run};
@@ -527,6 +527,61 @@ async fn main() {
     .await;
 }
 
+/// A GET as a deployment serves it: identity from Airflow's metastore (a PostgreSQL the
+/// harness starts, holding the task instance), warm in the identity cache, rather than
+/// from the token's claims. `None`, with a message, without PostgreSQL's binaries.
+async fn metastore_get(
+    redis: &RedisServer,
+    store: &RedisStore,
+    gateway: &Path,
+    (warmup, counted): (usize, usize),
+    dir: &Path,
+) -> Option<f64> {
+    if !Path::new("/usr/lib/postgresql").exists() {
+        println!("\nmetastore identity: PostgreSQL is not installed (apt-get install postgresql)");
+        return None;
+    }
+    let pg = Postgres::start();
+    let ti = Uuid::new_v4();
+    let stored = scope("bench_dag", -1);
+    pg.insert_task_instance(ti, &stored.dag_id, &stored.run_id, &stored.task_id, -1)
+        .await;
+    // The metastore identity keys a run's state by its `dag_run.id`.
+    let stored = TaskScope {
+        run_key: Some(pg.dag_run_id(&stored.dag_id, &stored.run_id).await),
+        ..stored
+    };
+    store.put_task(&stored, "k", VALUE, None).await.unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut env = gateway_env(redis, "bench:").to_vec();
+    env.retain(|(name, _)| *name != "AIRSTATE_IDENTITY");
+    env.push(("AIRSTATE_IDENTITY", "metastore"));
+    env.push(("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &pg.url));
+    // Every counted request a cache hit (the default 5 s would let a count depend on how
+    // fast callgrind runs); what a miss costs is the metastore's query, not counted here.
+    env.push(("AIRSTATE_IDENTITY_CACHE_SECONDS", "3600"));
+    env.push(("AIRSTATE_LISTEN", &listen));
+    let request = RawRequest {
+        method: "GET",
+        path: format!("/execution/store/ti/{ti}/k"),
+        headers: vec![("Authorization", format!("Bearer {}", token(ti, &stored)))],
+        body: String::new(),
+        status: 200,
+    };
+    let per_request = instructions_per_request(
+        gateway,
+        &["serve"],
+        &env,
+        port,
+        &request,
+        (warmup, counted),
+        &dir.join("get-metastore"),
+    );
+    eprintln!("airstate GET, metastore identity: {per_request:.0} instructions per request");
+    Some(per_request)
+}
+
 /// Instructions per request under callgrind, for the gateway's hot routes and the floor.
 async fn instructions(
     redis: &RedisServer,
@@ -605,6 +660,9 @@ async fn instructions(
         rows.push((format!("airstate {name}"), per_request));
         // The clear empties the scope: the next case finds its key again.
         store.put_task(main_scope, "k", VALUE, None).await.unwrap();
+    }
+    if let Some(per_request) = metastore_get(redis, store, &gateway, (WARMUP, COUNTED), dir).await {
+        rows.push(("airstate GET, metastore identity".into(), per_request));
     }
     if !with_floor {
         println!("\n| request | instructions |");
