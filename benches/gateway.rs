@@ -11,7 +11,7 @@
 //! instructions per request under callgrind (`--instructions-only`: only that), which,
 //! unlike throughput, does not move with the machine's load. `--keep-callgrind DIR` leaves
 //! the callgrind outputs in DIR, one per case (`get`, `put`, `bulk-read`, `clear`,
-//! `get-gzip`, `floor`), each the counts of its 1,000 counted requests, for
+//! `get-gzip`, `get-metastore`, `floor`), each the counts of its 1,000 counted requests, for
 //! `callgrind_annotate --inclusive=yes`; otherwise they go with a temporary directory.
 //! The gateway runs with `RUST_LOG=warn` unless `--rust-log` says otherwise (`info`, the
 //! default of a deployment, adds the access log line and the request spans). `--no-floor`
