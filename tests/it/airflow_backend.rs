@@ -9,7 +9,7 @@ use crate::common;
 
 use std::process::Command;
 
-use common::{free_port, Postgres, RedisServer};
+use common::{free_ports, Postgres, RedisServer};
 
 fn airflow_python() -> String {
     let made = Command::new("bash")
@@ -57,7 +57,7 @@ fn airstate_airflow_backend_under_airflow() {
     let python = airflow_python();
     let redis = RedisServer::start();
     let pg = Postgres::shared();
-    let ports: Vec<String> = (0..8).map(|_| free_port().to_string()).collect();
+    let ports: Vec<String> = free_ports(8).iter().map(u16::to_string).collect();
     let work = tempfile::tempdir().unwrap();
     let report = work.path().join("report.xml");
     let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/python/airstate-airflow/tests");

@@ -24,6 +24,18 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `n` distinct free ports, for a process that starts servers of its own. Held open
+/// together while chosen: ports picked one after another, each released before the next,
+/// can repeat (CI once gave a Python test's Redis and its airstate the same one).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    held.iter()
+        .map(|listener| listener.local_addr().expect("bound port").port())
+        .collect()
+}
+
 /// Runs `command` in the background until this test process exits, then stops it and
 /// removes `cleanup`. PID 1 here does not reap orphans, so a dead parent can linger as a
 /// zombie: the watchdog checks the process state, not just that the pid exists.
