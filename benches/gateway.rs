@@ -11,7 +11,7 @@
 //! instructions per request under callgrind (`--instructions-only`: only that), which,
 //! unlike throughput, does not move with the machine's load. `--keep-callgrind DIR` leaves
 //! the callgrind outputs in DIR, one per case (`get`, `put`, `bulk-read`, `clear`,
-//! `get-gzip`, `get-metastore`, `floor`), each the counts of its 1,000 counted requests, for
+//! `get-gzip`, `get-metastore-identity`, `floor`), each the counts of its 1,000 counted requests, for
 //! `callgrind_annotate --inclusive=yes`; otherwise they go with a temporary directory.
 //! The gateway runs with `RUST_LOG=warn` unless `--rust-log` says otherwise (`info`, the
 //! default of a deployment, adds the access log line and the request spans). `--no-floor`
@@ -529,15 +529,12 @@ async fn main() {
 
 /// A GET as a deployment serves it: identity from Airflow's metastore (a PostgreSQL the
 /// harness starts, holding the task instance), warm in the identity cache, rather than
-/// from the token's claims. `None`, with a message, without PostgreSQL's binaries.
-async fn metastore_get(
-    redis: &RedisServer,
+/// from the token's claims. The request, the gateway's extra environment, and the server
+/// (kept for the count); `None`, with a message, without PostgreSQL's binaries.
+async fn metastore_case(
     store: &RedisStore,
-    gateway: &Path,
-    (warmup, counted): (usize, usize),
-    dir: &Path,
-) -> Option<f64> {
-    if !Path::new("/usr/lib/postgresql").exists() {
+) -> Option<(RawRequest, Vec<(&'static str, String)>, Postgres)> {
+    if common::find_postgres_bin("initdb").is_none() {
         println!("\nmetastore identity: PostgreSQL is not installed (apt-get install postgresql)");
         return None;
     }
@@ -552,16 +549,13 @@ async fn metastore_get(
         ..stored
     };
     store.put_task(&stored, "k", VALUE, None).await.unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut env = gateway_env(redis, "bench:").to_vec();
-    env.retain(|(name, _)| *name != "AIRSTATE_IDENTITY");
-    env.push(("AIRSTATE_IDENTITY", "metastore"));
-    env.push(("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", &pg.url));
-    // Every counted request a cache hit (the default 5 s would let a count depend on how
-    // fast callgrind runs); what a miss costs is the metastore's query, not counted here.
-    env.push(("AIRSTATE_IDENTITY_CACHE_SECONDS", "3600"));
-    env.push(("AIRSTATE_LISTEN", &listen));
+    let env = vec![
+        ("AIRSTATE_IDENTITY", "metastore".to_owned()),
+        ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", pg.url.clone()),
+        // Every counted request a cache hit (the default 5 s would let a count depend on
+        // how fast callgrind runs); what a miss costs is the metastore's query, not counted.
+        ("AIRSTATE_IDENTITY_CACHE_SECONDS", "3600".to_owned()),
+    ];
     let request = RawRequest {
         method: "GET",
         path: format!("/execution/store/ti/{ti}/k"),
@@ -569,17 +563,7 @@ async fn metastore_get(
         body: String::new(),
         status: 200,
     };
-    let per_request = instructions_per_request(
-        gateway,
-        &["serve"],
-        &env,
-        port,
-        &request,
-        (warmup, counted),
-        &dir.join("get-metastore"),
-    );
-    eprintln!("airstate GET, metastore identity: {per_request:.0} instructions per request");
-    Some(per_request)
+    Some((request, env, pg))
 }
 
 /// Instructions per request under callgrind, for the gateway's hot routes and the floor.
@@ -639,13 +623,23 @@ async fn instructions(
         // every request, and every answer with a body is then gzipped (as Airflow does).
         ("GET gzip", gzip_get),
     ];
+    let mut cases: Vec<_> = cases
+        .into_iter()
+        .map(|(name, request)| (name, request, Vec::new()))
+        .collect();
+    let metastore = metastore_case(store).await;
+    if let Some((request, env, _)) = &metastore {
+        cases.push(("GET, metastore identity", request.clone(), env.clone()));
+    }
     let gateway = PathBuf::from(env!("CARGO_BIN_EXE_airstate"));
     let prefix = "bench:";
     let mut rows = Vec::new();
-    for (name, request) in &cases {
+    for (name, request, extra) in &cases {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut env = gateway_env(redis, prefix).to_vec();
+        env.retain(|(name, _)| extra.iter().all(|(replaced, _)| name != replaced));
+        env.extend(extra.iter().map(|(name, value)| (*name, value.as_str())));
         env.push(("AIRSTATE_LISTEN", &listen));
         let per_request = instructions_per_request(
             &gateway,
@@ -654,15 +648,12 @@ async fn instructions(
             port,
             request,
             (WARMUP, COUNTED),
-            &dir.join(name.replace(' ', "-").to_lowercase()),
+            &dir.join(name.replace(',', "").replace(' ', "-").to_lowercase()),
         );
         eprintln!("airstate {name}: {per_request:.0} instructions per request");
         rows.push((format!("airstate {name}"), per_request));
         // The clear empties the scope: the next case finds its key again.
         store.put_task(main_scope, "k", VALUE, None).await.unwrap();
-    }
-    if let Some(per_request) = metastore_get(redis, store, &gateway, (WARMUP, COUNTED), dir).await {
-        rows.push(("airstate GET, metastore identity".into(), per_request));
     }
     if !with_floor {
         println!("\n| request | instructions |");

@@ -509,6 +509,13 @@ pub struct Postgres {
 }
 
 pub fn postgres_bin(name: &str) -> PathBuf {
+    find_postgres_bin(name).unwrap_or_else(|| {
+        panic!("{name} not found: PostgreSQL server binaries (apt-get install postgresql)")
+    })
+}
+
+/// `name` from the PATH, else from the newest `/usr/lib/postgresql/<version>/bin`.
+pub fn find_postgres_bin(name: &str) -> Option<PathBuf> {
     if let Ok(output) = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
@@ -516,11 +523,11 @@ pub fn postgres_bin(name: &str) -> PathBuf {
     {
         let found = String::from_utf8_lossy(&output.stdout).trim().to_owned();
         if output.status.success() && !found.is_empty() {
-            return PathBuf::from(found);
+            return Some(PathBuf::from(found));
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries (apt-get install postgresql)")
+        .ok()?
         .filter_map(|entry| entry.ok().map(|e| e.path().join("bin").join(name)))
         .filter(|path| path.exists())
         .collect();
@@ -530,7 +537,7 @@ pub fn postgres_bin(name: &str) -> PathBuf {
             .and_then(|v| v.as_os_str().to_str()?.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    versions.pop().unwrap_or_else(|| panic!("{name} not found"))
+    versions.pop()
 }
 
 /// initdb and postgres refuse to run as root: when we are root, run them as `postgres`.
